@@ -1,0 +1,184 @@
+"""The ``feedrank`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _progress(args):
+    from stacker.progress import Progress
+    return Progress(enabled=not getattr(args, "quiet", False))
+
+
+def _train_config(args):
+    from stacker.dnn import DNNConfig
+    from stacker.gbdt import GBDTConfig
+    from stacker.train import TrainConfig
+    from stacker.vwstack import VWConfig
+    return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
+                       dnn=DNNConfig(epochs=args.epochs),
+                       vw=VWConfig(bits=args.bits, interactions=tuple(args.interactions.split(","))
+                                   if args.interactions else ()),
+                       downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
+                       slices=tuple(float(x) for x in args.slices.split(",")))
+
+
+def _add_train_options(p):
+    p.add_argument("--trees", type=int, default=200, help="GBDT trees (default 200)")
+    p.add_argument("--depth", type=int, default=6, help="GBDT depth (default 6)")
+    p.add_argument("--epochs", type=int, default=8, help="DNN epochs (default 8)")
+    p.add_argument("--bits", type=int, default=24, help="VW -b hash bits (default 24)")
+    p.add_argument("--interactions", default="ua,up",
+                   help="VW crosses by namespace letters (u user, p post, a author, c context)")
+    p.add_argument("--downsample", type=float, default=0.25,
+                   help="negative downsampling rate w (1 = off); kept negatives weigh 1/w")
+    p.add_argument("--online-learning-rate", type=float, default=0.15,
+                   help="VW -l recorded in the bundle for online learning (the offline pass uses 0.05)")
+    p.add_argument("--slices", default="0.3,0.5,0.2",
+                   help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.3,0.5,0.2)")
+    p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_data(args):
+    from feedsim.simulate import simulate
+    from stacker.dataset import read_table
+    if getattr(args, "data", None):
+        return read_table(args.data), f"table {args.data}"
+    if getattr(args, "dataset", None):
+        from stacker.movielens import load_movielens_100k
+        return load_movielens_100k(), "movielens-100k"
+    n = args.simulate
+    t0 = time.time()
+    df = simulate(n, seed=args.seed, progress=not args.quiet)
+    print(f"simulated {len(df):,} impressions in {time.time() - t0:.1f}s", file=sys.stderr)
+    return df, f"feedsim default world, {n:,} impressions"
+
+
+def cmd_simulate(args):
+    from feedsim.describe import describe, format_description
+    from feedsim.simulate import simulate
+    from stacker.dataset import write_table
+    if args.describe:
+        d = describe(n_impressions=args.n, seed=args.seed)
+        print(format_description(d))
+        if args.json:
+            Path(args.json).write_text(json.dumps(d, indent=2))
+        return 0
+    if not args.out:
+        print("feedrank simulate: give --out PATH (.parquet or .jsonl) or --describe", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    df = simulate(args.n, seed=args.seed, progress=not args.quiet)
+    write_table(df, args.out)
+    print(f"wrote {len(df):,} impressions to {args.out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_train(args):
+    from stacker.train import train_bundle
+    df, source = _load_data(args)
+    config = _train_config(args)
+    out = Path(args.out)
+    t0 = time.time()
+    path = train_bundle(df, out, config, progress=_progress(args))
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"bundle {manifest['bundle_id']} written to {path} ({time.time() - t0:.1f}s, source: {source})")
+    metrics = manifest.get("offline_metrics", {}).get("tasks", {})
+    for task, m in metrics.items():
+        print(f"  {task:<8} NE {m['ne']:.4f}  AUC {m['auc']:.4f}  calibration {m['calibration']:.3f}  "
+              f"positives {m['positives']}")
+    return 0
+
+
+def cmd_eval(args):
+    from stacker.evaluate import evaluate, format_table, write_outputs
+    df, source = _load_data(args)
+    config = _train_config(args)
+    peers = {}
+    name = "simulated"
+    if args.dataset:
+        from stacker.movielens import river_fm_predict
+        peers["river_fm"] = lambda train, test: river_fm_predict(train, test)
+        name = args.dataset
+    elif args.data:
+        name = str(args.data)
+    report = evaluate(df, config, dataset=name, peers=peers, progress=_progress(args))
+    print(format_table(report))
+    out_dir = Path(args.plots) if args.plots else None
+    for path in write_outputs(report, Path(args.json) if args.json else None, out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval_online(args):
+    from online.compare import compare, format_comparison, plot, write
+    df, source = _load_data(args)
+    report = compare(df, _train_config(args), bundle_share=args.bundle_share, progress=_progress(args))
+    report["source"] = source
+    print(format_comparison(report))
+    if args.json:
+        write(report, Path(args.json))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(report, Path(args.plot))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feedrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write simulated impressions or describe the default world")
+    p.add_argument("-n", type=int, default=1_000_000, help="impressions (default 1,000,000)")
+    p.add_argument("--out", help="output table (.parquet or .jsonl)")
+    p.add_argument("--describe", action="store_true", help="print the default world's statistics")
+    p.add_argument("--json", help="with --describe: also write the statistics as JSON")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train a bundle from a table or the simulator")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--simulate", type=int, metavar="N", help="train on N simulated impressions")
+    p.add_argument("--out", default="bundles/default", help="bundle directory (default bundles/default)")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train, dataset=None)
+
+    p = sub.add_parser("eval", help="train every variant and compare them on the latest time slice")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--simulate", type=int, metavar="N", help="evaluate on N simulated impressions")
+    src.add_argument("--dataset", choices=["movielens-100k"], help="a public dataset")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--plots", default="runs/eval", help="directory for PNG plots (default runs/eval)")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-online", help="the same bundle on a later stream: learning online vs frozen")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--simulate", type=int, metavar="N", help="N simulated impressions")
+    p.add_argument("--bundle-share", type=float, default=0.5,
+                   help="share of the (time-ordered) rows the bundle is trained on; the rest is streamed")
+    p.add_argument("--plot", default="runs/eval-online.png", help="PNG of NE over time, frozen vs online")
+    p.add_argument("--json", help="write the comparison as JSON")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_eval_online, dataset=None)
+
+    from feedrank import commands
+    commands.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""What the simulated world looks like: base rates, the oracle's NE, and where the click logit's
+variance comes from."""
+from __future__ import annotations
+
+import numpy as np
+
+from stacker.schema import TASKS, label_column, true_column
+
+from .simulate import simulate
+from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
+
+
+def _entropy(b: float) -> float:
+    b = min(max(b, 1e-12), 1 - 1e-12)
+    return float(-(b * np.log(b) + (1 - b) * np.log(1 - b)))
+
+
+def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
+    """Logloss of ``p`` against labels ``y`` divided by the entropy of the base rate."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    ll = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))
+    return float(ll / _entropy(y.mean()))
+
+
+def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None) -> dict:
+    """Simulate ``n_impressions`` and summarise them.
+
+    Returns a dict with ``base_rate`` and ``oracle_ne`` (per task; the oracle predicts true.<task>),
+    ``click_variance_share`` (var(component) / var(click logit given examined), per component of
+    ``feedsim.world.COMPONENTS`` plus ``position`` = log examine prob, relative to the same total),
+    and the headline shares ``ties_share``, ``nonlinear_share``, ``drift_share``; plus sizes.
+    """
+    df, comps = simulate(n_impressions, config=config, seed=seed, return_components=True)
+    total = np.sum([comps[k] for k in COMPONENTS], axis=0)
+    var = float(total.var())
+    shares = {k: float(comps[k].var() / var) for k in (*COMPONENTS, "position")}
+    span_days = float((df["ts"].max() - df["ts"].min()) / 86_400_000)
+    return {
+        "n_impressions": int(len(df)),
+        "n_requests": int(df["request_id"].nunique()),
+        "n_users": int(df["user_id"].nunique()),
+        "n_authors": int(df["author_id"].nunique()),
+        "n_posts": int(df["post_id"].nunique()),
+        "span_days": span_days,
+        "seed": config.seed if seed is None else seed,
+        "base_rate": {t: float(df[label_column(t)].mean()) for t in TASKS},
+        "oracle_ne": {t: normalized_entropy(df[label_column(t)].to_numpy(), df[true_column(t)].to_numpy())
+                      for t in TASKS},
+        "click_logit_var": var,
+        "click_variance_share": shares,
+        "ties_share": shares["tie"],
+        "nonlinear_share": shares["nonlinear"],
+        "drift_share": shares["drift"],
+    }
+
+
+def format_description(d: dict) -> str:
+    lines = [
+        f"feedsim world: {d['n_impressions']:,} impressions, {d['n_requests']:,} requests, "
+        f"{d['n_users']:,} users, {d['n_authors']:,} authors, {d['n_posts']:,} posts, "
+        f"{d['span_days']:.1f} days (seed {d['seed']})",
+        "",
+        f"{'task':<10}{'base rate':>12}{'oracle NE':>12}",
+    ]
+    for t in d["base_rate"]:
+        lines.append(f"{t:<10}{d['base_rate'][t]:>12.4%}{d['oracle_ne'][t]:>12.4f}")
+    lines += ["", f"click logit (given examined) variance {d['click_logit_var']:.3f}; share by component:"]
+    for k, v in d["click_variance_share"].items():
+        lines.append(f"  {k:<12}{v:>8.1%}")
+    lines.append(f"headline: ties {d['ties_share']:.1%}, non-linear {d['nonlinear_share']:.1%}, "
+                 f"drift {d['drift_share']:.1%}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    print(format_description(describe(n_impressions=n)))

@@ -1,0 +1,122 @@
+"""Scale-out transport: served records and events over a Redis Stream with a consumer group.
+
+Serving replicas :meth:`RedisBus.publish` (pipelined ``XADD``; one field ``r`` holding the same compact
+JSON payload as an event-log line). The learner :meth:`RedisBus.consume`\\ s with ``XREADGROUP``: on start
+it first re-reads its own pending entries (delivered before a crash, never acknowledged), then new
+ones. Entries are acknowledged (``XACK``) only once a checkpoint covers them — see :meth:`ack_through`
+— so a restarted learner gets back everything its last checkpoint did not cover.
+
+Stream ids map to increasing integer offsets (``ms << 22 | seq``) so the joiner and the checkpoint use
+them like event-log offsets.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import redis
+
+from online.eventlog import Record, _to_json
+from online.records import Engagement, ServedRecord, SERVED_FIELDS
+
+_SEQ_BITS = 22
+
+
+def id_to_offset(entry_id: bytes | str) -> int:
+    ms, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")
+    return (int(ms) << _SEQ_BITS) | int(seq)
+
+
+def offset_to_id(offset: int) -> str:
+    return f"{offset >> _SEQ_BITS}-{offset & ((1 << _SEQ_BITS) - 1)}"
+
+
+def encode(rec: Record) -> bytes:
+    if isinstance(rec, Engagement):
+        row = ["E", rec.event_id, rec.request_id, rec.post_id, rec.kind, rec.ts, rec.dwell_ms]
+    else:
+        row = ["S", *(getattr(rec, f) for f in SERVED_FIELDS)]
+    return _to_json(row)
+
+
+def decode(payload: bytes) -> Record:
+    row = json.loads(payload)
+    return Engagement(*row[1:]) if row[0] == "E" else ServedRecord(*row[1:])
+
+
+class RedisBus:
+    """Publish and consume records on one stream; one consumer group shared by the learner(s)."""
+
+    def __init__(self, url: str, stream: str = "feedrank:records", group: str = "learner",
+                 consumer: str = "learner-0", maxlen: int | None = None):
+        self.client = redis.Redis.from_url(url)
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.maxlen = maxlen
+        self._group_ready = False
+        self._reading_pending = True  # start with our own PEL: delivered before a restart, not acked
+        self._pending_from = "0"
+        self._unacked: deque[tuple[int, bytes]] = deque()
+
+    def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def publish(self, records) -> list[bytes]:
+        """XADD every record in one pipeline; return the entry ids."""
+        pipe = self.client.pipeline(transaction=False)
+        for rec in records:
+            pipe.xadd(self.stream, {"r": encode(rec)}, maxlen=self.maxlen, approximate=True)
+        return pipe.execute()
+
+    def consume(self, count: int = 1000, block_ms: int | None = 100) -> list[tuple[int, Record]]:
+        """Up to ``count`` entries as ``(offset, record)``: our pending ones first, then new ones."""
+        self.ensure_group()
+        if self._reading_pending:
+            resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=count)
+            entries = resp[0][1] if resp else []
+            if entries:
+                self._pending_from = entries[-1][0]
+            else:
+                self._reading_pending = False
+        if not self._reading_pending:
+            resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                          block=block_ms)
+            entries = resp[0][1] if resp else []
+        out = []
+        for entry_id, fields in entries:
+            off = id_to_offset(entry_id)
+            self._unacked.append((off, entry_id))
+            out.append((off, decode(fields[b"r"])))
+        return out
+
+    def ack_through(self, offset: int) -> int:
+        """Acknowledge every consumed entry with offset < ``offset`` (what a checkpoint no longer needs)."""
+        ids = []
+        while self._unacked and self._unacked[0][0] < offset:
+            ids.append(self._unacked.popleft()[1])
+        if ids:
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(0, len(ids), 10_000):
+                pipe.xack(self.stream, self.group, *ids[i:i + 10_000])
+            pipe.execute()
+        return len(ids)
+
+    def pending_count(self) -> int:
+        self.ensure_group()
+        return int(self.client.xpending(self.stream, self.group)["pending"])
+
+    def lag(self) -> int | None:
+        """Entries not yet delivered to the group (Redis >= 7), or None."""
+        for g in self.client.xinfo_groups(self.stream):
+            if g["name"] in (self.group, self.group.encode()):
+                return g.get("lag")
+        return None
+
+    def close(self) -> None:
+        self.client.close()

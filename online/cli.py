@@ -1,0 +1,154 @@
+"""``feedrank learn`` and ``feedrank bench learn``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+def _learner_kwargs(args) -> dict:
+    return dict(tasks=tuple(args.tasks.split(",")) if args.tasks else None,
+                attribution_window_ms=args.window_ms, downsample_rate=args.downsample,
+                returned_is_viewed=args.returned_is_viewed, checkpoint_every_s=args.checkpoint_every_s,
+                checkpoint_every_examples=args.checkpoint_every_examples,
+                publish_every_s=args.publish_every_s, pretouch=args.pretouch, model_dir=args.model_dir,
+                allowed_lateness_ms=args.lateness_ms, audit=args.audit)
+
+
+def _learner(args):
+    from online.learner import OnlineLearner
+    return OnlineLearner(args.bundle, args.state, **_learner_kwargs(args))
+
+
+def _summary(out: dict, learner) -> None:
+    """One JSON line after a replay: what was read, learned, published and checkpointed."""
+    print(json.dumps({k: out[k] for k in ("records", "learned_examples", "updates", "checkpoints")}
+                     | {"seconds": round(out["seconds"], 2), "update_seq": learner.update_seq}))
+
+
+def cmd_learn(args) -> int:
+    from online import replay
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+    if not args.redis and not args.single_process:
+        # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
+        from online.pipeline import PipelinedLearner
+        learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
+        try:
+            if args.replay:
+                _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
+                                        stop_after=args.stop_after), learner)
+                return 0
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            learner.follow(args.log, should_stop=lambda: stop["now"])
+            return 0
+        finally:
+            learner.close()
+    learner = _learner(args)
+    try:
+        if args.replay:
+            _summary(replay.replay(learner, args.replay, progress=not args.quiet, finish=not args.keep_open,
+                                   stop_after=args.stop_after), learner)
+            return 0
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        if args.redis:
+            from online.bus import RedisBus
+            bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
+            replay.follow_redis(learner, bus, should_stop=lambda: stop["now"])
+        else:
+            replay.follow_log(learner, args.log, should_stop=lambda: stop["now"])
+        return 0
+    finally:
+        learner.close()
+
+
+def cmd_bench_learn(args) -> int:
+    from online.bench import bench_learn
+    results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir if args.bundle or args.cache_dir != "runs/bench-cache" else "runs/cache"), bundle=args.bundle, progress=not args.quiet,
+                          redis=not args.no_redis, single=not getattr(args, "no_single", False),
+                          batch_size=getattr(args, "batch_size", None) or 1024)
+    for r in results:
+        ratio = f", {r['vs_bare']:.2f}x bare" if "vs_bare" in r else ""
+        print(f"{r['source']:<9} {r['events_per_s']:>10,.0f} joined examples/s  ({r['tasks']} tasks, "
+              f"{r.get('examples', 0):,} examples in {r.get('seconds', 0):.1f}s{ratio})")
+    if args.json:  # the documented sources; the single-process figure is printed above
+        listed = [r for r in results if r["source"] in ("log", "redis", "bare_vw")]
+        Path(args.json).write_text(json.dumps(listed, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_bench_learn(sub) -> None:
+    """``bench learn``: its own ``bench`` sub-command, or a new choice of serving's ``bench WHAT``."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks")
+        bench.add_subparsers(dest="what", required=True)
+    subs = [a for a in bench._actions if isinstance(a, argparse._SubParsersAction)]
+    if subs:
+        b = subs[0].add_parser("learn", help="joined examples/s through joiner + learner vs bare pylibvw")
+        b.add_argument("--bundle", help="use this bundle instead of the cached bench bundle")
+        b.add_argument("--cache-dir", default="runs/cache", help="where the bench bundle is trained and kept")
+        b.add_argument("--json", help="write [{source, events_per_s, tasks}] here")
+        b.set_defaults(func=cmd_bench_learn)
+    else:  # serving's ``bench`` takes a positional WHAT with fixed choices: add ours and dispatch
+        what = next(a for a in bench._actions if a.dest == "what")
+        what.choices = [*what.choices, "learn"]
+        theirs = bench.get_default("func")
+        bench.set_defaults(func=lambda args: cmd_bench_learn(args) if args.what == "learn" else theirs(args))
+        b = bench
+    known = {o for a in b._actions for o in a.option_strings}
+    if "-n" not in known:
+        b.add_argument("-n", type=int, default=100_000, help="learn: simulated impressions (default 100,000)")
+    if "--no-redis" not in known:
+        b.add_argument("--no-redis", action="store_true", help="learn: skip the Redis run")
+    if "--quiet" not in known:
+        b.add_argument("--quiet", action="store_true")
+    if "--no-single" not in known:
+        b.add_argument("--no-single", action="store_true", help="learn: skip the single-process log run")
+    if "--batch-size" not in known:
+        b.add_argument("--batch-size", type=int, default=None, help="learn: examples per pipeline batch (1024)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("learn", help="online learner: join served records with events, learn, publish")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--replay", metavar="FILE_OR_LOGDIR", help="learn from a recorded log, then stop")
+    src.add_argument("--log", metavar="DIR", help="follow a live event log (read-only) forever")
+    src.add_argument("--redis", metavar="URL", help="consume a Redis stream (consumer group) forever")
+    p.add_argument("--bundle", required=True, help="bundle directory the records were served with")
+    p.add_argument("--state", required=True, help="learner state: checkpoints, audit, status.json")
+    p.add_argument("--model-dir", help="publish weight updates under MODEL_DIR/updates/<bundle_id>/")
+    p.add_argument("--tasks", help="comma-separated tasks to learn (default: all of the bundle's)")
+    p.add_argument("--window-ms", type=int, default=300_000, help="attribution window (default 300000)")
+    p.add_argument("--lateness-ms", type=int, default=5_000, help="allowed event lateness (default 5000)")
+    p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (1 = off)")
+    p.add_argument("--returned-is-viewed", action="store_true", help="treat every returned post as viewed")
+    p.add_argument("--checkpoint-every-s", type=float, default=30.0)
+    p.add_argument("--checkpoint-every-examples", type=int, default=None)
+    p.add_argument("--publish-every-s", type=float, default=0.2)
+    p.add_argument("--pretouch", action="store_true", help="touch every weight page at start-up")
+    p.add_argument("--audit", action="store_true", help="write what each checkpoint learned to STATE/audit/")
+    p.add_argument("--keep-open", action="store_true", help="with --replay: do not close open windows at the end")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stream", default="feedrank:records")
+    p.add_argument("--group", default="learner")
+    p.add_argument("--consumer", default="learner-0")
+    p.add_argument("--single-process", action="store_true",
+                   help="with --replay/--log: featurize and learn in one process (default: two-process pipeline)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_learn)
+
+    _add_bench_learn(sub)
+
+if __name__ == "__main__":  # pragma: no cover
+    from feedrank.cli import main
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Online against frozen: the same bundle scored on a later stream, once frozen and once learning.
+
+The stream after the bundle's training window is replayed in time order. The frozen stack scores
+every impression with the bundle's weights; the online stack scores each chunk with its current
+weights first and then learns it (progressive validation), as the online learner does once labels
+have arrived. Metrics are per task over the last third of the stream, where drift, new posts and new
+authors have had the longest to accumulate.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stacker import schema
+from stacker.features import CandidateBatch
+from stacker.metrics import task_metrics
+from stacker.progress import Progress
+from stacker.ranker import StackedRanker
+from stacker.train import TrainConfig, labels_of, split_by_time, train_bundle
+from stacker.vwstack import TaskLearners, VWConfig
+
+
+def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 1000,
+            progress: Progress | None = None, online_learning_rate: float | None = None) -> dict:
+    progress = progress or Progress()
+    head, stream = split_by_time(df, (bundle_share, 1 - bundle_share))
+    tasks = tuple(schema.tasks_in(df.columns))
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.time()
+        cfg = TrainConfig(gbdt=config.gbdt, dnn=config.dnn, vw=config.vw, slices=(0.5, 0.5, 0.0),
+                          downsample_rate=config.downsample_rate, ev_weights=config.ev_weights)
+        bundle = train_bundle(head, Path(work) / "bundle", cfg, tasks, progress, evaluate_slice=False)
+        ranker = StackedRanker.load(bundle)
+        feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))
+        frozen = ranker.predict_features(feats)
+        online_cfg = dict(config.vw.__dict__)
+        online_cfg["learning_rate"] = online_learning_rate or config.online_learning_rate
+        vw = TaskLearners(tasks, VWConfig(**online_cfg),
+                          model_paths={t: bundle / "vw" / f"{t}.model" for t in tasks})
+        Y = labels_of(stream, tasks)
+        online = np.empty_like(frozen)
+        with progress.task("online stack: score, then learn", len(stream)) as bar:
+            for a in range(0, len(stream), chunk):
+                b = min(a + chunk, len(stream))
+                lines = _lines(feats, a, b)
+                online[a:b] = vw.predict(lines)
+                vw.learn(lines, Y[a:b])
+                bar.update(b - a)
+        vw.close()
+        wall = time.time() - t0
+    base = labels_of(head, tasks).mean(axis=0)
+    last = slice(len(stream) - len(stream) // 3, len(stream))
+    windows = np.array_split(np.arange(len(stream)), 20)
+    out = {"stream_rows": len(stream), "last_third_rows": len(stream) // 3, "tasks": list(tasks),
+           "frozen": {}, "online": {}, "relative_ne_gain": {}, "wall_time_s": round(wall, 1)}
+    for k, t in enumerate(tasks):
+        f = task_metrics(Y[last, k], frozen[last, k], base[k])
+        o = task_metrics(Y[last, k], online[last, k], base[k])
+        out["frozen"][t], out["online"][t] = f, o
+        out["relative_ne_gain"][t] = 1 - o["ne"] / f["ne"]
+    # NE over time: consecutive windows of the stream, frozen vs online (for the plot).
+    out["over_time"] = {t: {"ts_ms": [int(stream["ts"].iloc[w[-1]]) for w in windows],
+                            "frozen": [task_metrics(Y[w, k], frozen[w, k], base[k])["ne"] for w in windows],
+                            "online": [task_metrics(Y[w, k], online[w, k], base[k])["ne"] for w in windows]}
+                        for k, t in enumerate(tasks)}
+    return out
+
+
+def _lines(feats, a: int, b: int) -> list[str]:
+    from stacker.vwstack import example_lines
+    return example_lines(feats.leaves[a:b], feats.hidden[a:b], feats.ids[a:b], feats.context[a:b])
+
+
+def format_comparison(r: dict) -> str:
+    lines = [f"online vs frozen stack: {r['stream_rows']:,} streamed impressions, metrics over the last "
+             f"third ({r['last_third_rows']:,})", "",
+             f"{'task':<9}{'frozen NE':>10}{'online NE':>10}{'gain':>8}{'frozen AUC':>11}{'online AUC':>11}"
+             f"{'online cal':>11}"]
+    for t in r["tasks"]:
+        f, o = r["frozen"][t], r["online"][t]
+        lines.append(f"{t:<9}{f['ne']:>10.4f}{o['ne']:>10.4f}{r['relative_ne_gain'][t]:>8.2%}"
+                     f"{f['auc']:>11.4f}{o['auc']:>11.4f}{o['calibration']:>11.3f}")
+    return "\n".join(lines)
+
+
+def write(r: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=2))
+
+
+def plot(r: dict, path: Path) -> Path:
+    """NE per stream window, frozen vs online, one panel per task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = r["tasks"]
+    cols = min(3, len(tasks))
+    rows = int(np.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.2 * rows), squeeze=False)
+    for k, t in enumerate(tasks):
+        ax = axes[k // cols][k % cols]
+        series = r["over_time"][t]
+        days = (np.array(series["ts_ms"]) - series["ts_ms"][0]) / 86_400_000
+        ax.plot(days, series["frozen"], marker=".", label="frozen bundle")
+        ax.plot(days, series["online"], marker=".", label="learning online")
+        ax.set_title(f"{t}: online NE {r['relative_ne_gain'][t]:.1%} lower (last third)", fontsize=9)
+        ax.set_xlabel("days into the stream")
+        ax.set_ylabel("NE")
+    for k in range(len(tasks), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("the same bundle on a later stream: NE over time")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

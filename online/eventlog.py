@@ -1,0 +1,211 @@
+"""A durable, append-only log of served records and engagement events on local files.
+
+Layout: ``<dir>/seg-<first offset:020d>.log``. Each segment starts with the header line
+``feedrank-eventlog 1``; every following line is one record::
+
+    <crc32 of payload, 8 hex digits> <payload: compact JSON list>\\n
+
+where the payload is ``["S", <ServedRecord fields in order>]`` or ``["E", <Engagement fields>]``.
+Offsets are global and dense: the n-th record of the segment starting at ``b`` has offset ``b + n``.
+A batch is written with one ``write`` and one ``fsync``, so once :meth:`EventLog.append` returns the
+records survive ``kill -9`` and power loss. A torn tail (partial line or checksum mismatch in the last
+segment) is truncated on open and never mis-read; a bad line in an older segment raises
+:class:`CorruptLogError`.
+
+>>> import tempfile
+>>> from online.records import Engagement
+>>> log = EventLog(tempfile.mkdtemp(), fsync=False)
+>>> log.append([Engagement("e1", "r1", "p1", "view", 10)])
+[0]
+>>> [(o, r.kind) for o, r in log.read()]
+[(0, 'view')]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pydantic_core
+
+from online.records import SERVED_FIELDS, Engagement, ServedRecord
+
+FORMAT_VERSION = 1
+HEADER = f"feedrank-eventlog {FORMAT_VERSION}\n".encode()
+Record = ServedRecord | Engagement
+log = logging.getLogger(__name__)
+# pydantic_core's encoder writes the same compact JSON as json.dumps(separators=(",", ":")) ~6x faster
+# (the server encodes every served record while holding the GIL).
+_to_json = pydantic_core.to_json
+_loads = json.loads
+
+
+class CorruptLogError(RuntimeError):
+    """A record that is not at the torn tail fails its checksum."""
+
+
+def encode(rec: Record) -> bytes:
+    if isinstance(rec, Engagement):
+        row = ["E", rec.event_id, rec.request_id, rec.post_id, rec.kind, rec.ts, rec.dwell_ms]
+    else:
+        row = ["S", *(getattr(rec, f) for f in SERVED_FIELDS)]
+    payload = _to_json(row)
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode(line: bytes) -> Record | None:
+    """The record in one line, or None when the line is torn or fails its checksum."""
+    if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+    except ValueError:
+        return None
+    row = _loads(payload)
+    if row[0] == "E":
+        return Engagement(*row[1:])
+    return ServedRecord(*row[1:])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EventLog:
+    """Append-only event log; see the module docstring for the format.
+
+    Parameters
+    ----------
+    path : directory holding the segments (created if missing).
+    fsync : fsync every batch (turn off only in tests and benchmarks of the encoding).
+    segment_bytes : start a new segment once the current one is at least this large.
+    readonly : a reader beside a live writer (another process): never truncates, and :meth:`read`
+        follows new segments and stops quietly at a line still being written.
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = True, segment_bytes: int = 64 << 20,
+                 readonly: bool = False):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.readonly = readonly
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._segments = self._scan()
+        self._fd = -1
+        if readonly:
+            self.end_offset = 0
+            for self.end_offset, _ in self.read():
+                self.end_offset += 1
+            return
+        if not self._segments:
+            self._new_segment(0)
+        self.end_offset = self._recover_tail()
+        self._fd = os.open(self._seg_path(self._segments[-1]), os.O_WRONLY | os.O_APPEND)
+
+    def _scan(self) -> list[int]:
+        return sorted(int(p.name[4:-4]) for p in self.path.glob("seg-*.log"))
+
+    def _seg_path(self, base: int) -> Path:
+        return self.path / f"seg-{base:020d}.log"
+
+    def _new_segment(self, base: int) -> None:
+        p = self._seg_path(base)
+        with open(p, "wb") as f:
+            f.write(HEADER)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        if self.fsync:
+            _fsync_dir(self.path)
+        self._segments.append(base)
+
+    def _recover_tail(self) -> int:
+        """Truncate a torn tail of the last segment; return the next offset."""
+        base = self._segments[-1]
+        p = self._seg_path(base)
+        data = p.read_bytes()
+        if not data.startswith(HEADER):
+            if len(data) <= len(HEADER) and HEADER.startswith(data):  # crashed while rolling
+                p.write_bytes(HEADER)
+                return base
+            raise CorruptLogError(f"{p}: bad header (expected format version {FORMAT_VERSION})")
+        good, n = len(HEADER), 0
+        for line in data[len(HEADER):].splitlines(keepends=True):
+            if decode(line) is None:
+                break
+            good += len(line)
+            n += 1
+        if good < len(data):
+            log.warning("%s: truncating torn tail of %d bytes after %d records", p, len(data) - good, n)
+            with open(p, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        return base + n
+
+    def append(self, records: Sequence[Record]) -> list[int]:
+        """Write, flush and fsync a batch; return the offset of each record."""
+        if self.readonly:
+            raise PermissionError(f"{self.path}: event log opened read-only")
+        if not records:
+            return []
+        if os.fstat(self._fd).st_size >= self.segment_bytes:
+            os.close(self._fd)
+            self._new_segment(self.end_offset)
+            self._fd = os.open(self._seg_path(self.end_offset), os.O_WRONLY | os.O_APPEND)
+        buf = b"".join([encode(r) for r in records])
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(self._fd, view):]
+        if self.fsync:
+            os.fsync(self._fd)
+        start = self.end_offset
+        self.end_offset += len(records)
+        return list(range(start, self.end_offset))
+
+    def read(self, from_offset: int = 0) -> Iterator[tuple[int, Record]]:
+        """Yield ``(offset, record)`` from ``from_offset`` up to the end as of this call."""
+        if self.readonly:
+            self._segments = self._scan()
+        end = None if self.readonly else self.end_offset
+        segs = self._segments + [None]
+        for base, nxt in zip(segs, segs[1:]):
+            if (nxt is not None and nxt <= from_offset) or (end is not None and base >= end):
+                continue
+            p = self._seg_path(base)
+            with open(p, "rb") as f:
+                f.readline()
+                off = base
+                for line in f:
+                    if end is not None and off >= end:
+                        return
+                    if off >= from_offset:
+                        rec = decode(line)
+                        if rec is None:
+                            if nxt is None and self.readonly:
+                                return  # the writer's append in progress (or a torn tail it will cut)
+                            raise CorruptLogError(f"{p}: record at offset {off} fails its checksum")
+                        yield off, rec
+                        if self.readonly:
+                            self.end_offset = max(self.end_offset, off + 1)
+                    off += 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "EventLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,805 @@
+"""The online learner: served records + engagement events in, per-task VW updates and published weights out.
+
+Two halves: a :class:`Featurizer` (joiner, filters, downsampling, feature reproduction, VW text; no model)
+cuts :class:`LearnBatch` objects that a :class:`Trainer` (VW workspaces, progressive metrics, publishing,
+checkpoints) learns. :class:`OnlineLearner` runs both in one process; :mod:`online.pipeline` runs them in
+two (the trainer's process and a feeder child), which is what ``feedrank learn`` uses for logs.
+
+Per batch of joined examples: rebuild the served candidates from their records (same bundle, frozen
+extractors, so the features are exactly those served), score them with the current model (progressive
+validation: :meth:`TaskLearners.learn` returns the pre-update probabilities), then learn the tasks each
+example says to learn now. Final all-negative examples are downsampled at ``downsample_rate`` by the
+deterministic (request_id, post_id) coin and carry importance weight ``1 / rate``.
+
+Durability: a checkpoint (``<state_dir>/checkpoints``) holds every task's resumable VW model and the
+state to resume: ``learned_through`` (the last log offset whose examples are all learned), ``replay_from``
+(the joiner's oldest open offset), the joiner's clock and counters, the update sequence and counters. On
+start the learner loads the newest checkpoint (else the bundle's ``vw/<task>.model``) and the caller
+replays its source from :attr:`OnlineLearner.replay_from`; the joiner suppresses what was learned before.
+With ``audit=True`` each checkpoint ``N`` is preceded by ``<state_dir>/audit/ckpt-<N>.tsv`` listing what was
+learned since the previous one (offset, request_id, post_id, tasks, weight); on start, files of checkpoints
+that were never committed are removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from online.checkpoint import load_latest, write_checkpoint
+from online.joiner import JoinedExample, Joiner
+from online.progressive import ProgressiveMetrics
+from online.publish import UpdatePublisher
+from online.records import Engagement, ServedRecord
+from online.reproduce import batch_from_records, fits_spec
+from online.vwtext import batch_text
+from stacker import bundle as bundles
+from stacker.ranker import StackedRanker
+from stacker.train import keep_hash
+from stacker.vwstack import TaskLearners, VWConfig
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def vw_config(manifest: dict) -> VWConfig:
+    """The VW settings to continue a bundle online: its own, with the manifest's online learning rate."""
+    vw = manifest["vw"]
+    args = vw.get("args", "")
+
+    def opt(pattern: str, default: float) -> float:
+        m = re.search(pattern + r"\s+(\S+)", args)
+        return float(m.group(1)) if m else default
+    d = VWConfig()
+    rate = vw.get("online_learning_rate") or opt(r"(?:^|\s)-l", d.learning_rate)
+    return VWConfig(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0),
+                    learning_rate=rate, power_t=opt("--power_t", d.power_t),
+                    l2=opt("--l2", d.l2))
+
+
+FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "downsampled_out", "nothing_to_learn")
+BACK_COUNTERS = ("learned_examples", "checkpoints", "updates")
+
+
+@dataclass
+class LearnBatch:
+    """What the front half hands the back half: N featurized examples and the stream state they complete.
+
+    ``text`` is VW text (one line per example, label prefix ``1 <weight>``), ``labels``/``mask`` [N, T],
+    ``weights`` [N], ``rows`` the distinct binary weight rows the examples touch (for publishing),
+    ``audit`` the audit lines (``audit=True`` only) and ``state`` the front's :meth:`Featurizer.state`
+    once these examples are learned (log offsets, joiner clock and counters). ``end`` marks the last batch
+    of a finite source.
+    """
+
+    text: bytes
+    labels: np.ndarray
+    mask: np.ndarray
+    weights: np.ndarray
+    rows: np.ndarray
+    audit: list[str]
+    state: dict
+    end: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_resume(state_dir, bundle_id: str, tasks) -> tuple[dict, Path] | None:
+    """The newest checkpoint under ``<state_dir>/checkpoints`` (validated against bundle and tasks)."""
+    resumed = load_latest(Path(state_dir) / "checkpoints")
+    if resumed is not None:
+        state, path = resumed
+        if state["bundle_id"] != bundle_id or tuple(state["tasks"]) != tuple(tasks):
+            raise ValueError(f"{path}: checkpoint is for bundle {state['bundle_id']} tasks {state['tasks']}, "
+                             f"not {bundle_id} tasks {list(tasks)}; use another --state")
+    return resumed
+
+
+def resolve_tasks(ranker: StackedRanker, tasks) -> tuple[str, ...]:
+    tasks = tuple(tasks or ranker.tasks)
+    unknown = [t for t in tasks if t not in ranker.tasks]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not in bundle {ranker.bundle_id} (has {list(ranker.tasks)})")
+    return tasks
+
+
+class Featurizer:
+    """The front half: joiner, filters, downsampling, feature reproduction and VW text.
+
+    Cuts a :class:`LearnBatch` whenever ``batch_size`` examples are pending (and on :meth:`cut`); holds no
+    model. Its ``state()`` is what a checkpoint records about the stream once the batch is learned.
+    """
+
+    def __init__(self, ranker: StackedRanker, tasks, attribution_window_ms: int = 300_000,
+                 downsample_rate: float = 1.0, returned_is_viewed: bool = False, allowed_lateness_ms: int = 5_000,
+                 max_open: int = 1_000_000, batch_size: int = 1024, audit: bool = False,
+                 learn_other_bundles: bool = False, counters: dict | None = None):
+        if not 0.0 < downsample_rate <= 1.0:
+            raise ValueError(f"downsample_rate must be in (0, 1], got {downsample_rate}")
+        self.ranker = ranker
+        self.bundle_id = ranker.bundle_id
+        self.tasks = tuple(tasks)
+        self.downsample_rate = downsample_rate
+        self.batch_size = batch_size
+        self.audit = audit
+        self.learn_other_bundles = learn_other_bundles
+        self.joiner = Joiner(self.tasks, attribution_window_ms, allowed_lateness_ms, max_open, returned_is_viewed)
+        self.counters = counters if counters is not None else {}
+        for k in FRONT_COUNTERS:
+            self.counters.setdefault(k, 0)
+        self.learned_through = -1
+        self.replay_from = 0
+        self._ingested = -1
+        self._pending: list[JoinedExample] = []
+        self._seen_rows = np.zeros(len(ranker.scorer.weights), bool)
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint's state: replay the source from :attr:`replay_from`."""
+        self.learned_through = state["learned_through"]
+        self.replay_from = state["replay_from"]
+        self.counters.update({k: v for k, v in state["counters"].items() if k in FRONT_COUNTERS})
+        j = state["joiner"]
+        self.joiner.resume(self.learned_through, j["max_ts"], j["stats"])
+
+    def state(self) -> dict:
+        js = self.joiner.state()
+        oldest = js["oldest_open_offset"]
+        return {"learned_through": self.learned_through,
+                "replay_from": self.learned_through + 1 if oldest is None else oldest,
+                "joiner": {"max_ts": js["max_ts"], "stats": js["stats"], "open": js["open"]},
+                "counters": {k: self.counters[k] for k in FRONT_COUNTERS}}
+
+    @property
+    def ingested(self) -> int:
+        return self._ingested
+
+    def ingest(self, records: Iterable[tuple[int, ServedRecord | Engagement]],
+               emit: Callable[[LearnBatch], None]) -> None:
+        """Join records; ``emit`` a batch each time ``batch_size`` examples are pending (not at the end)."""
+        joiner, pending, counters = self.joiner, self._pending, self.counters
+        ingested, replay_from, n = self._ingested, self.replay_from, 0
+        add_event, add_served = joiner.add_event, joiner.add_served
+        try:
+            for off, rec in records:
+                if off <= ingested or off < replay_from:
+                    continue  # already ingested in this process, or before the checkpoint's replay point
+                out = add_event(rec, off) if type(rec) is Engagement else add_served(rec, off)
+                ingested = self._ingested = off
+                n += 1
+                if out:
+                    pending.extend(out)
+                    if len(pending) >= self.batch_size:
+                        counters["records"] += n
+                        n = 0
+                        emit(self.cut())
+        finally:
+            counters["records"] += n
+
+    def advance(self, watermark_ms: int) -> None:
+        """Close windows by the clock when the source is idle (live mode); call :meth:`cut` after."""
+        self._pending.extend(self.joiner.advance(watermark_ms))
+
+    def flush(self) -> None:
+        """End of a finite stream: close every open impression; call :meth:`cut` after."""
+        self._pending.extend(self.joiner.flush())
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def cut(self, end: bool = False) -> LearnBatch:
+        """Featurize what is pending (possibly nothing) into a batch carrying the state after it."""
+        exs = list(self._pending)
+        self._pending.clear()  # in place: ingest() holds a reference
+        self.learned_through = max(self.learned_through, self._ingested)
+        keep = self._select(exs)
+        batch = self._featurize(keep) if keep else None
+        if batch is None:
+            t = len(self.tasks)
+            batch = LearnBatch(b"", np.zeros((0, t), np.int8), np.zeros((0, t), bool), np.zeros(0),
+                               np.empty(0, np.intp), [], {})
+        batch.state = self.state()
+        batch.end = end
+        return batch
+
+    def _select(self, exs: list[JoinedExample]) -> list[JoinedExample]:
+        spec, keep = self.ranker.spec, []
+        for x in exs:
+            if not x.tasks:
+                self.counters["nothing_to_learn"] += 1
+            elif x.served.bundle_id != self.bundle_id and not self.learn_other_bundles:
+                self.counters["other_bundle_examples"] += 1
+            elif not fits_spec(x.served, spec):
+                self.counters["bad_records"] += 1
+            else:
+                keep.append(x)
+        return keep
+
+    def _featurize(self, keep: list[JoinedExample]) -> LearnBatch | None:
+        tasks = self.tasks
+        n, t = len(keep), len(tasks)
+        labels = np.array([[x.labels[k] for k in tasks] for x in keep], dtype=np.int8).reshape(n, t)
+        mask = np.array([[k in x.tasks for k in tasks] for x in keep], dtype=bool).reshape(n, t)
+        weights = np.ones(n)
+        if self.downsample_rate < 1.0:
+            final_neg = np.array([x.final for x in keep]) & ~labels.any(axis=1)
+            idx = np.flatnonzero(final_neg)
+            if idx.size:
+                coin = keep_hash([keep[i].served.request_id for i in idx], [keep[i].served.post_id for i in idx])
+                drop = idx[coin >= self.downsample_rate]
+                weights[idx] = 1.0 / self.downsample_rate
+                if drop.size:
+                    self.counters["downsampled_out"] += int(drop.size)
+                    sel = np.ones(n, bool)
+                    sel[drop] = False
+                    keep = [x for x, s in zip(keep, sel) if s]
+                    labels, mask, weights = labels[sel], mask[sel], weights[sel]
+                    n = len(keep)
+                    if not n:
+                        return None
+        feats = self.ranker.features(batch_from_records([x.served for x in keep], self.ranker.spec))
+        if len(set(weights.tolist())) == 1:
+            prefixes = [b"1 %g " % weights[0]] * n
+        else:
+            prefixes = [b"1 %g " % w for w in weights.tolist()]
+        text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, prefixes)
+        touched = self.ranker.scorer.binary_indices(feats.leaves, feats.ids, feats.context).ravel()
+        seen = self._seen_rows
+        seen[touched] = True
+        rows = np.flatnonzero(seen)
+        seen[rows] = False
+        audit = []
+        if self.audit:
+            audit = [f"{x.offset}\t{x.served.request_id}\t{x.served.post_id}\t"
+                     f"{','.join(k for k, on in zip(tasks, mask[i]) if on)}\t{weights[i]:g}"
+                     for i, x in enumerate(keep)]
+        return LearnBatch(text, labels, mask, weights, rows, audit, {})
+
+
+class Trainer:
+    """The back half: owns the VW workspaces; learns batches, keeps progressive metrics, publishes weight
+    updates, writes checkpoints and ``status.json``.
+
+    A checkpoint records the models together with the ``state`` of the last batch learned, so its offsets
+    never cover an example the models have not learned (whichever process the front half runs in).
+    """
+
+    def __init__(self, ranker: StackedRanker, state_dir, tasks, resumed: tuple[dict, Path] | None = None,
+                 checkpoint_every_s: float = 30.0, publish_every_s: float = 0.2, pretouch: bool = False,
+                 model_dir=None, checkpoint_every_examples: int | None = None, audit: bool = False,
+                 base_every: int = 200, keep_checkpoints: int = 3, counters: dict | None = None):
+        self.ranker = ranker
+        self.bundle_id = ranker.bundle_id
+        self.tasks = tuple(tasks)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.state_dir / "checkpoints"
+        self.task_cols = np.array([ranker.tasks.index(t) for t in self.tasks])
+        self.checkpoint_every_s = checkpoint_every_s
+        self.checkpoint_every_examples = checkpoint_every_examples
+        self.publish_every_s = publish_every_s
+        self.audit = audit
+        self.keep_checkpoints = keep_checkpoints
+        self.metrics = ProgressiveMetrics(self.tasks)
+        self.counters = counters if counters is not None else {}
+        for k in FRONT_COUNTERS + BACK_COUNTERS:
+            self.counters.setdefault(k, 0)
+        self.task_learned = dict.fromkeys(self.tasks, 0)
+        self.weighted = {t: [0.0, 0.0] for t in self.tasks}  # Σ w·p, Σ w·y (calibration with weights)
+        self.update_seq = 0
+        self.replay_from = 0
+        self.source_end_offset: int | None = None
+        self.stream_state: dict = {}
+        self.front_state: dict | None = None  # state of the last batch learned
+        self._audit_rows: list[str] = []
+        self._since_ckpt = 0
+        self._rate_window: list[tuple[float, int]] = []
+        self._progressive_cache: tuple[float, dict] | None = None
+        self._dnn_rows = ranker.scorer.dnn_indices(ranker.mlp.hidden_size)
+        self._dirty = np.zeros(len(ranker.scorer.weights), bool)
+        self._has_dirty = False
+        self._resumed_state = resumed[0] if resumed is not None else None
+        self.timings = dict.fromkeys(("vw", "metrics", "publish", "checkpoint"), 0.0)  # seconds spent
+        self._ckpt_child: tuple[int, int, float] | None = None  # background checkpoint in flight
+
+        if resumed is not None:
+            model_paths = {t: resumed[1] / f"{t}.model" for t in self.tasks}
+        else:
+            bundle_dir = Path(ranker.path)
+            model_paths = {t: bundle_dir / "vw" / f"{t}.model" for t in self.tasks}
+        self.learners = TaskLearners(self.tasks, vw_config(ranker.manifest), model_paths)
+        if pretouch:
+            self.learners.pretouch()
+        with np.load(Path(ranker.path) / "lr_weights.npz") as z:
+            self._bundle_rows = z["rows"].astype(np.intp)
+        self.publisher = UpdatePublisher(model_dir, self.bundle_id, base_every=base_every) if model_dir else None
+        self._need_base = False
+        if resumed is not None:
+            self._resume(resumed[0])
+        self._last_publish = self._last_ckpt = time.monotonic()
+        self._publish_cost = 0.0
+        self._clean_audit()
+
+    def _resume(self, state: dict) -> None:
+        self.replay_from = state["replay_from"]
+        self.update_seq = state["update_seq"]
+        self.counters.update(state["counters"])
+        self.task_learned.update(state["task_learned"])
+        self.weighted.update({t: list(v) for t, v in state["weighted"].items()})
+        self.stream_state = dict(state.get("stream") or {})
+        # Serving mirrors VW: the checkpoint's weights differ from the bundle's numpy copy.
+        w = self.learners.weights()
+        self.ranker.scorer.weights[:, self.task_cols] = w
+        self.ranker.update_seq = self.update_seq
+        if self.publisher is not None:
+            self.update_seq = max(self.update_seq, self.publisher.seq)
+            self.publisher.seq = self.update_seq
+            self._need_base = True  # replicas may hold weights learned after this checkpoint
+
+    def _clean_audit(self) -> None:
+        d = self.state_dir / "audit"
+        latest = load_latest(self.ckpt_dir)
+        committed = int(latest[1].name.split("-")[1]) if latest else 0
+        for p in d.glob("ckpt-*.tsv") if d.is_dir() else ():
+            if int(p.stem.split("-")[1]) > committed:
+                p.unlink()  # learned after the last checkpoint: not durable, will be learned again
+
+    @property
+    def learned_through(self) -> int:
+        s = self.front_state or self._resumed_state
+        return s["learned_through"] if s else -1
+
+    # -- learning --------------------------------------------------------------------------------
+    def learn(self, batch: LearnBatch) -> int:
+        """Learn a batch (pre-update probabilities into the metrics); adopt its stream state."""
+        n = len(batch)
+        if n:
+            t0 = time.perf_counter()
+            tasks, labels, mask, weights = self.tasks, batch.labels, batch.mask, batch.weights
+            preds = learn_text(self.learners, batch.text, labels, mask, weights)
+            t1 = time.perf_counter()
+            self.timings["vw"] += t1 - t0
+            for k, task in enumerate(tasks):
+                m = mask[:, k]
+                c = int(m.sum())
+                if c:
+                    y, p = labels[m, k], preds[m, k]
+                    self.metrics.update(task, y, p)
+                    w = weights[m]
+                    self.weighted[task][0] += float(w @ p)
+                    self.weighted[task][1] += float(w @ y)
+                    self.task_learned[task] += c
+            self._dirty[batch.rows] = True
+            self._has_dirty = True
+            self.counters["learned_examples"] += n
+            self._since_ckpt += n
+            if self.audit:
+                self._audit_rows.extend(batch.audit)
+            self.timings["metrics"] += time.perf_counter() - t1
+        if batch.state:
+            self.front_state = batch.state
+            self.counters.update(batch.state["counters"])
+        return n
+
+    # -- publishing ------------------------------------------------------------------------------
+    def touched_rows(self) -> np.ndarray:
+        """Weight rows changed since the last publish (binary features of learned rows + DNN rows)."""
+        if not self._has_dirty:
+            return np.empty(0, np.intp)
+        self._dirty[self._dnn_rows] = True
+        out = np.flatnonzero(self._dirty)
+        self._dirty[out] = False
+        self._has_dirty = False
+        return out
+
+    def current_values(self, rows: np.ndarray) -> np.ndarray:
+        """[K, T_bundle] weights: learned tasks from VW, the others as the bundle has them."""
+        values = np.array(self.ranker.scorer.weights[rows], dtype=np.float32)
+        values[:, self.task_cols] = get_weights(self.learners, rows)
+        return values
+
+    def publish_due_in(self) -> float | None:
+        """Seconds until :meth:`maybe_publish` would publish (None: nothing learned to publish)."""
+        if not self._has_dirty:
+            return None
+        gap = max(self.publish_every_s, 10 * self._publish_cost)
+        return max(0.0, self._last_publish + gap - time.monotonic())
+
+    def maybe_publish(self) -> None:
+        # Under load, publishing (one get_weight call per row and task) is kept to ~10% of the time.
+        if time.monotonic() - self._last_publish >= max(self.publish_every_s, 10 * self._publish_cost):
+            self.publish()
+
+    def publish(self) -> int | None:
+        """Ship the changed rows (or a base when due) and write ``status.json``; return the sequence."""
+        t0 = time.monotonic()
+        rows = self.touched_rows()
+        seq = None
+        if rows.size:
+            values = self.current_values(rows)
+            self.ranker.scorer.weights[rows] = values
+            if self.publisher is not None:
+                if not self._need_base:
+                    seq = self.publisher.publish(rows, values, self.learned_through)
+        if self.publisher is not None and (self._need_base or self.publisher.base_due):
+            base_rows, base_values = self.snapshot()
+            seq = self.publisher.publish_base(base_rows, base_values, self.learned_through, new_seq=self._need_base)
+            self._need_base = False
+        if seq is not None:
+            self.update_seq = seq
+            self.ranker.update_seq = seq
+            self.counters["updates"] += 1
+        self.write_status()
+        self._last_publish = time.monotonic()
+        self._publish_cost = self._last_publish - t0
+        self.timings["publish"] += self._publish_cost
+        return seq
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row that may differ from the bundle: non-zero now or non-zero in the bundle."""
+        w = self.ranker.scorer.weights
+        rows = np.union1d(np.flatnonzero(np.any(w != 0, axis=1)), self._bundle_rows)
+        return rows, w[rows]
+
+    # -- durability ------------------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        due_n = self.checkpoint_every_examples is not None and self._since_ckpt >= self.checkpoint_every_examples
+        return due_n or time.monotonic() - self._last_ckpt >= self.checkpoint_every_s
+
+    def maybe_checkpoint(self, background: bool = False) -> None:
+        self.reap_checkpoint()
+        if self.checkpoint_due():
+            self.checkpoint(background=background)
+
+    def checkpoint(self, background: bool = False) -> Path | None:
+        """Write the models + the state of the last batch learned, atomically (None: nothing to record,
+        or written in the background).
+
+        ``background``: write from a forked copy of this process (copy-on-write snapshot of the models)
+        while learning goes on, so a checkpoint does not stall learning and publishing; at most one is in
+        flight (the next waits for it), the copy dies with this process, and :attr:`replay_from` moves
+        only once it has committed.
+        """
+        self.wait_checkpoint()
+        self._last_ckpt = time.monotonic()
+        fs = self.front_state
+        if fs is None:
+            return None  # nothing learned or ingested since start: the current checkpoint still holds
+        self._since_ckpt = 0
+        audit_rows, self._audit_rows = (self._audit_rows if self.audit else []), []
+        self.counters["checkpoints"] += 1
+        state = {"state_version": STATE_VERSION, "bundle_id": self.bundle_id, "tasks": list(self.tasks),
+                 "learned_through": fs["learned_through"], "replay_from": fs["replay_from"],
+                 "joiner": dict(fs["joiner"]),
+                 "update_seq": self.update_seq, "counters": dict(self.counters),
+                 "task_learned": dict(self.task_learned), "weighted": self.weighted,
+                 "vw_weighted_examples": self.vw_weighted_examples(),
+                 "stream": dict(self.stream_state), "written_at": int(time.time() * 1000)}
+        if background:
+            me = os.getpid()
+            pid = os.fork()
+            if pid == 0:  # the snapshot: write, and never return into the caller's loop
+                code = 1
+                try:
+                    _die_with_parent(me)
+                    self._write_checkpoint(state, audit_rows)
+                    code = 0
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            self._ckpt_child = (pid, state["replay_from"], self._last_ckpt)
+            self.timings["checkpoint"] += time.monotonic() - self._last_ckpt
+            return None
+        path = self._write_checkpoint(state, audit_rows)
+        self.replay_from = state["replay_from"]
+        self.timings["checkpoint"] += time.monotonic() - self._last_ckpt
+        return path
+
+    def _write_checkpoint(self, state: dict, audit_rows: list[str]) -> Path:
+        if audit_rows:
+            # Named after the checkpoint about to be written; removed on start if it never was.
+            d = self.state_dir / "audit"
+            d.mkdir(exist_ok=True)
+            p = d / f"ckpt-{_next_checkpoint_seq(self.ckpt_dir):010d}.tsv"
+            with open(p, "w") as f:
+                f.write("".join(r + "\n" for r in audit_rows))
+                f.flush()
+                os.fsync(f.fileno())
+        state["progressive"] = _jsonable(self.progressive(max_age_s=0.0))
+        files = {f"{t}.model": (lambda p, ws=ws: ws.save(str(p)))
+                 for t, ws in zip(self.tasks, self.learners.workspaces)}
+        return write_checkpoint(self.ckpt_dir, state, files, keep=self.keep_checkpoints)
+
+    def reap_checkpoint(self, block: bool = False) -> None:
+        """Collect a finished background checkpoint (raise if it failed)."""
+        if self._ckpt_child is None:
+            return
+        pid, replay_from, _ = self._ckpt_child
+        done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        if done == 0:
+            return
+        self._ckpt_child = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise RuntimeError(f"background checkpoint (pid {pid}) failed with exit code {code}")
+        self.replay_from = replay_from
+
+    def wait_checkpoint(self) -> None:
+        self.reap_checkpoint(block=True)
+
+    # -- status ----------------------------------------------------------------------------------
+    def vw_weighted_examples(self) -> dict[str, float]:
+        return {t: float(ws.get_weighted_examples()) for t, ws in zip(self.tasks, self.learners.workspaces)}
+
+    def progressive(self, max_age_s: float = 5.0) -> dict:
+        now = time.monotonic()
+        if self._progressive_cache is None or now - self._progressive_cache[0] > max_age_s:
+            self._progressive_cache = (now, self.metrics.get())
+        return self._progressive_cache[1]
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        self._rate_window.append((now, self.counters["learned_examples"]))
+        while len(self._rate_window) > 2 and now - self._rate_window[0][0] > 10.0:
+            self._rate_window.pop(0)
+        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
+        end = self.source_end_offset
+        fs = self.front_state or self._resumed_state or {}
+        joiner = fs.get("joiner") or {}
+        return {"bundle_id": self.bundle_id, "version": f"{self.bundle_id}+{self.update_seq}",
+                "update_seq": self.update_seq, "tasks": list(self.tasks),
+                "learned_through": self.learned_through, "source_end_offset": end,
+                "lag": None if end is None else max(0, end - 1 - self.learned_through),
+                "events_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0,
+                "open_impressions": joiner.get("open", 0), "join": joiner.get("stats") or {},
+                "counters": dict(self.counters), "task_learned": dict(self.task_learned),
+                "weighted_calibration": {t: (p / y if y else None) for t, (p, y) in self.weighted.items()},
+                "progressive": _jsonable(self.progressive()), "written_at": int(time.time() * 1000)}
+
+    def write_status(self) -> None:
+        tmp = self.state_dir / ".status.json.tmp"
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.replace(tmp, self.state_dir / "status.json")
+
+    def close(self) -> None:
+        self.wait_checkpoint()
+        self.learners.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a forked checkpoint writer: die (SIGKILL) with the learner, as a synchronous writer would."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover (non-Linux)
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class OnlineLearner:
+    """Joiner + progressive validation + per-task VW updates + checkpoints + weight publishing, in one
+    process (a :class:`Featurizer` feeding a :class:`Trainer`; :mod:`online.pipeline` runs the two halves
+    in two processes).
+
+    Parameters
+    ----------
+    bundle_dir : the bundle whose frozen extractors and VW models are used (records of other bundles
+        are skipped and counted unless ``learn_other_bundles``).
+    state_dir : checkpoints, audit files and ``status.json``.
+    tasks : tasks to learn (default: all of the bundle's).
+    model_dir : where weight updates are published (None: no publishing).
+    checkpoint_every_s, checkpoint_every_examples : checkpoint when either is reached.
+    batch_size : joined examples featurized and learned together.
+    """
+
+    def __init__(self, bundle_dir, state_dir, tasks=None, attribution_window_ms: int = 300_000,
+                 downsample_rate: float = 1.0, returned_is_viewed: bool = False,
+                 checkpoint_every_s: float = 30.0, publish_every_s: float = 0.2, pretouch: bool = False,
+                 model_dir=None, allowed_lateness_ms: int = 5_000, max_open: int = 1_000_000,
+                 checkpoint_every_examples: int | None = None, batch_size: int = 1024, audit: bool = False,
+                 learn_other_bundles: bool = False, base_every: int = 200, keep_checkpoints: int = 3):
+        if not 0.0 < downsample_rate <= 1.0:
+            raise ValueError(f"downsample_rate must be in (0, 1], got {downsample_rate}")
+        self.bundle_dir = Path(bundle_dir)
+        self.state_dir = Path(state_dir)
+        # One thread for XGBoost and BLAS: a learner is one busy loop, and idle pool threads spinning
+        # beside pylibvw halved its learn rate on 2 vCPUs (scale out with processes, not threads).
+        self._thread_limits = threadpool_limits(1)  # restored by close()
+        self.ranker = StackedRanker.load(self.bundle_dir, threads=1)
+        self.bundle_id = self.ranker.bundle_id
+        self.tasks = resolve_tasks(self.ranker, tasks)
+        self.counters: dict = {}
+        self.front = Featurizer(self.ranker, self.tasks, attribution_window_ms, downsample_rate, returned_is_viewed,
+                                allowed_lateness_ms, max_open, batch_size, audit, learn_other_bundles,
+                                counters=self.counters)
+        resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
+        self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,
+                               publish_every_s, pretouch, model_dir, checkpoint_every_examples, audit,
+                               base_every, keep_checkpoints, counters=self.counters)
+        if resumed is not None:
+            self.front.resume(resumed[0])
+        self._started = time.time()
+
+    # -- the halves' state, under the names callers use ---------------------------------------------
+    joiner = property(lambda self: self.front.joiner)
+    metrics = property(lambda self: self.trainer.metrics)
+    learners = property(lambda self: self.trainer.learners)
+    publisher = property(lambda self: self.trainer.publisher)
+    task_learned = property(lambda self: self.trainer.task_learned)
+    weighted = property(lambda self: self.trainer.weighted)
+    update_seq = property(lambda self: self.trainer.update_seq)
+    replay_from = property(lambda self: self.trainer.replay_from)
+    learned_through = property(lambda self: self.front.learned_through)
+    downsample_rate = property(lambda self: self.front.downsample_rate)
+    batch_size = property(lambda self: self.front.batch_size)
+
+    @property
+    def source_end_offset(self):
+        return self.trainer.source_end_offset
+
+    @source_end_offset.setter
+    def source_end_offset(self, value):
+        self.trainer.source_end_offset = value
+
+    @property
+    def stream_state(self) -> dict:
+        return self.trainer.stream_state
+
+    # -- input -----------------------------------------------------------------------------------
+    def _learn(self, batch: LearnBatch) -> None:
+        self.trainer.learn(batch)
+
+    def _learn_step(self, batch: LearnBatch) -> None:
+        self.trainer.learn(batch)
+        self.trainer.maybe_publish()
+        self._maybe_checkpoint()
+
+    def process(self, records: Iterable[tuple[int, ServedRecord | Engagement]]) -> int:
+        """Join, learn, publish and checkpoint as due; return the number of examples learned."""
+        before = self.counters["learned_examples"]
+        self.front.ingest(records, self._learn_step)
+        self._learn_step(self.front.cut())
+        return self.counters["learned_examples"] - before
+
+    def advance(self, watermark_ms: int) -> int:
+        """Close windows by the clock when the source is idle (live mode); return examples learned."""
+        before = self.counters["learned_examples"]
+        self.front.advance(watermark_ms)
+        self._learn(self.front.cut())
+        return self.counters["learned_examples"] - before
+
+    def finish(self) -> int:
+        """End of a finite stream: close every open impression, learn, publish and checkpoint."""
+        before = self.counters["learned_examples"]
+        self.front.flush()
+        self._learn(self.front.cut())
+        self.trainer._progressive_cache = None
+        self.publish()
+        self.checkpoint()
+        return self.counters["learned_examples"] - before
+
+    # -- publishing and durability -----------------------------------------------------------------
+    def touched_rows(self) -> np.ndarray:
+        return self.trainer.touched_rows()
+
+    def current_values(self, rows: np.ndarray) -> np.ndarray:
+        return self.trainer.current_values(rows)
+
+    def maybe_publish(self) -> None:
+        self.trainer.maybe_publish()
+
+    def publish(self) -> int | None:
+        return self.trainer.publish()
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.trainer.snapshot()
+
+    def _maybe_checkpoint(self) -> None:
+        if self.trainer.checkpoint_due():
+            self.checkpoint()
+
+    def maybe_checkpoint(self) -> None:
+        self._maybe_checkpoint()
+
+    def checkpoint(self) -> Path:
+        """Learn what is pending, then write models + offsets atomically."""
+        self._learn(self.front.cut())
+        return self.trainer.checkpoint()
+
+    # -- status ----------------------------------------------------------------------------------
+    def vw_weighted_examples(self) -> dict[str, float]:
+        return self.trainer.vw_weighted_examples()
+
+    def progressive(self, max_age_s: float = 5.0) -> dict:
+        return self.trainer.progressive(max_age_s)
+
+    def status(self) -> dict:
+        return self.trainer.status()
+
+    def write_status(self) -> None:
+        self.trainer.write_status()
+
+    def close(self) -> None:
+        self.trainer.close()
+        self._thread_limits.restore_original_limits()
+
+
+def get_weights(learners: TaskLearners, rows: np.ndarray) -> np.ndarray:
+    """:meth:`TaskLearners.get_weights` without the Python wrapper per call ([len(rows), T] float32)."""
+    get = learners._pylibvw.vw.get_weight
+    rl = rows.tolist()
+    n = len(rl)
+    out = np.empty((n, len(learners.workspaces)), np.float32)
+    for k, ws in enumerate(learners.workspaces):
+        out[:, k] = np.fromiter(map(get, repeat(ws, n), rl, repeat(0, n)), np.float32, n)
+    return out
+
+
+def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np.ndarray,
+               weights: np.ndarray) -> np.ndarray:
+    """:meth:`TaskLearners.learn` over prebuilt batch text (see :mod:`online.vwtext`); pre-update probabilities.
+
+    Same calls in the same order as :meth:`TaskLearners.learn` (so the same models), minus the per-call
+    numpy indexing and string formatting.
+    """
+    lib, first, wss = learners._pylibvw, learners.workspaces[0], learners.workspaces
+    preds = np.full(labels.shape, np.nan)
+    if not len(labels):
+        return preds
+    examples = first._parse(text)  # bytes: pybind11 reads them as std::string without a decode copy
+    if len(examples) != len(labels):
+        raise ValueError(f"VW parsed {len(examples)} examples from a batch of {len(labels)}")
+    set_label, learn, get_pred = lib.example.set_label_string, lib.vw.learn, lib.example.get_simplelabel_prediction
+    finish = lib.vw._finish_example
+    out: list[float] = []
+    push = out.append
+    strings: dict[float, tuple[str, str]] = {}
+    task_idx = range(labels.shape[1])
+    for ex, mrow, lrow, w in zip(examples, mask.tolist(), labels.tolist(), weights.tolist()):
+        lab = strings.get(w)
+        if lab is None:
+            lab = strings[w] = (f"-1 {w:g}", f"1 {w:g}")
+        cur = 1  # the text's own label prefix is "1 <w>"; learning leaves the label as it is
+        for k in task_idx:
+            if mrow[k]:
+                ws = wss[k]
+                y = 1 if lrow[k] else 0
+                if y != cur:  # re-parsing an identical label string changes nothing
+                    set_label(ex, ws, lab[y], 0)
+                    cur = y
+                learn(ws, ex)
+                push(get_pred(ex))
+        finish(first, ex)
+    preds[mask] = out
+    return preds
+
+
+def _next_checkpoint_seq(root: Path) -> int:
+    seqs = [int(p.name[5:]) for p in root.glob("ckpt-*") if p.name[5:].isdigit()] if root.is_dir() else []
+    return max(seqs, default=0) + 1
+
+
+def _jsonable(x):
+    """NaN → None, so status and checkpoints are strict JSON."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
+__all__ = ["OnlineLearner", "Featurizer", "Trainer", "LearnBatch", "vw_config", "bundles"]

@@ -1,0 +1,134 @@
+"""Drive an :class:`~online.learner.OnlineLearner` from a source: a recorded log, a live log, or Redis.
+
+Every driver starts at the learner's ``replay_from`` (the checkpoint's oldest open offset), so a restart
+rebuilds the joiner's buffer and continues without losing or repeating an example.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from online.eventlog import HEADER, Record, decode
+from online.learner import OnlineLearner
+from online.tail import LogTailer
+
+log = logging.getLogger(__name__)
+
+
+def read_records(path, from_offset: int = 0, block: int = 20_000) -> Iterator[tuple[int, Record]]:
+    """``(offset, record)`` from an event-log directory or a single segment file (up to its end now)."""
+    path = Path(path)
+    if path.is_dir():
+        tailer = LogTailer(path, from_offset)
+        while batch := tailer.poll_batch(block):
+            yield from batch
+        tailer.check_complete()
+        return
+    with open(path, "rb") as f:
+        if f.readline() != HEADER:
+            raise ValueError(f"{path}: not an event-log segment (expected header {HEADER!r})")
+        base = int(path.name[4:-4]) if path.name.startswith("seg-") else 0
+        for off, line in enumerate(f, start=base):
+            if off < from_offset:
+                continue
+            rec = decode(line)
+            if rec is None:
+                return  # torn tail
+            yield off, rec
+
+
+def count_records(path) -> int:
+    path = Path(path)
+    files = sorted(path.glob("seg-*.log")) if path.is_dir() else [path]
+    n = 0
+    for p in files:
+        with open(p, "rb") as f:
+            n += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b"")) - 1
+    return n
+
+
+def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = True,
+           chunk: int = 20_000, stop_after: int | None = None) -> dict:
+    """Learn from a recorded log from ``learner.replay_from`` to its end; then close every window."""
+    from tqdm import tqdm
+    total = count_records(path)
+    learner.source_end_offset = total
+    start = learner.replay_from
+    bar = tqdm(total=max(total - start, 0), unit="rec", desc="learn --replay", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    it = read_records(path, start)
+    t0 = time.perf_counter()
+    n = 0
+    while True:
+        batch = list(itertools.islice(it, chunk))
+        if not batch:
+            break
+        learner.process(batch)
+        n += len(batch)
+        bar.update(len(batch))
+        bar.set_postfix(learned=learner.counters["learned_examples"], seq=learner.update_seq, refresh=False)
+        if stop_after is not None and n >= stop_after:
+            finish = False
+            break
+    bar.close()
+    if finish:
+        learner.finish()
+    else:
+        learner.checkpoint()
+    return {"records": n, "seconds": time.perf_counter() - t0, **learner.counters}
+
+
+def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
+               should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Follow a live log forever (until ``should_stop()``): learn, publish, checkpoint as due.
+
+    When nothing arrives for ``idle_close_s``, event time is advanced by the wall clock so windows
+    still close on a quiet server (served records carry wall-clock timestamps).
+    """
+    tailer = LogTailer(log_dir, from_offset=learner.replay_from)
+    idle_since = time.monotonic()
+    while not should_stop():
+        batch = list(tailer.poll(max_records=20_000))
+        learner.source_end_offset = tailer.end_offset
+        if batch:
+            learner.process(batch)
+            idle_since = time.monotonic()
+            continue
+        if idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
+            learner.advance(int(time.time() * 1000) - learner.joiner.allowed_lateness_ms)
+            idle_since = time.monotonic()
+        learner.maybe_publish()
+        learner.maybe_checkpoint()
+        time.sleep(poll_s)
+    learner.checkpoint()
+
+
+def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int = 100,
+                 idle_close_s: float | None = 5.0, should_stop: Callable[[], bool] = lambda: False,
+                 max_idle_polls: int | None = None) -> None:
+    """Consume a Redis stream; acknowledge entries once a checkpoint no longer needs them."""
+    ckpts = learner.counters["checkpoints"]
+    idle_since = time.monotonic()
+    idle_polls = 0
+    while not should_stop():
+        batch = bus.consume(count, block_ms)
+        if batch:
+            learner.process(batch)
+            idle_since, idle_polls = time.monotonic(), 0
+        else:
+            idle_polls += 1
+            if max_idle_polls is not None and idle_polls >= max_idle_polls:
+                break
+            if idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
+                learner.advance(int(time.time() * 1000) - learner.joiner.allowed_lateness_ms)
+                idle_since = time.monotonic()
+            learner.maybe_publish()
+            learner.maybe_checkpoint()
+        if learner.counters["checkpoints"] != ckpts:
+            ckpts = learner.counters["checkpoints"]
+            bus.ack_through(learner.replay_from)
+    learner.checkpoint()
+    bus.ack_through(learner.replay_from)

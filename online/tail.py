@@ -1,0 +1,120 @@
+"""Follow a live event log from another process, cheaply: remember the byte position, read only what is new.
+
+:meth:`EventLog.read` in readonly mode rescans a segment from its start on every call; a learner polling
+a busy log many times a second needs to resume where it stopped. A line without its newline yet (the
+writer's append in progress) or failing its checksum at the tail is left for the next poll (the
+writer either completes it or truncates it on restart).
+
+Lines are decoded in blocks: every line's CRC is checked, then the payloads of the block are parsed by
+one ``json.loads`` call (per-call overhead dominated decoding one line at a time); lines before the
+requested offset are skipped without being decoded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from online.eventlog import HEADER, CorruptLogError, Record
+from online.records import Engagement, ServedRecord
+
+_CHUNK = 8 << 20
+try:  # Rust JSON parser shipped with pydantic (a dependency): ~2x json.loads on these payloads
+    from pydantic_core import from_json as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+_crc32 = zlib.crc32
+
+
+def decode_block(lines: list[bytes]) -> list[Record]:
+    """Records of complete lines (without their newline), stopping before the first torn or bad one."""
+    payloads = []
+    append = payloads.append
+    for line in lines:
+        if len(line) < 10 or line[8] != 32:  # b" "
+            break
+        p = line[9:]
+        try:
+            if int(line[:8], 16) != _crc32(p):
+                break
+        except ValueError:
+            break
+        append(p)
+    if not payloads:
+        return []
+    rows = _loads(b"[" + b",".join(payloads) + b"]")
+    return [Engagement(*r[1:]) if r[0] == "E" else ServedRecord(*r[1:]) for r in rows]
+
+
+class LogTailer:
+    """``poll()`` yields ``(offset, record)`` appended since the previous poll, from ``from_offset`` on."""
+
+    def __init__(self, path, from_offset: int = 0):
+        self.path = Path(path)
+        self.next_offset = from_offset
+        self._base: int | None = None  # segment being read
+        self._pos = 0                  # byte position in it
+        self._off = 0                  # offset of the record at _pos
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.name[4:-4]) for p in self.path.glob("seg-*.log"))
+
+    def poll(self, max_records: int = 100_000) -> Iterator[tuple[int, Record]]:
+        yield from self.poll_batch(max_records)
+
+    def poll_batch(self, max_records: int = 100_000) -> list[tuple[int, Record]]:
+        """Up to ``max_records`` new ``(offset, record)`` pairs (empty when nothing complete is new)."""
+        out: list[tuple[int, Record]] = []
+        segs = self._segments()
+        if not segs:
+            return out
+        if self._base is None:
+            start = [b for b in segs if b <= self.next_offset]
+            self._base = start[-1] if start else segs[0]
+            self._pos, self._off = len(HEADER), self._base
+        while len(out) < max_records:
+            p = self.path / f"seg-{self._base:020d}.log"
+            with open(p, "rb") as f:
+                f.seek(self._pos)
+                data = f.read(_CHUNK)
+            lines = data.split(b"\n")
+            complete = lines[:-1]  # the last piece has no newline yet
+            skip = min(max(self.next_offset - self._off, 0), len(complete))
+            if skip:  # before the requested offset: advance without decoding
+                self._pos += sum(map(len, complete[:skip])) + skip
+                self._off += skip
+            want = complete[skip:skip + max_records - len(out)]
+            recs = decode_block(want) if want else []
+            if recs:
+                k = len(recs)
+                self._pos += sum(map(len, want[:k])) + k
+                out.extend(zip(range(self._off, self._off + k), recs))
+                self._off += k
+                self.next_offset = self._off
+            if len(recs) < len(want):
+                return out  # torn or in progress: the writer completes or truncates it
+            if len(out) >= max_records:
+                return out
+            consumed = skip + len(recs)
+            if len(data) == _CHUNK and consumed:
+                continue  # more of this segment beyond the read window
+            later = [b for b in self._segments() if b > self._base]
+            if consumed == len(complete) and not lines[-1] and later and os.path.getsize(p) == self._pos:
+                self._base, self._pos, self._off = later[0], len(HEADER), later[0]
+                continue
+            return out
+        return out
+
+    @property
+    def end_offset(self) -> int:
+        return self.next_offset
+
+    def check_complete(self) -> None:
+        """After polling a recorded log to its end: raise :class:`CorruptLogError` when reading stopped at
+        a bad line in a segment that is not the last one (only the last may have a torn tail)."""
+        segs = self._segments()
+        if self._base is not None and segs and self._base < segs[-1]:
+            raise CorruptLogError(f"{self.path / f'seg-{self._base:020d}.log'}: record at offset {self._off} "
+                                  "fails its checksum")

@@ -1,0 +1,122 @@
+"""``feedrank serve`` and ``feedrank bench serve|swap|flood`` (registered into feedrank's CLI)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _settings(args):
+    from .settings import load_settings
+
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers", "threads", "bundle",
+                                                      "model_dir", "metrics_port", "admin_token",
+                                                      "eventlog_dir", "tls_cert", "tls_key", "learner",
+                                                      "learner_state_dir", "attribution_window_ms",
+                                                      "returned_is_viewed", "downsample_rate", "bus_url")}
+    return load_settings(args.config, **overrides)
+
+
+def cmd_serve(args) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
+    if settings.bundle is None and settings.model_dir is None:
+        print("feedrank serve: no model given. Make a bundle first:\n"
+              "  feedrank train --simulate 200000 --out bundles/default\n"
+              "then: feedrank serve --bundle bundles/default   (or --model-dir bundles)", file=sys.stderr)
+        return 2
+    from .learner_process import start_learner, stop_learner
+    learner = start_learner(settings)
+    try:
+        if settings.workers <= 1:
+            from .server import serve
+            return serve(settings)
+        from .workers import serve_workers
+        return serve_workers(settings)
+    finally:
+        stop_learner(learner)
+
+
+def cmd_bench(args) -> int:
+    from . import bench, freshness
+    logging.basicConfig(level=logging.WARNING)
+    return {"serve": bench.bench_serve, "swap": bench.bench_swap, "flood": bench.bench_flood,
+            "freshness": freshness.bench_freshness}[args.what](args)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC ranking server")
+    p.add_argument("--config", help="settings file (.toml, .json or .yaml); env FEEDRANK_* and flags override it")
+    p.add_argument("--bundle", help="bundle directory to serve")
+    p.add_argument("--model-dir", help="serve the newest valid bundle here and hot-swap newer ones")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--threads", type=int, help="gRPC handler threads per process")
+    p.add_argument("--metrics-port", type=int, help="Prometheus HTTP port")
+    p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN)")
+    p.add_argument("--eventlog-dir", help="local event log directory")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--learner", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the online learner in its own process beside the server (default: on)")
+    p.add_argument("--learner-state-dir", help="the learner's checkpoints, status and published updates")
+    p.add_argument("--attribution-window-ms", type=int, help="attribution window in ms of event time")
+    p.add_argument("--returned-is-viewed", action="store_true", default=None,
+                   help="treat every returned post as viewed")
+    p.add_argument("--downsample-rate", type=float, help="online negative downsampling rate (1 = off)")
+    p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
+    p.set_defaults(func=cmd_serve)
+
+    bench = _bench_subparsers(sub)
+    for name, help_ in (("serve", "Rank latency (server/client p50, p99) and req/s at several concurrencies"),
+                        ("swap", "ten+ hot swaps (Reload) under load at concurrency 4; counts failed requests"),
+                        ("flood", "malformed-request flood: server stays SERVING, RSS growth"),
+                        ("freshness", "engagement acknowledged → Rank response including it, under load")):
+        p = bench.add_parser(name, help=help_)
+        p.add_argument("--bundle", help="bundle to serve (default: train one into --cache-dir if missing)")
+        p.add_argument("--cache-dir", default="runs/bench-cache", help="where the benchmark bundle is kept")
+        p.add_argument("--candidates", type=int, default=500, help="candidates per Rank request")
+        p.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
+        p.add_argument("--threads", type=int, default=8, help="gRPC threads per server process")
+        p.add_argument("--xgb-threads", type=int, default=1, help="XGBoost threads per prediction")
+        if name == "serve":
+            p.add_argument("--requests", type=int, default=400, help="Rank requests per concurrency level")
+            p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
+            p.add_argument("--setup", default="both", choices=["alone", "with_learner", "both"],
+                           help="alone: the server only; with_learner: its online learner learning "
+                                "--events-per-s events; both (default)")
+            p.add_argument("--events-per-s", type=float, default=5000.0,
+                           help="with_learner: LogEvents rate for served posts")
+            p.add_argument("--json", help="write results as JSON and a latency histogram PNG beside it")
+        if name == "swap":
+            p.add_argument("--swaps", type=int, default=10, help="hot swaps")
+            p.add_argument("--steady-s", type=float, default=8.0, help="steady-state load before the swaps")
+            p.add_argument("--json", help="write the figures as JSON")
+        if name == "freshness":
+            p.add_argument("--mode", default="both", choices=["embedded", "redis", "both"])
+            p.add_argument("--samples", type=int, default=200, help="freshness samples per mode")
+            p.add_argument("--window-ms", type=int, default=300_000,
+                           help="attribution window (default: the production 5 minutes)")
+            p.add_argument("--rank-per-s", type=float, default=100.0, help="background Rank requests/s")
+            p.add_argument("--events-per-s", type=float, default=5000.0, help="background events/s")
+            p.add_argument("--warmup-s", type=float, default=5.0)
+            p.add_argument("--timeout-s", type=float, default=10.0, help="give a sample up after this")
+            p.add_argument("--json", help="write [{mode, p50_s, p99_s, samples}] and a histogram PNG")
+        if name == "flood":
+            p.add_argument("--flood", type=int, default=100_000, help="malformed requests")
+        p.set_defaults(func=cmd_bench, what=name)
+
+
+def _bench_subparsers(sub):
+    """The ``bench`` command's sub-commands, shared with other packages' benchmarks."""
+    import argparse as _argparse
+
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks")
+        return bench.add_subparsers(dest="bench_command", required=True)
+    for action in bench._actions:
+        if isinstance(action, _argparse._SubParsersAction):
+            return action
+    return bench.add_subparsers(dest="bench_command", required=True)

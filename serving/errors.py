@@ -1,0 +1,52 @@
+"""One exception hierarchy for the ranking path; the servicer maps it to status codes in one place."""
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    """Base: carries the gRPC status code it maps to."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ServingError):
+    """Bad request content; the message starts with the offending field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class TooLarge(InvalidInput):
+    """A request beyond a configured size limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotReady(ServingError):
+    """No model is loaded (yet), or the server is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServingError):
+    """Too little of the client's deadline is left to finish the next stage."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RefusedBundle(ServingError):
+    """A bundle that failed to load; the previous model keeps serving."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

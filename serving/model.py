@@ -1,0 +1,170 @@
+"""The live model: one reference to a loaded StackedRanker, swapped between requests.
+
+Loading (at start, from a newer bundle in the model directory, or by Reload) happens off the request
+path; a request takes the reference once and uses that ranker to the end, so a swap never mixes two
+models in one answer. A bundle that fails to load is refused and the old one keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from stacker.bundle import BundleError, read_manifest
+from stacker.ranker import StackedRanker
+
+from .errors import NotReady, RefusedBundle
+
+log = logging.getLogger(__name__)
+NO_MODEL_HINT = ("no model loaded: make a bundle with `feedrank train --simulate 200000 --out bundles/default` "
+                 "and serve it with `feedrank serve --bundle bundles/default` (or --model-dir bundles)")
+
+
+def candidate_bundles(model_dir: Path) -> list[Path]:
+    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first."""
+    found = []
+    for p in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
+        if p.is_dir() and not p.name.endswith(".partial"):
+            try:
+                found.append((int(read_manifest(p).get("created_at", 0)), p.stat().st_mtime, p))
+            except BundleError:
+                continue
+    return [p for *_, p in sorted(found, reverse=True)]
+
+
+class LiveModel:
+    """Holds the serving ranker; ``ready`` once one is loaded."""
+
+    def __init__(self, xgb_threads: int = 1, on_swap: Callable[[StackedRanker], None] | None = None):
+        self.xgb_threads = xgb_threads
+        self.on_swap = on_swap
+        self.on_update: Callable[[StackedRanker], None] | None = None
+        self._ranker: StackedRanker | None = None
+        self._load_lock = threading.Lock()
+        self.loaded_at_ms = 0
+        self.refused: dict[Path, str] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._ranker is not None
+
+    def current(self) -> StackedRanker:
+        ranker = self._ranker
+        if ranker is None:
+            raise NotReady(NO_MODEL_HINT)
+        return ranker
+
+    def load(self, path: Path) -> StackedRanker:
+        """Load a bundle and make it live; raises RefusedBundle (old model kept) on failure."""
+        path = Path(path)
+        with self._load_lock:
+            t0 = time.perf_counter()
+            try:
+                ranker = StackedRanker.load(path, threads=self.xgb_threads)
+                _warm_up(ranker)
+            except BundleError as e:
+                self.refused[path.resolve()] = str(e)
+                log.error("refused bundle %s: %s", path, e)
+                raise RefusedBundle(f"bundle refused, still serving "
+                                    f"{self._ranker.version if self._ranker else 'nothing'}: {e}") from e
+            self._ranker = ranker
+            self.loaded_at_ms = int(time.time() * 1000)
+            log.info("serving bundle %s from %s (loaded in %.2fs)", ranker.version, path,
+                     time.perf_counter() - t0)
+        if self.on_swap:
+            self.on_swap(ranker)
+        return ranker
+
+    def load_newest(self, model_dir: Path) -> StackedRanker | None:
+        """Load the newest loadable bundle in ``model_dir`` not already live or refused."""
+        live = self._ranker.path.resolve() if self._ranker and self._ranker.path else None
+        for p in candidate_bundles(model_dir):
+            rp = p.resolve()
+            if rp == live:
+                return None
+            if rp in self.refused:
+                continue
+            try:
+                return self.load(p)
+            except RefusedBundle:
+                continue
+        return None
+
+
+def _warm_up(ranker: StackedRanker) -> None:
+    """One tiny prediction so the first real request does not pay for lazy initialisation."""
+    import numpy as np
+
+    from stacker.features import CandidateBatch
+
+    spec = ranker.spec
+    batch = CandidateBatch(ts=int(time.time() * 1000), user_id="warmup",
+                           user_features=spec.default_vector(spec.user_features),
+                           post_ids=np.array(["p0", "p1"], object), author_ids=np.array(["a0", "a1"], object),
+                           media=np.zeros(2, np.int8), created_at=np.zeros(2, np.int64),
+                           post_features=np.tile(spec.default_vector(spec.post_features), (2, 1)))
+    ranker.predict(batch)
+
+
+class UpdateFollower:
+    """Applies the online learner's published weight updates (``online.publish``) to the live ranker.
+
+    Updates are written into the live weight table in place (``StackedRanker.apply_update``), so a
+    request running at that moment may score with part of a delta; the next one sees all of it.
+    """
+
+    def __init__(self, model: LiveModel, model_dir: Path):
+        self.model, self.model_dir = model, Path(model_dir)
+        self._watcher = None
+        self._for: StackedRanker | None = None
+
+    def check(self) -> None:
+        from online.publish import UpdateWatcher
+
+        ranker = self.model._ranker
+        if ranker is None:
+            return
+        if self._for is not ranker:  # a new bundle: follow its own update stream
+            self._watcher = UpdateWatcher(self.model_dir, ranker.bundle_id, after_seq=ranker.update_seq)
+            self._for = ranker
+        for update in self._watcher.poll():
+            ranker.apply_update(update.rows, update.values, update.seq, update.covered_offset)
+            log.info("applied online update %d (%s, %d rows): serving %s", update.seq, update.kind,
+                     len(update.rows), ranker.version)
+            if self.model.on_update:
+                self.model.on_update(ranker)
+
+
+class BundleWatcher(threading.Thread):
+    """Polls a model directory for a newer bundle (every ``interval_s``) and runs ``checks``
+    (published weight updates, sibling reloads) every ``tick_s``, all in the background."""
+
+    def __init__(self, model: LiveModel, model_dir: Path | None, interval_s: float,
+                 checks: tuple[Callable[[], None], ...] = (), tick_s: float | None = None):
+        super().__init__(name="bundle-watcher", daemon=True)
+        self.model, self.interval_s = model, interval_s
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.checks = checks
+        self.tick_s = tick_s or interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        last_scan = time.monotonic()
+        while not self.stopped.wait(self.tick_s):
+            for check in self.checks:
+                try:
+                    check()
+                except Exception:  # a watcher must never die: log and poll again
+                    log.exception("model watcher: %s", check)
+            if self.model_dir is not None and self.interval_s > 0 and \
+                    time.monotonic() - last_scan >= self.interval_s:
+                last_scan = time.monotonic()
+                try:
+                    self.model.load_newest(self.model_dir)
+                except Exception:
+                    log.exception("bundle watcher")
+
+    def stop(self) -> None:
+        self.stopped.set()

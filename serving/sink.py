@@ -1,0 +1,164 @@
+"""Where served records go: the ``ServedRecordSink`` interface and the local event-log sink.
+
+Rank hands over one :class:`ServedBatch` per response (arrays, not records) and returns at once; the
+records are built and appended by a background thread in batches, so the log adds no latency to Rank.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from online.eventlog import EventLog, Record
+from online.records import ServedRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedBatch:
+    """The returned posts of one response, with the inputs exactly as the ranker used them."""
+
+    request_id: str
+    user_id: str
+    ts: int
+    bundle_id: str
+    update_seq: int
+    device: str
+    surface: str
+    user_features: np.ndarray       # [U] aligned, spec order
+    post_ids: list[str]             # [K] in returned order (position = index)
+    author_ids: list[str]
+    media_types: list[str]
+    created_at: np.ndarray          # [K] int64
+    post_features: np.ndarray       # [K, P] aligned, spec order
+
+    def records(self) -> list[ServedRecord]:
+        user = self.user_features.tolist()
+        posts = self.post_features.tolist()
+        created = self.created_at.tolist()
+        return [ServedRecord(self.request_id, pid, self.user_id, self.author_ids[k], k, self.ts,
+                             self.bundle_id, self.update_seq, self.media_types[k], created[k],
+                             self.device, self.surface, list(user), posts[k])
+                for k, pid in enumerate(self.post_ids)]
+
+
+class ServedRecordSink(Protocol):
+    def submit(self, batch: ServedBatch) -> None:
+        """Take a response's served records; must not block the caller."""
+
+    def close(self) -> None:
+        """Flush what is pending and stop."""
+
+
+class NullSink:
+    def submit(self, batch: ServedBatch) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SharedEventLog:
+    """An EventLog shared by the served-record thread and LogEvents (appends serialised by a lock)."""
+
+    def __init__(self, path: Path, fsync: bool = True):
+        self.log = EventLog(path, fsync=fsync)
+        self._lock = threading.Lock()
+
+    def append(self, records: list[Record]) -> list[int]:
+        with self._lock:
+            return self.log.append(records)
+
+    def close(self) -> None:
+        with self._lock:
+            self.log.close()
+
+
+class BusEventLog(SharedEventLog):
+    """Scale-out: every record goes to the local log and then to the Redis stream the learner reads.
+
+    Offsets returned (and so ``EventResult.log_offset``) are the stream's, the numbering the
+    learner's published ``covered_offset`` uses; a record is acknowledged only after both writes.
+    """
+
+    def __init__(self, path: Path, bus_url: str, fsync: bool = True):
+        from online.bus import RedisBus
+
+        super().__init__(path, fsync)
+        self.bus = RedisBus(bus_url)
+
+    def append(self, records: list[Record]) -> list[int]:
+        from online.bus import id_to_offset
+
+        with self._lock:
+            self.log.append(records)
+            return [id_to_offset(i) for i in self.bus.publish(records)]
+
+    def close(self) -> None:
+        super().close()
+        self.bus.close()
+
+
+class EventLogSink:
+    """Appends served records to a :class:`SharedEventLog` from a background thread, in batches."""
+
+    def __init__(self, log_: SharedEventLog, batch: int = 1024, flush_ms: float = 50.0,
+                 max_queue: int = 200_000):
+        self.log = log_
+        self.batch, self.flush_s = batch, flush_ms / 1000.0
+        self._queue: queue.Queue[ServedBatch | None] = queue.Queue()
+        self._pending = 0
+        self.max_queue = max_queue
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="served-record-sink", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: ServedBatch) -> None:
+        if self._pending >= self.max_queue:  # the disk cannot keep up: count, never block Rank
+            self.dropped += len(batch.post_ids)
+            return
+        self._pending += len(batch.post_ids)
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            records: list[ServedRecord] = []
+            deadline = None
+            while len(records) < self.batch:
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                records.extend(item.records())
+                self._pending -= len(item.post_ids)
+                deadline = deadline or time.monotonic() + self.flush_s
+            if records:
+                try:
+                    self.log.append(records)
+                    self.written += len(records)
+                except Exception:
+                    self.dropped += len(records)
+                    log.exception("served records lost: event-log append failed")
+
+    def flush(self, timeout: float = 5.0) -> None:
+        end = time.monotonic() + timeout
+        while (self._pending > 0 or not self._queue.empty()) and time.monotonic() < end:
+            time.sleep(0.005)
+        time.sleep(self.flush_s + 0.01)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)

@@ -1,0 +1,120 @@
+"""Bundles: a versioned directory holding every frozen part of a stack and a manifest describing it.
+
+Layout::
+
+    manifest.json        format version, bundle id, feature spec, tasks, EV weights, VW settings,
+                         training window and metrics, and the SHA-256 and size of every file below
+    gbdt.ubj             XGBoost model (leaf extractor)
+    dnn.npz              frozen multi-task MLP (scaler + layers)
+    lr_weights.npz       numpy copy of every task's non-zero VW weights (the serving path)
+    vw/<task>.model      resumable VW model per task (the online learner continues from these)
+
+Loading verifies sizes and checksums and refuses a tampered, truncated or mismatched bundle with a
+message naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing, tampered, truncated or inconsistent."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_bundle_id(prefix: str = "b") -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{prefix}{stamp}-{os.urandom(3).hex()}"
+
+
+def save_sparse_weights(path: Path, weights: np.ndarray) -> None:
+    rows = np.flatnonzero(np.any(weights != 0, axis=1))
+    with open(path, "wb") as f:
+        np.savez(f, rows=rows.astype(np.int64), values=weights[rows], size=np.int64(len(weights)))
+
+
+def load_sparse_weights(path: Path) -> np.ndarray:
+    with np.load(path) as z:
+        out = np.zeros((int(z["size"]), z["values"].shape[1]), dtype=np.float32)
+        out[z["rows"]] = z["values"]
+    return out
+
+
+def finalize(directory: Path, manifest: dict) -> Path:
+    """Checksum every file in ``directory`` into the manifest and write it last (atomically)."""
+    directory = Path(directory)
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(directory).as_posix()
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = dict(manifest, format_version=FORMAT_VERSION, files=files)
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, directory / MANIFEST)
+    return directory
+
+
+def read_manifest(directory) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing manifest")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                          f"the supported {FORMAT_VERSION}")
+    return manifest
+
+
+def verify(directory) -> dict:
+    """Return the manifest once every listed file exists with the recorded size and checksum."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    files = manifest.get("files") or {}
+    for required in ("gbdt.ubj", "dnn.npz", "lr_weights.npz"):
+        if required not in files:
+            raise BundleError(f"{directory / MANIFEST}: lists no {required}")
+    for task in manifest["tasks"]:
+        if f"vw/{task}.model" not in files:
+            raise BundleError(f"{directory / MANIFEST}: lists no vw/{task}.model for task {task!r}")
+    for rel, meta in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleError(f"{path}: truncated or resized ({size} bytes, manifest says {meta['bytes']})")
+        if sha256_file(path) != meta["sha256"]:
+            raise BundleError(f"{path}: checksum mismatch (file was modified after the bundle was made)")
+    return manifest
+
+
+def copy_bundle(src, dst) -> Path:
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
+    return dst

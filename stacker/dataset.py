@@ -1,0 +1,78 @@
+"""Reading and writing the offline-training table (stacker/schema.py) as Parquet or JSON Lines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .schema import FEATURE_PREFIX, LABEL_PREFIX, SCHEMA_VERSION, TRUE_PREFIX
+
+META_KEY = b"feedrank.schema_version"
+
+_DTYPES = {"ts": "int64", "created_at": "int64", "position": "int32"}
+_STRINGS = ("request_id", "user_id", "post_id", "author_id", "media_type", "ctx.device", "ctx.surface")
+
+
+def _suffix(path) -> str:
+    s = Path(path).suffix.lower()
+    if s not in (".parquet", ".jsonl"):
+        raise ValueError(f"{path}: unknown table format {s!r} (use .parquet or .jsonl)")
+    return s
+
+
+def _fix_dtypes(df: pd.DataFrame) -> pd.DataFrame:
+    for col in df.columns:
+        if col in _DTYPES:
+            df[col] = df[col].astype(_DTYPES[col])
+        elif col in _STRINGS:
+            df[col] = df[col].astype(str)
+        elif col.startswith(FEATURE_PREFIX) or col.startswith(TRUE_PREFIX):
+            df[col] = df[col].astype(np.float32)
+        elif col.startswith(LABEL_PREFIX):
+            df[col] = df[col].astype(np.int8)
+    return df
+
+
+def _version_error(path, found) -> ValueError:
+    return ValueError(f"{path}: table schema version {found!r}, but this feedrank reads "
+                      f"feedrank.schema_version {SCHEMA_VERSION}; regenerate or convert the table")
+
+
+def write_table(df: pd.DataFrame, path) -> None:
+    """Write an impression table: Parquet (schema version in the key-value metadata) or JSON Lines
+    (a ``schema_version`` field in every row), chosen by the suffix."""
+    path = Path(path)
+    if _suffix(path) == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[META_KEY] = str(SCHEMA_VERSION).encode()
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    else:
+        out = df.copy()
+        out.insert(0, "schema_version", SCHEMA_VERSION)
+        out.to_json(path, orient="records", lines=True, double_precision=15)
+
+
+def read_table(path) -> pd.DataFrame:
+    """Read a table written by :func:`write_table`, refusing any other schema version."""
+    path = Path(path)
+    if _suffix(path) == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        meta = table.schema.metadata or {}
+        found = meta.get(META_KEY)
+        if found is None:
+            raise _version_error(path, None)
+        if found.decode() != str(SCHEMA_VERSION):
+            raise _version_error(path, found.decode())
+        return _fix_dtypes(table.to_pandas())
+    df = pd.read_json(path, lines=True, dtype=False)
+    if "schema_version" not in df.columns:
+        raise _version_error(path, None)
+    bad = df["schema_version"][df["schema_version"] != SCHEMA_VERSION]
+    if len(bad):
+        raise _version_error(path, bad.iloc[0])
+    return _fix_dtypes(df.drop(columns=["schema_version"]))

@@ -1,0 +1,90 @@
+"""The multi-task MLP: trained with scikit-learn, frozen to a ``.npz``, run with numpy alone.
+
+Shared hidden layers (ReLU) and one sigmoid output per task. Once frozen, the last hidden layer is a
+feature block of the sparse LR; the serving path never imports scikit-learn.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.neural_network import MLPClassifier
+from sklearn.preprocessing import StandardScaler
+
+
+@dataclass(frozen=True)
+class DNNConfig:
+    hidden: tuple[int, ...] = (128, 32)
+    epochs: int = 8
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    l2: float = 1e-5
+    seed: int = 0
+
+
+def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
+    """Fit the multi-task MLP on X [N, D], Y [N, T] (0/1); returns (scaler, sklearn model)."""
+    scaler = StandardScaler().fit(X)
+    Xs = scaler.transform(X).astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=config.hidden, activation="relu", solver="adam",
+                        alpha=config.l2, batch_size=config.batch_size,
+                        learning_rate_init=config.learning_rate, max_iter=1, warm_start=True,
+                        random_state=config.seed, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for epoch in range(config.epochs):
+            mlp.fit(Xs, Y)
+            if progress:
+                progress(epoch + 1, config.epochs)
+    return scaler, mlp
+
+
+def freeze(scaler: StandardScaler, mlp: MLPClassifier) -> "FrozenMLP":
+    """Export a fitted scaler + MLP to the numpy-only :class:`FrozenMLP`."""
+    return FrozenMLP(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32),
+                     [w.astype(np.float32) for w in mlp.coefs_],
+                     [b.astype(np.float32) for b in mlp.intercepts_])
+
+
+def train_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None) -> "FrozenMLP":
+    """Fit and freeze in one step."""
+    return freeze(*fit_mlp(X, Y, config, progress))
+
+
+class FrozenMLP:
+    """Numpy forward pass of a frozen MLP."""
+
+    def __init__(self, mean, scale, weights, biases):
+        self.mean, self.scale = mean, scale
+        self.weights, self.biases = weights, biases
+        self.hidden_size = weights[-1].shape[0]
+
+    def hidden(self, X: np.ndarray) -> np.ndarray:
+        """Activations of the last hidden layer [N, H] (float32)."""
+        h = (np.asarray(X, np.float32) - self.mean) / self.scale
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h = h @ w
+            h += b
+            np.maximum(h, 0.0, out=h)
+        return h
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Per-task probabilities [N, T] from the network's own output layer."""
+        z = self.hidden(X) @ self.weights[-1] + self.biases[-1]
+        return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+
+    def save(self, path) -> None:
+        arrays = {"mean": self.mean, "scale": self.scale}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"W{i}"], arrays[f"b{i}"] = w, b
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "FrozenMLP":
+        with np.load(path) as z:
+            layers = sum(1 for k in z.files if k.startswith("W"))
+            return cls(z["mean"], z["scale"], [z[f"W{i}"] for i in range(layers)],
+                       [z[f"b{i}"] for i in range(layers)])

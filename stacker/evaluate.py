@@ -1,0 +1,146 @@
+"""Offline comparison: every variant trained on the same time slices, evaluated on the latest.
+
+Variants: ``base_rate``; ``lr_ids`` (VW on ids and context only); ``gbdt`` (XGBoost per task) and
+``dnn`` (the multi-task MLP), both trained on all rows the stack uses in total (extractor + LR
+slices) so no variant wins by seeing fresher data; ``gbdt_lr`` and ``dnn_lr`` (one extractor under
+the LR); ``stack``; ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .dnn import train_mlp
+from .features import CandidateBatch, build_dense
+from .gbdt import train_gbdt
+from .metrics import task_metrics
+from .progress import Progress
+from .train import (TrainConfig, downsample, labels_of, learn_features, split_by_time,
+                    stack_features, train_extractors)
+from .vwstack import TaskLearners, example_lines
+
+LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
+
+
+def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name):
+    learners = TaskLearners(tasks, config.vw)
+    with progress.task(f"{name}: LR", len(Y)) as bar:
+        learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
+    _, leaves, hidden, ids, ctx = test_feats
+    p = learners.predict(example_lines(leaves, hidden, ids, ctx, namespaces))
+    learners.close()
+    return p
+
+
+def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str = "simulated",
+             tasks=None, peers: dict | None = None, progress: Progress | None = None) -> dict:
+    """Train every variant and evaluate all of them on the latest time slice.
+
+    ``peers`` maps a variant name to ``f(train_df, test_df) -> probs [N_test, T]``.
+    Returns ``{"dataset", "test_rows", "variants": {variant: {task: metrics}}, ...}``.
+    """
+    progress = progress or Progress()
+    tasks = tuple(tasks or schema.tasks_in(df.columns))
+    started = time.time()
+    extract, lr_slice, test = split_by_time(df, config.slices)
+    train_all = pd.concat([extract, lr_slice], ignore_index=True)
+    Y_test = labels_of(test, tasks)
+    base = labels_of(train_all, tasks).mean(axis=0)
+    preds: dict[str, np.ndarray] = {}
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        preds[name] = fn()
+        timings[name] = round(time.time() - t0, 2)
+
+    preds["base_rate"] = np.tile(base, (len(test), 1))
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.time()
+        ex = train_extractors(extract, tasks, config, Path(work), progress)
+        timings["extractors"] = round(time.time() - t0, 2)
+        Y_lr = labels_of(lr_slice, tasks)
+        keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
+                                   lr_slice["post_id"].to_numpy(object), config.downsample_rate)
+        rows = np.flatnonzero(keep)
+        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True))
+        test_feats = stack_features(ex, test)
+        for name, namespaces in LR_VARIANTS.items():
+            timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
+                                                   weights[rows], test_feats, progress, name))
+
+        # Baselines see every row the stack saw, extractor and LR slices together.
+        X_all = build_dense(ex.spec, CandidateBatch.from_table(train_all, ex.spec))
+        Y_all = labels_of(train_all, tasks)
+
+        def gbdt():
+            out = np.empty((len(test), len(tasks)))
+            with progress.task("gbdt: one XGBoost per task", len(tasks)) as bar:
+                for k in range(len(tasks)):
+                    booster = train_gbdt(X_all, Y_all[:, k], config.gbdt)
+                    out[:, k] = booster.inplace_predict(test_feats[0])
+                    bar.update(1)
+            return out
+        timed("gbdt", gbdt)
+        with progress.task("dnn: multi-task MLP", config.dnn.epochs) as bar:
+            timed("dnn", lambda: train_mlp(X_all, Y_all, config.dnn,
+                                           progress=lambda i, n: bar.update(1)).predict_proba(test_feats[0]))
+
+        keep_all, w_all = downsample(Y_all, train_all["request_id"].to_numpy(object),
+                                     train_all["post_id"].to_numpy(object), config.downsample_rate)
+        rows_all = np.flatnonzero(keep_all)
+        all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True))
+        timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
+                                                   w_all[rows_all], test_feats, progress, "lr_ids"))
+    for name, fn in (peers or {}).items():
+        progress.note(f"{name}: training peer")
+        timed(name, lambda: np.asarray(fn(train_all, test)).reshape(len(test), len(tasks)))
+    if all(schema.true_column(t) in test.columns for t in tasks):
+        preds["oracle"] = np.stack([test[schema.true_column(t)].to_numpy(np.float64) for t in tasks], 1)
+
+    order = ["base_rate", "lr_ids", "gbdt", "dnn", "gbdt_lr", "dnn_lr", "stack", *(peers or {}), "oracle"]
+    variants = {v: {t: task_metrics(Y_test[:, k], preds[v][:, k], base[k]) for k, t in enumerate(tasks)}
+                for v in order if v in preds}
+    return {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
+            "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
+                                                 "lr_kept": int(len(rows))},
+            "seconds": timings, "wall_time_s": round(time.time() - started, 1),
+            "_predictions": {"y": Y_test, **preds}}
+
+
+def format_table(report: dict) -> str:
+    tasks = report["tasks"]
+    lines = [f"dataset {report['dataset']}: {report['test_rows']:,} test rows (latest time slice)", ""]
+    head = f"{'variant':<10}" + "".join(f"{t:>22}" for t in tasks)
+    lines += [head, f"{'':<10}" + "".join(f"{'NE   AUC   cal':>22}" for _ in tasks), "-" * len(head)]
+    for v, per_task in report["variants"].items():
+        cells = "".join(f"{m['ne']:>8.4f} {m['auc']:>5.3f} {m['calibration']:>5.2f}"
+                        for m in (per_task[t] for t in tasks))
+        lines.append(f"{v:<10}{cells}")
+    lines.append("")
+    lines.append("positives per task: " + ", ".join(
+        f"{t} {report['variants']['base_rate'][t]['positives']}" for t in tasks))
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict, json_path: Path | None, plot_dir: Path | None) -> list[Path]:
+    written = []
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    if json_path:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(public, indent=2))
+        written.append(json_path)
+    if plot_dir:
+        from .plots import calibration_plot, ne_plot
+        plot_dir = Path(plot_dir)
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        written.append(ne_plot(public, plot_dir / "ne.png"))
+        written.append(calibration_plot(report, plot_dir / "calibration.png"))
+    return written

@@ -1,0 +1,64 @@
+"""Plots of offline results: NE per variant and task, calibration curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def ne_plot(report: dict, path: Path) -> Path:
+    tasks, variants = report["tasks"], list(report["variants"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4.5))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        ne = [report["variants"][v][t]["ne"] for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, ne, width, label=v)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("normalized entropy (lower is better)")
+    ax.set_title(f"{report['dataset']}: NE on the latest time slice ({report['test_rows']:,} rows)")
+    lo = min(report["variants"][v][t]["ne"] for v in variants for t in tasks)
+    ax.set_ylim(max(0.0, lo - 0.1), 1.15)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration_plot(report: dict, path: Path, bins: int = 12) -> Path:
+    """Reliability curves (mean predicted vs observed, quantile bins) per task."""
+    preds, tasks = report["_predictions"], report["tasks"]
+    y = preds["y"]
+    cols = min(3, len(tasks))
+    rows = int(np.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for k, task in enumerate(tasks):
+        ax = axes[k // cols][k % cols]
+        top = 0.0
+        for v in report["variants"]:
+            if v == "base_rate":
+                continue
+            p = preds[v][:, k]
+            edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
+            idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+            mp = np.bincount(idx, p, len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
+            my = np.bincount(idx, y[:, k], len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
+            ax.plot(mp, my, marker=".", label=v, lw=1)
+            top = max(top, mp.max(), my.max())
+        ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8)
+        ax.set_title(task)
+        ax.set_xlabel("mean predicted")
+        ax.set_ylabel("observed rate")
+    for k in range(len(tasks), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{report['dataset']}: calibration on the latest time slice")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

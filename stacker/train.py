@@ -1,0 +1,212 @@
+"""Offline training of the stack on time slices, and bundle writing.
+
+Slices are cut by time: the extractors (GBDT, DNN) learn from the earliest slice, the sparse LR
+from the next (on leaves and hidden activations the frozen extractors produce), and evaluation uses
+the latest. Negative downsampling drops only rows negative on every task, decided by a hash of
+(request_id, post_id) so any replay makes the same choice, and weights kept negatives by 1 / rate so
+probabilities stay calibrated.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import bundle as bundles
+from . import schema
+from .dnn import DNNConfig, FrozenMLP, train_mlp
+from .features import CandidateBatch, FeatureSpec, build_dense, build_sparse
+from .gbdt import GBDTConfig, LeafExtractor, train_gbdt
+from .hashing import HASH_NAME, collision_rate
+from .progress import Progress
+from .ranker import StackedRanker
+from .vwstack import TaskLearners, VWConfig, example_lines, round_hidden
+
+DEFAULT_EV_WEIGHTS = {"click": 1.0, "like": 2.0, "comment": 4.0, "share": 6.0, "hide": -10.0, "dwell": 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    gbdt: GBDTConfig = field(default_factory=GBDTConfig)
+    dnn: DNNConfig = field(default_factory=DNNConfig)
+    vw: VWConfig = field(default_factory=VWConfig)
+    slices: tuple[float, float, float] = (0.3, 0.5, 0.2)
+    downsample_rate: float = 0.25
+    # VW -l once the bundle learns online: larger than the offline pass so the LR tracks drift,
+    # new posts and new authors (the resumed adaptive state already damps old coordinates).
+    online_learning_rate: float = 0.15
+    ev_weights: dict = field(default_factory=lambda: dict(DEFAULT_EV_WEIGHTS))
+    chunk: int = 4096
+    seed: int = 0
+
+
+def split_by_time(df: pd.DataFrame, fractions) -> list[pd.DataFrame]:
+    """Cut a table into consecutive time slices of the given fractions of rows."""
+    df = df.sort_values("ts", kind="stable").reset_index(drop=True)
+    bounds = np.round(np.cumsum((0,) + tuple(fractions)) / sum(fractions) * len(df)).astype(int)
+    return [df.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def keep_hash(request_ids, post_ids) -> np.ndarray:
+    """Uniform [0, 1) per (request_id, post_id): the deterministic downsampling coin."""
+    out = np.empty(len(request_ids))
+    for i, (r, p) in enumerate(zip(request_ids, post_ids)):
+        d = hashlib.blake2b(f"{r}\x1f{p}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(d, "little") / 2.0**64
+    return out
+
+
+def downsample(labels: np.ndarray, request_ids, post_ids, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of kept rows and their importance weights (1 / rate for kept all-negative rows)."""
+    if rate >= 1.0:
+        return np.ones(len(labels), bool), np.ones(len(labels))
+    negative = ~labels.any(axis=1)
+    keep = ~negative | (keep_hash(request_ids, post_ids) < rate)
+    weights = np.where(negative, 1.0 / rate, 1.0)
+    return keep, weights
+
+
+def labels_of(df: pd.DataFrame, tasks) -> np.ndarray:
+    return np.stack([df[schema.label_column(t)].to_numpy(np.int8) for t in tasks], axis=1)
+
+
+@dataclass
+class Extractors:
+    spec: FeatureSpec
+    extractor: LeafExtractor
+    mlp: FrozenMLP
+    booster_path: Path
+
+
+def train_extractors(df: pd.DataFrame, tasks, config: TrainConfig, workdir: Path,
+                     progress: Progress) -> Extractors:
+    spec = FeatureSpec.from_table(df)
+    X = build_dense(spec, CandidateBatch.from_table(df, spec))
+    Y = labels_of(df, tasks)
+    any_engagement = Y.any(axis=1).astype(np.float32)
+    with progress.task("GBDT (any engagement)", config.gbdt.trees) as bar:
+        booster = train_gbdt(X, any_engagement, config.gbdt, progress=lambda i, n: bar.update(1))
+    path = workdir / "gbdt.ubj"
+    booster.save_model(str(path))
+    with progress.task("DNN (multi-task MLP)", config.dnn.epochs) as bar:
+        mlp = train_mlp(X, Y, config.dnn, progress=lambda i, n: bar.update(1))
+    return Extractors(spec, LeafExtractor(booster, config.gbdt.depth, config.gbdt.threads), mlp, path)
+
+
+def stack_features(ex: Extractors, df: pd.DataFrame, chunk: int = 50_000):
+    """Leaves, rounded hidden activations, ids and context for every row of a table."""
+    batch = CandidateBatch.from_table(df, ex.spec)
+    X = build_dense(ex.spec, batch)
+    ids, ctx = build_sparse(ex.spec, batch)
+    leaves = np.concatenate([ex.extractor.leaves(X[i:i + chunk]) for i in range(0, len(X), chunk)]) \
+        if len(X) else np.zeros((0, ex.extractor.trees), np.int32)
+    hidden = round_hidden(ex.mlp.hidden(X))
+    return X, leaves, hidden, ids, ctx
+
+
+def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, chunk: int,
+                   bar, namespaces: str = "ldupac") -> None:
+    """One online pass of every task's LR over prepared stack features, ``chunk`` rows at a time."""
+    _, leaves, hidden, ids, ctx = feats
+    for a in range(0, len(Y), chunk):
+        b = min(a + chunk, len(Y))
+        lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], namespaces)
+        learners.learn(lines, Y[a:b], weights=weights[a:b])
+        bar.update(b - a)
+
+
+def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
+             progress: Progress, rate: float | None = None) -> dict:
+    """One online pass of every task's LR over a table (downsampled); returns counts."""
+    tasks = learners.tasks
+    rate = config.downsample_rate if rate is None else rate
+    Y = labels_of(df, tasks)
+    keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
+    rows = np.flatnonzero(keep)
+    sub = df.iloc[rows].reset_index(drop=True)
+    with progress.task("sparse LR (VW, per task)", len(rows)) as bar:
+        learn_features(learners, stack_features(ex, sub), Y[rows], weights[rows], config.chunk, bar)
+    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate}
+
+
+def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,
+                 meta: dict) -> Path:
+    """Write a complete, checksummed bundle directory and return its path."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "vw").mkdir(parents=True)
+    shutil.copyfile(ex.booster_path, tmp / "gbdt.ubj")
+    ex.mlp.save(tmp / "dnn.npz")
+    learners.save({t: tmp / "vw" / f"{t}.model" for t in learners.tasks})
+    weights = learners.weights()
+    bundles.save_sparse_weights(tmp / "lr_weights.npz", weights)
+    nonzero = int(np.any(weights != 0, axis=1).sum())
+    manifest = {
+        "bundle_id": meta.pop("bundle_id", None) or bundles.new_bundle_id(),
+        "created_at": int(time.time() * 1000),
+        "feature_spec": ex.spec.to_dict(),
+        "tasks": list(learners.tasks),
+        "ev_weights": {t: config.ev_weights.get(t, 0.0) for t in learners.tasks},
+        "gbdt": {**asdict(config.gbdt), "node_stride": ex.extractor.node_stride,
+                 "target": "any_engagement", "shared_across_tasks": True},
+        "dnn": {**asdict(config.dnn), "hidden_size": ex.mlp.hidden_size},
+        "vw": {"bits": config.vw.bits, "hash_seed": config.vw.hash_seed, "args": config.vw.args(),
+               "online_learning_rate": config.online_learning_rate,
+               "interactions": list(config.vw.interactions),
+               "namespace_hashes": learners.namespace_hashes(), "nonzero_weights": nonzero,
+               "expected_collision_rate": collision_rate(nonzero, config.vw.bits)},
+        "id_hash": HASH_NAME,
+        "downsampling": {"rate": config.downsample_rate, "method": "importance weight 1/rate on "
+                         "kept all-negative rows, kept by blake2b(request_id, post_id)"},
+        **meta,
+    }
+    bundles.finalize(tmp, manifest)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
+                 tasks=None, progress: Progress | None = None, evaluate_slice: bool = True) -> Path:
+    """Train the full stack on a table of impressions and write a bundle."""
+    from .metrics import task_metrics
+
+    progress = progress or Progress()
+    tasks = tuple(tasks or schema.tasks_in(df.columns))
+    started = time.time()
+    parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
+    with tempfile.TemporaryDirectory() as work:
+        ex = train_extractors(parts[0], tasks, config, Path(work), progress)
+        learners = TaskLearners(tasks, config.vw)
+        counts = learn_lr(learners, ex, parts[1], config, progress)
+        wall = time.time() - started
+        meta = {
+            "training": {"rows_per_slice": {"extractors": len(parts[0]), "lr": len(parts[1]),
+                                            "lr_kept_after_downsampling": counts["kept"],
+                                            "test": len(parts[2]) if evaluate_slice else 0},
+                         "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
+                         "wall_time_s": round(wall, 2)},
+        }
+        if evaluate_slice and len(parts[2]):
+            test = parts[2]
+            _, leaves, hidden, ids, ctx = stack_features(ex, test)
+            p = learners.predict(example_lines(leaves, hidden, ids, ctx))
+            base = labels_of(parts[1], tasks).mean(axis=0)
+            Y = labels_of(test, tasks)
+            meta["offline_metrics"] = {
+                "test_rows": len(test),
+                "test_time_range_ms": [int(test["ts"].min()), int(test["ts"].max())],
+                "tasks": {t: task_metrics(Y[:, k], p[:, k], base[k]) for k, t in enumerate(tasks)}}
+        out = write_bundle(Path(out_dir), ex, learners, config, meta)
+        learners.close()
+    return out
+
+
+__all__ = ["TrainConfig", "train_bundle", "split_by_time", "downsample", "StackedRanker"]

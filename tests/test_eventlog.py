@@ -1,0 +1,170 @@
+"""Event log: round trip, torn-tail truncation, segment roll, validation of events."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from online.eventlog import HEADER, CorruptLogError, EventLog
+from online.records import Engagement, ServedRecord, validate_event
+
+
+def served(i: int) -> ServedRecord:
+    return ServedRecord(f"r{i}", f"p{i}", "u1", "a1", i % 10, 1_000 + i, "bundle-1", 7, "photo", 500,
+                        "ios", "home", [0.5, -1.25], [1e-3, 2.0, 3.5])
+
+
+def event(i: int, kind: str = "click") -> Engagement:
+    return Engagement(f"e{i}", f"r{i}", f"p{i}", kind, 2_000 + i, 12_000 if kind == "dwell" else 0)
+
+
+def segment_files(path) -> list:
+    return sorted(p for p in os.listdir(path) if p.startswith("seg-"))
+
+
+def test_round_trip_keeps_types_and_offsets(tmp_path):
+    log = EventLog(tmp_path)
+    recs = [served(0), event(0), event(1, "dwell"), served(1)]
+    assert log.append(recs) == [0, 1, 2, 3]
+    assert log.append([event(2)]) == [4]
+    got = list(log.read())
+    assert [o for o, _ in got] == [0, 1, 2, 3, 4]
+    assert [r for _, r in got] == recs + [event(2)]
+    assert [o for o, _ in log.read(from_offset=3)] == [3, 4]
+    log.close()
+    reopened = EventLog(tmp_path)
+    assert reopened.end_offset == 5
+    assert reopened.append([event(9)]) == [5]
+
+
+@pytest.mark.parametrize("tail", [b"0badc0de [\"E\",\"e9\"", b"\x00\x00garbage", b"deadbeef [\"E\"]\n"])
+def test_torn_tail_is_truncated_and_offsets_continue(tmp_path, tail):
+    log = EventLog(tmp_path)
+    log.append([served(i) for i in range(3)])
+    log.close()
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    good_size = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(tail)
+    log = EventLog(tmp_path)
+    assert seg.stat().st_size == good_size
+    assert log.end_offset == 3
+    assert log.append([event(3)]) == [3]
+    assert [o for o, _ in log.read()] == [0, 1, 2, 3]
+
+
+def test_partial_line_from_a_killed_append_is_dropped(tmp_path):
+    log = EventLog(tmp_path)
+    log.append([event(0), event(1)])
+    log.close()
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    data = seg.read_bytes()
+    seg.write_bytes(data[:-5])  # the last record lost its end
+    log = EventLog(tmp_path)
+    assert [r.event_id for _, r in log.read()] == ["e0"]
+
+
+def test_segments_roll_at_size_limit_and_read_across(tmp_path):
+    log = EventLog(tmp_path, segment_bytes=2_000)
+    for b in range(10):
+        log.append([served(b * 10 + i) for i in range(10)])
+    assert len(segment_files(tmp_path)) > 3
+    assert [o for o, _ in log.read()] == list(range(100))
+    assert [r.request_id for _, r in log.read(from_offset=57)] == [f"r{i}" for i in range(57, 100)]
+    log.close()
+    assert EventLog(tmp_path, segment_bytes=2_000).end_offset == 100
+
+
+def test_corruption_inside_an_old_segment_raises(tmp_path):
+    log = EventLog(tmp_path, segment_bytes=500)
+    for i in range(6):
+        log.append([served(i)])
+    first = tmp_path / segment_files(tmp_path)[0]
+    data = bytearray(first.read_bytes())
+    data[len(HEADER) + 12] ^= 1
+    first.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match="offset 0"):
+        list(log.read())
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"event_id": None}, "event.event_id: missing"),
+    ({"kind": "poke"}, "event.kind: unknown kind 'poke'"),
+    ({"kind": "dwell", "dwell_ms": -5}, "event.dwell_ms: must be >= 0"),
+    ({"ts": "soon"}, "event.ts: must be an integer"),
+    ({"dwel_ms": 3}, "event.dwel_ms: unknown field"),
+    ({"post_id": ""}, "event.post_id: must be a non-empty string"),
+])
+def test_validate_event_names_the_field(patch, field):
+    d = {"event_id": "e1", "request_id": "r1", "post_id": "p1", "kind": "click", "ts": 1}
+    d.update(patch)
+    d = {k: v for k, v in d.items() if v is not None}
+    with pytest.raises(ValueError, match=field.replace("(", r"\(")):
+        validate_event(d)
+
+
+def test_validate_event_accepts_engagement_and_dict_form():
+    ev = event(1, "dwell")
+    assert validate_event(ev) == ev
+    assert validate_event(ev.to_dict()) == ev
+    assert ServedRecord.from_dict(served(3).to_dict()) == served(3)
+
+
+CHILD = """
+import sys
+from online.eventlog import EventLog
+from online.records import Engagement
+log = EventLog(sys.argv[1], segment_bytes=20_000)
+i = log.end_offset
+while True:
+    offs = log.append([Engagement(f"e{i + k}", "r", "p", "view", i + k) for k in range(50)])
+    print(offs[-1], flush=True)
+    i += 50
+"""
+
+
+def test_kill_9_loses_no_acknowledged_record(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, cwd=root,
+                            text=True)
+    acked = [int(proc.stdout.readline()) for _ in range(40)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = EventLog(tmp_path)
+    assert log.end_offset > acked[-1]
+    got = [(o, r.event_id) for o, r in log.read()]
+    assert got == [(o, f"e{o}") for o in range(log.end_offset)]
+
+
+def test_doctests():
+    import doctest
+
+    import online.eventlog
+    import online.records
+
+    for mod in (online.records, online.eventlog):
+        assert doctest.testmod(mod).failed == 0
+
+
+def test_readonly_reader_follows_a_live_writer_without_truncating(tmp_path):
+    writer = EventLog(tmp_path, segment_bytes=300)
+    writer.append([event(0), event(1)])
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    with open(seg, "ab") as f:
+        f.write(b"0000")  # the writer is mid-append
+    reader = EventLog(tmp_path, readonly=True)
+    assert reader.end_offset == 2 and seg.read_bytes().endswith(b"0000")
+    with pytest.raises(PermissionError):
+        reader.append([event(9)])
+    with open(seg, "r+b") as f:  # the writer's append lands (fresh writer: cut the stub first)
+        f.truncate(seg.stat().st_size - 4)
+    for i in range(2, 8):
+        writer.append([event(i)])
+    assert len(segment_files(tmp_path)) > 1
+    assert [o for o, _ in reader.read(from_offset=1)] == list(range(1, 8))
+    assert reader.end_offset == 8

@@ -1,0 +1,160 @@
+"""Tests for the simulator (feedsim/)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feedsim.closed_loop import FeedRequest, FeedUsers
+from feedsim.describe import describe, format_description
+from stacker.dataset import read_table, write_table
+from feedsim.simulate import get_world, simulate
+from feedsim.world import DEFAULT_WORLD, USER_FEATURES, World, WorldConfig
+from stacker.schema import (CONTEXT_COLUMNS, KEY_COLUMNS, MEDIA_TYPES, SCHEMA_VERSION, TASKS,
+                            feature_columns, label_column, true_column)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return simulate(20_000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def described():
+    return describe(DEFAULT_WORLD, n_impressions=200_000)
+
+
+def test_deterministic_for_a_seed(small):
+    again = simulate(20_000, seed=11)
+    pd.testing.assert_frame_equal(small, again)
+    other = simulate(20_000, seed=12)
+    assert not other["post_id"].equals(small["post_id"])
+
+
+def test_world_deterministic():
+    cfg = WorldConfig(n_users=300, n_authors=60)
+    a, b = World(cfg), World(cfg)
+    assert np.array_equal(a.follow_authors, b.follow_authors)
+    assert np.array_equal(a.posts["created_at"], b.posts["created_at"])
+
+
+def test_schema_columns_and_dtypes(small):
+    df = small
+    assert len(df) == 20_000
+    cols = list(df.columns)
+    assert cols[:len(KEY_COLUMNS) + len(CONTEXT_COLUMNS)] == [*KEY_COLUMNS, *CONTEXT_COLUMNS]
+    for t in TASKS:
+        assert df[label_column(t)].dtype == np.int8
+        assert df[true_column(t)].dtype == np.float32
+        assert df[true_column(t)].between(0, 1).all()
+    feats = feature_columns(cols)
+    assert 30 <= len(feats) <= 40
+    assert all(df[f].dtype == np.float32 for f in feats)
+    assert all(np.isfinite(df[f]).all() for f in feats)
+    assert {"f." + n for n in USER_FEATURES} <= set(feats)
+    assert df["ts"].dtype == np.int64 and df["created_at"].dtype == np.int64
+    assert df["position"].dtype == np.int32
+    assert df["ts"].is_monotonic_increasing
+    assert (df["created_at"] <= df["ts"]).all()
+    assert set(df["media_type"]) <= set(MEDIA_TYPES)
+    assert set(df["ctx.device"]) <= {"ios", "android", "web"}
+    assert set(df["ctx.surface"]) <= {"home", "explore"}
+    assert df["user_id"].str.match(r"^u\d+$").all() and df["post_id"].str.match(r"^p\d+$").all()
+    assert df["author_id"].str.match(r"^a\d+$").all()
+    # positions are the ranks within each request
+    g = df.groupby("request_id", sort=False)["position"]
+    assert (g.min() == 0).all()
+    assert ((g.max() + 1) == g.size()).iloc[:-1].all()     # the last request may be cut
+    assert g.size().median() >= 10
+    assert df["ts"].iloc[0] >= DEFAULT_WORLD.start_ms
+
+
+def test_describe_bounds(described):
+    d = described
+    assert 0.03 <= d["base_rate"]["click"] <= 0.08
+    assert 0.015 <= d["base_rate"]["like"] <= 0.04
+    for t in ("comment", "share", "hide"):
+        assert d["base_rate"][t] < 0.01
+    assert 0.05 <= d["base_rate"]["dwell"] <= 0.11
+    assert d["oracle_ne"]["click"] <= 0.85
+    assert all(ne < 1.0 for ne in d["oracle_ne"].values())
+    assert d["ties_share"] >= 0.15
+    assert d["nonlinear_share"] >= 0.10
+    assert d["drift_share"] > 0.0
+    text = format_description(d)
+    assert "click" in text and "tie" in text
+
+
+def test_hide_anticorrelated_with_interest(small):
+    c = np.corrcoef(small["true.click"], small["true.hide"])[0, 1]
+    assert c < 0
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_round_trip(small, tmp_path, suffix):
+    df = small.head(2000).reset_index(drop=True)
+    path = tmp_path / ("t" + suffix)
+    write_table(df, path)
+    back = read_table(path)
+    assert list(back.columns) == list(df.columns)
+    assert (back.dtypes == df.dtypes).all()
+    for col in df.columns:
+        if df[col].dtype == np.float32:
+            np.testing.assert_allclose(back[col], df[col], rtol=1e-6, atol=1e-12)
+        else:
+            assert back[col].equals(df[col]), col
+
+
+def test_wrong_schema_version_refused(small, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    df = small.head(100)
+    bad = SCHEMA_VERSION + 41
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"feedrank.schema_version": str(bad).encode()}),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=str(bad)):
+        read_table(tmp_path / "bad.parquet")
+    pq.write_table(table.replace_schema_metadata({}), tmp_path / "none.parquet")
+    with pytest.raises(ValueError, match="schema version"):
+        read_table(tmp_path / "none.parquet")
+    path = tmp_path / "bad.jsonl"
+    write_table(df, path)
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["schema_version"] = bad
+    lines[0] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=str(bad)):
+        read_table(path)
+
+
+def test_closed_loop_shapes():
+    world = get_world(DEFAULT_WORLD)
+    users = FeedUsers(world, seed=3)
+    now = DEFAULT_WORLD.start_ms + 2 * 86_400_000
+    oracle = random = 0.0
+    for i in range(30):
+        req = users.next_request(now + i * 60_000)
+        assert isinstance(req, FeedRequest)
+        assert 150 <= len(req) <= 500
+        assert req.features.shape == (len(req), len(req.feature_names))
+        assert req.features.dtype == np.float32
+        assert set(req.user_features) == set(USER_FEATURES)
+        assert len(set(req.post_ids)) == len(req)
+        assert (req.created_at <= req.ts).all()
+        p = users.true_probabilities(req)[:, 0]
+        out = users.engage(req, req.post_ids[np.argsort(-p)])
+        assert out["n_shown"] == req.n_show
+        assert set(out["labels"]) == set(TASKS)
+        for t in TASKS:
+            assert out["labels"][t].shape == (req.n_show,)
+            assert out["realised"][t] == int(out["labels"][t].sum())
+        assert len(out["shown"]) == req.n_show
+        oracle += out["expected"]["click"]
+        random += users.engage(req, np.random.default_rng(i).permutation(req.post_ids))["expected"]["click"]
+    assert oracle > 1.5 * random
+    with pytest.raises(ValueError):
+        users.engage(req, ["p-not-there"])

@@ -1,0 +1,138 @@
+"""Online learner: features reproduced from served records, progressive validation, publishing, downsampling."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from online.learner import OnlineLearner
+from online.publish import UpdateWatcher
+from online.records import ServedRecord
+from online.replay import replay
+from online.reproduce import batch_from_records
+from stacker.features import CandidateBatch
+from stacker.ranker import StackedRanker
+from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_bundle, tiny_records  # noqa: F401
+
+
+def test_features_from_served_records_equal_serve_time_features(tiny_bundle):
+    r = StackedRanker.load(tiny_bundle)
+    rng = np.random.default_rng(0)
+    n, u, p = 40, len(r.spec.user_features), len(r.spec.post_features)
+    uf = rng.normal(size=u).astype(np.float32)
+    batch = CandidateBatch(ts=1_700_000_123_456, user_id="u42", user_features=uf,
+                           post_ids=np.array([f"p{i}" for i in range(n)], object),
+                           author_ids=np.array([f"a{i % 7}" for i in range(n)], object),
+                           media=rng.integers(0, len(r.spec.media_types), n).astype(np.int8),
+                           created_at=1_700_000_000_000 - rng.integers(0, 10**8, n),
+                           post_features=rng.normal(size=(n, p)).astype(np.float32), device="ios",
+                           surface="explore", position=np.arange(n, dtype=np.int32))
+    served = r.features(batch)
+    records = [ServedRecord("req", f"p{i}", "u42", f"a{i % 7}", i, 1_700_000_123_456, r.bundle_id, 3,
+                            r.spec.media_types[batch.media[i]], int(batch.created_at[i]), "ios", "explore",
+                            uf.tolist(), batch.post_features[i].tolist()) for i in range(n)]
+    # Through JSON, as the event log stores them.
+    records = [ServedRecord.from_dict(json.loads(json.dumps(x.to_dict()))) for x in records]
+    again = r.features(batch_from_records(records, r.spec))
+    for name in ("dense", "leaves", "hidden", "ids", "context"):
+        np.testing.assert_array_equal(getattr(served, name), getattr(again, name), err_msg=name)
+    assert served.vw_lines() == again.vw_lines()
+
+
+def test_log_to_learner_to_published_weights(tmp_path, tiny_bundle, event_log, tiny_records):
+    learner = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS,
+                            model_dir=tmp_path / "models", publish_every_s=0.0)
+    out = replay(learner, event_log, progress=False)
+    assert out["learned_examples"] == learner.joiner.stats.examples > 3_000
+    assert sum(learner.task_learned.values()) > 0
+    prog = learner.metrics.get()
+    assert set(prog) == set(learner.tasks)
+    assert prog["click"]["overall"]["count"] == learner.task_learned["click"] == 3_000
+    assert 0.3 < prog["click"]["overall"]["ne"] < 1.5
+    # Every task learned each impression exactly once; VW (whose counter lives in the workspace that
+    # parses and finishes examples) counted exactly the examples learned.
+    r0 = OnlineLearner(tiny_bundle, tmp_path / "fresh")
+    before = r0.vw_weighted_examples()
+    r0.close()
+    after = learner.vw_weighted_examples()
+    assert learner.task_learned == dict.fromkeys(learner.tasks, 3_000)
+    assert after[learner.tasks[0]] - before[learner.tasks[0]] == out["learned_examples"]
+    updates = UpdateWatcher(tmp_path / "models", learner.bundle_id).poll()
+    assert updates and [u.seq for u in updates] == list(range(1, len(updates) + 1))
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert status["update_seq"] == learner.update_seq == updates[-1].seq
+    assert status["lag"] == 0 and status["join"]["examples"] == out["learned_examples"]
+    assert status["progressive"]["click"]["overall"]["count"] == 3_000
+    learner.close()
+
+
+def test_restart_from_checkpoint_continues_without_relearning(tmp_path, tiny_bundle, event_log):
+    a = OnlineLearner(tiny_bundle, tmp_path / "a", attribution_window_ms=WINDOW_MS)
+    replay(a, event_log, progress=False)
+    b = OnlineLearner(tiny_bundle, tmp_path / "b", attribution_window_ms=WINDOW_MS)
+    replay(b, event_log, progress=False, chunk=500, stop_after=2_500)
+    assert b.joiner.open_count > 0
+    b.close()
+    b = OnlineLearner(tiny_bundle, tmp_path / "b", attribution_window_ms=WINDOW_MS)
+    assert b.replay_from < 2_500 and b.learned_through == 2_499
+    replay(b, event_log, progress=False)
+    assert b.task_learned == a.task_learned
+    assert b.counters["learned_examples"] == a.counters["learned_examples"]
+    assert b.joiner.stats == a.joiner.stats
+    # Same examples in the same order: the resumed models equal the uninterrupted ones (up to the
+    # float rounding of VW's save/resume state).
+    np.testing.assert_allclose(b.learners.weights(), a.learners.weights(), atol=1e-5)
+    a.close()
+    b.close()
+
+
+def test_downsampling_drops_only_all_negative_finals_and_stays_calibrated(tmp_path, tiny_bundle, event_log):
+    full = OnlineLearner(tiny_bundle, tmp_path / "full", attribution_window_ms=WINDOW_MS, audit=True)
+    replay(full, event_log, progress=False)
+    ds = OnlineLearner(tiny_bundle, tmp_path / "ds", attribution_window_ms=WINDOW_MS, downsample_rate=0.25,
+                       audit=True)
+    replay(ds, event_log, progress=False)
+
+    def audit(d):
+        rows = [line.split("\t") for p in sorted((d / "audit").glob("*.tsv")) for line in p.read_text().splitlines()]
+        return {(r[1], r[2], r[3]): float(r[4]) for r in rows}
+    a, b = audit(tmp_path / "full"), audit(tmp_path / "ds")
+    assert set(b) <= set(a)
+    dropped = set(a) - set(b)
+    assert ds.counters["downsampled_out"] == len(dropped) > 0.5 * len(a) * 0.5
+    assert all(k[2] == ",".join(ds.tasks) for k in dropped)  # a final example learning every task ...
+    # ... of an impression with no positive at all (no early example of the same key)
+    keys_with_early = {(k[0], k[1]) for k in a if k[2] != ",".join(ds.tasks)}
+    assert not {(k[0], k[1]) for k in dropped} & keys_with_early
+    assert all(w == 4.0 for k, w in b.items() if k in a and k[2] == ",".join(ds.tasks)
+               and (k[0], k[1]) not in keys_with_early)
+    # Importance weights keep the (weighted) calibration of learning from every example: what the
+    # tiny 20-tree bundle predicts on this stream is off either way, downsampling must not move it.
+    for t in ("click", "dwell"):
+        p, y = ds.weighted[t]
+        pf, yf = full.weighted[t]
+        assert abs((p / y) / (pf / yf) - 1) < 0.1, (t, p / y, pf / yf)
+    full.close()
+    ds.close()
+
+
+def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny_records):
+    from online.learner import learn_text, vw_config
+    from online.vwtext import batch_text
+    from stacker.vwstack import TaskLearners
+    r = StackedRanker.load(tiny_bundle)
+    served = [x for x in tiny_records if isinstance(x, ServedRecord)][:400]
+    f = r.features(batch_from_records(served, r.spec))
+    rng = np.random.default_rng(1)
+    labels = (rng.uniform(size=(len(served), len(r.tasks))) < 0.2).astype(np.int8)
+    mask = rng.uniform(size=labels.shape) < 0.8
+    weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
+    paths = {t: tiny_bundle / "vw" / f"{t}.model" for t in r.tasks}
+    a, b = TaskLearners(r.tasks, vw_config(r.manifest), paths), TaskLearners(r.tasks, vw_config(r.manifest), paths)
+    pa = a.learn(f.vw_lines(), labels, mask, weights)
+    pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, [b"1 %g " % w for w in weights]),
+                    labels, mask, weights)
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(a.weights(), b.weights())
+    a.close()
+    b.close()

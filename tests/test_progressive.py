@@ -1,0 +1,73 @@
+"""Progressive metrics checked against sklearn."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from online.progressive import ProgressiveMetrics, entropy, roc_auc
+
+
+def stream(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    p = np.clip(np.round(rng.beta(1, 15, n), 3), 1e-3, 1 - 1e-3)  # rounding creates ties for AUC
+    y = (rng.random(n) < p).astype(int)
+    return y, p
+
+
+def test_auc_matches_sklearn_with_ties():
+    y, p = stream(0, 20_000)
+    assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert math.isnan(roc_auc(np.zeros(5), np.arange(5.0)))
+
+
+def test_overall_and_recent_match_sklearn():
+    y, p = stream(1, 30_000)
+    m = ProgressiveMetrics(("click", "like"), recent=5_000)
+    for i in range(0, y.size, 777):  # uneven batches
+        m.update("click", y[i:i + 777], p[i:i + 777])
+    got = m.get()["click"]
+    base = y.mean()
+    o, r = got["overall"], got["recent"]
+    assert o["count"] == y.size and o["positives"] == y.sum()
+    assert o["ne"] == pytest.approx(log_loss(y, p) / entropy(base), rel=1e-9)
+    assert o["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert o["calibration"] == pytest.approx(p.mean() / y.mean())
+    yr, pr = y[-5_000:], p[-5_000:]
+    assert r["count"] == 5_000
+    assert r["ne"] == pytest.approx(log_loss(yr, pr, labels=[0, 1]) / entropy(base), rel=1e-9)
+    assert r["auc"] == pytest.approx(roc_auc_score(yr, pr), abs=1e-12)
+    assert m.get()["like"]["overall"]["count"] == 0
+
+
+def test_training_base_rate_is_used_for_ne():
+    y, p = stream(2, 2_000)
+    m = ProgressiveMetrics(("click",), base_rates={"click": 0.2})
+    m.update("click", y, p)
+    assert m.get()["click"]["overall"]["ne"] == pytest.approx(log_loss(y, p) / entropy(0.2), rel=1e-9)
+
+
+def test_drift_detected_when_the_loss_jumps():
+    rng = np.random.default_rng(3)
+    m = ProgressiveMetrics(("click",))
+    p = np.full(4_000, 0.05)
+    m.update("click", (rng.random(4_000) < 0.05).astype(int), p)
+    assert m.get()["click"]["drift"]["detections"] == 0
+    m.update("click", (rng.random(4_000) < 0.5).astype(int), p)  # the world changed, the model did not
+    d = m.get()["click"]["drift"]
+    assert d["detections"] >= 1 and d["last_at"] >= 4_000 and d["in_last_update"]
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="'click'"):
+        ProgressiveMetrics(("click",)).update("click", np.zeros(3), np.zeros(4))
+
+
+def test_doctests():
+    import doctest
+
+    import online.progressive
+
+    assert doctest.testmod(online.progressive).failed == 0

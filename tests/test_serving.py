@@ -1,0 +1,563 @@
+"""The gRPC ranking service against a real server on port 0: contract, errors, swaps, events."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from feedrank.v1 import ranking_pb2 as pb
+from feedrank.v1 import ranking_pb2_grpc as pb_grpc
+from serving.client import feed_requests, rank_request
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "s3cret"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return feed_requests(3, min_candidates=60, max_candidates=60)
+
+
+@pytest.fixture
+def live(serving_server, tiny_bundle):
+    rs = serving_server(bundle=tiny_bundle, admin_token=TOKEN)
+    channel = grpc.insecure_channel(f"127.0.0.1:{rs.port}")
+    yield rs, pb_grpc.RankerStub(channel), pb_grpc.AdminStub(channel), channel
+    channel.close()
+
+
+def _error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def _health(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+
+
+def test_stubs_are_not_stale(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    fresh = gen.generate(tmp_path)
+    assert fresh, "protoc generated nothing"
+    for path in fresh:
+        checked_in = ROOT / "feedrank" / "v1" / path.name
+        assert checked_in.read_bytes() == path.read_bytes(), \
+            f"{checked_in} is stale: run `python scripts/gen_proto.py`"
+
+
+def test_rank_returns_ranked_posts_with_version_and_probabilities(live, feeds):
+    rs, stub, _, _ = live
+    req = rank_request(feeds[0], limit=10, request_id="")
+    resp, call = stub.Rank.with_call(req)
+    assert len(resp.posts) == 10
+    assert list(resp.tasks) == ["click", "like", "comment", "share", "hide", "dwell"]
+    ranker = rs.model.current()
+    assert resp.model_version.bundle_id == ranker.bundle_id
+    assert resp.model_version.version == f"{ranker.bundle_id}+0"
+    assert all(len(p.probabilities) == 6 for p in resp.posts)
+    assert len({p.post_id for p in resp.posts}) == 10
+    assert resp.request_id  # assigned by the server
+    assert {"decode", "features", "gbdt", "dnn", "lr", "rerank", "encode"} <= set(resp.stage_ms)
+    assert dict(call.trailing_metadata())["server-ms"]
+    weights = np.array([ranker.ev_weights[t] for t in resp.tasks])
+    for p in resp.posts:
+        assert p.ev == pytest.approx(float(np.array(p.probabilities, np.float64) @ weights), abs=1e-5)
+
+
+def test_served_probabilities_equal_vw_predictions(live, feeds, tiny_bundle):
+    from serving.convert import rank_input
+    from stacker.vwstack import TaskLearners, VWConfig
+
+    rs, stub, _, _ = live
+    req = rank_request(feeds[1], limit=60, request_id="")
+    resp = stub.Rank(req)
+    ranker = rs.model.current()
+    batch, _ = rs.handler.build_batch(rank_input(req), ranker, int(time.time() * 1000))
+    lines = ranker.features(batch).vw_lines()
+    tasks = ranker.tasks
+    vw = TaskLearners(tasks, VWConfig(bits=ranker.manifest["vw"]["bits"]),
+                      model_paths={t: tiny_bundle / "vw" / f"{t}.model" for t in tasks})
+    try:
+        expected = vw.predict(lines)
+    finally:
+        vw.close()
+    index = {pid: i for i, pid in enumerate(req.candidates.post_ids)}
+    served = np.array([list(p.probabilities) for p in resp.posts])
+    rows = [index[p.post_id] for p in resp.posts]
+    np.testing.assert_allclose(served, expected[rows], atol=1e-6)
+
+
+def _mutated(feed, fn, **kw):
+    req = rank_request(feed, request_id="", **kw)
+    fn(req)
+    return req
+
+
+def _set_features(req, values):
+    req.candidates.features = np.asarray(values, "<f4").tobytes()
+
+
+BAD_INPUT = [
+    ("no candidates", lambda r: r.ClearField("candidates"), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.post_ids: no candidates"),
+    ("too many", lambda r: r.candidates.post_ids.extend(f"x{i}" for i in range(200)),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "candidates.post_ids: 260 candidates, limit 100"),
+    ("duplicate ids", lambda r: r.candidates.post_ids.__setitem__(3, r.candidates.post_ids[0]),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.post_ids: duplicate post id"),
+    ("NaN feature", lambda r: _set_features(r, np.where(np.arange(len(r.candidates.features) // 4) == 7, np.nan,
+                                                        np.frombuffer(r.candidates.features, "<f4"))),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.features: non-finite value (nan) at row 0, feature"),
+    ("inf user feature", lambda r: r.user.feature_values.__setitem__(0, float("inf")),
+     grpc.StatusCode.INVALID_ARGUMENT, "user.feature_values: non-finite value (inf) at feature 'user.activity'"),
+    ("wrong feature bytes", lambda r: setattr(r.candidates, "features", r.candidates.features[:-4]),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.features: "),
+    ("user values length", lambda r: r.user.feature_values.append(1.0), grpc.StatusCode.INVALID_ARGUMENT,
+     "user.feature_values: has 13 values for 12 user.feature_names"),
+    ("missing user id", lambda r: setattr(r.user, "id", ""), grpc.StatusCode.INVALID_ARGUMENT,
+     "user.id: missing"),
+    ("missing post id", lambda r: r.candidates.post_ids.__setitem__(5, ""), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.post_ids[5]: missing"),
+    ("missing author id", lambda r: r.candidates.author_ids.__setitem__(2, ""), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.author_ids[2]: missing"),
+    ("oversize user id", lambda r: setattr(r.user, "id", "u" * 1000), grpc.StatusCode.INVALID_ARGUMENT,
+     "user.id: 1000 characters, limit 256"),
+    ("oversize post id", lambda r: r.candidates.post_ids.__setitem__(1, "p" * 300),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.post_ids[1]: 300 characters, limit 256"),
+    ("unknown task", lambda r: r.task_weights.__setitem__("poke", 1.0), grpc.StatusCode.INVALID_ARGUMENT,
+     "task_weights: unknown task 'poke'"),
+    ("future time", lambda r: setattr(r.context, "time_ms", int(time.time() * 1000) + 3_600_000),
+     grpc.StatusCode.INVALID_ARGUMENT, "context.time_ms: "),
+    ("author ids short", lambda r: r.candidates.author_ids.pop(), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.author_ids: has 59 entries, candidates.post_ids has 60"),
+    ("created_at short", lambda r: r.candidates.created_at_ms.pop(), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.created_at_ms: has 59 entries"),
+    ("media short", lambda r: r.candidates.media_types.pop(), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.media_types: has 59 entries"),
+    ("unknown media", lambda r: r.candidates.media_types.__setitem__(0, 42), grpc.StatusCode.INVALID_ARGUMENT,
+     "candidates.media_types: unknown value 42"),
+    ("duplicate feature name", lambda r: r.user.feature_names.__setitem__(1, r.user.feature_names[0]),
+     grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: duplicate feature name 'user.activity'"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,code,message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_gets_precise_status(serving_server, tiny_bundle, feeds, case, mutate, code, message):
+    rs = serving_server(bundle=tiny_bundle, max_candidates=100)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
+    err = _error(stub.Rank, _mutated(feeds[0], mutate))
+    assert err.code() == code, err.details()
+    assert err.details().startswith(message), err.details()
+    assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) > 0  # still serving
+
+
+def test_unknown_features_ignored_or_rejected(serving_server, tiny_bundle, feeds):
+    def with_extra(r):
+        r.user.feature_names.append("user.shoe_size")
+        r.user.feature_values.append(42.0)
+
+    ignoring = serving_server(bundle=tiny_bundle)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{ignoring.port}"))
+    resp = stub.Rank(_mutated(feeds[0], with_extra))
+    assert list(resp.ignored_feature_names) == ["user.shoe_size"]
+    rejecting = serving_server(bundle=tiny_bundle, unknown_features="reject", eventlog_dir=None)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rejecting.port}"))
+    err = _error(stub.Rank, _mutated(feeds[0], with_extra))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("user.feature_names: unknown feature 'user.shoe_size'")
+
+
+def test_missing_features_take_manifest_defaults(live, feeds):
+    _, stub, _, _ = live
+    req = rank_request(feeds[0], request_id="")
+    req.user.ClearField("feature_names")
+    req.user.ClearField("feature_values")
+    req.candidates.ClearField("feature_names")
+    req.candidates.ClearField("features")
+    assert len(stub.Rank(req).posts) == 50
+
+
+def test_unavailable_until_a_model_is_loaded_then_serving(serving_server, tiny_bundle, feeds):
+    rs = serving_server(admin_token=TOKEN)
+    channel = grpc.insecure_channel(f"127.0.0.1:{rs.port}")
+    assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    err = _error(pb_grpc.RankerStub(channel).Rank, rank_request(feeds[0]))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "feedrank train --simulate 200000 --out bundles/default" in err.details()
+    pb_grpc.AdminStub(channel).Reload(pb.ReloadRequest(bundle_path=str(tiny_bundle)), metadata=AUTH)
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[0])).posts) == 50
+
+
+def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bundle, tmp_path, feeds):
+    from stacker.bundle import copy_bundle
+    models = tmp_path / "models"
+    models.mkdir()
+    copy_bundle(tiny_bundle, models / "a")
+    rs = serving_server(model_dir=models, poll_interval_s=0.1)
+    assert rs.model.current().path == models / "a"
+    manifest = (tiny_bundle / "manifest.json").read_text()
+    import json
+    m = json.loads(manifest)
+    newer = copy_bundle(tiny_bundle, tmp_path / "b")
+    from stacker.bundle import finalize
+    m.pop("files")
+    finalize(newer, dict(m, bundle_id="newer", created_at=m["created_at"] + 1000))
+    shutil.move(str(newer), models / "b")
+    deadline = time.time() + 10
+    while rs.model.current().bundle_id != "newer" and time.time() < deadline:
+        time.sleep(0.05)
+    assert rs.model.current().bundle_id == "newer"
+
+
+def test_admin_rpcs_need_the_bearer_token(live):
+    _, _, admin, _ = live
+    err = _error(admin.Snapshot, pb.SnapshotRequest())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.details().startswith("authorization: missing metadata")
+    err = _error(admin.Reload, pb.ReloadRequest(bundle_path="x"), metadata=(("authorization", "Bearer nope"),))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert err.details() == "authorization: token not accepted"
+    err = _error(admin.Reload, pb.ReloadRequest(bundle_path="x"), metadata=(("authorization", "Basic abc"),))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_retry_with_same_request_id_gets_same_answer(live, feeds):
+    _, stub, _, _ = live
+    first = stub.Rank(rank_request(feeds[0], request_id="retry-1", limit=20))
+    req = rank_request(feeds[0], request_id="retry-1", limit=20)
+    req.seen_post_ids.append(first.posts[0].post_id)  # even a changed retry gets the first answer
+    again = stub.Rank(req)
+    assert again.request_id == "retry-1"
+    assert [p.post_id for p in again.posts] == [p.post_id for p in first.posts]
+    assert [p.score for p in again.posts] == [p.score for p in first.posts]
+
+
+def test_seen_posts_dropped_and_weights_override(live, feeds):
+    _, stub, _, _ = live
+    base = stub.Rank(rank_request(feeds[0], request_id="", limit=60))
+    seen = [p.post_id for p in base.posts[:5]]
+    req = rank_request(feeds[0], request_id="", limit=60)
+    req.seen_post_ids.extend(seen)
+    resp = stub.Rank(req)
+    assert resp.dropped_seen == 5 and len(resp.posts) == 55
+    assert not set(seen) & {p.post_id for p in resp.posts}
+    req = rank_request(feeds[0], request_id="", limit=60)
+    for t in resp.tasks:
+        req.task_weights[t] = 0.0
+    req.task_weights["share"] = 1.0
+    shares = stub.Rank(req)
+    k = list(resp.tasks).index("share")
+    assert [p.ev for p in shares.posts] == pytest.approx([p.probabilities[k] for p in shares.posts], abs=1e-6)
+
+
+def test_explain_returns_named_contributions(live, feeds):
+    _, stub, _, _ = live
+    resp = stub.Rank(rank_request(feeds[0], request_id="", limit=3, explain=True))
+    names = {c.name for p in resp.posts for c in p.contributions}
+    assert len(resp.posts[0].contributions) == 10
+    assert names & {"leaves", "dnn", "user×author", "user×post", "constant"}
+
+
+def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_path):
+    from stacker.bundle import copy_bundle
+    rs, stub, admin, _ = live
+    good = copy_bundle(tiny_bundle, tmp_path / "good")
+    resp = admin.Reload(pb.ReloadRequest(bundle_path=str(good)), metadata=AUTH)
+    assert resp.model_version.bundle_id == resp.previous_version.bundle_id  # same bundle, new copy
+    assert rs.model.current().path == good
+    bad = copy_bundle(tiny_bundle, tmp_path / "bad")
+    with open(bad / "dnn.npz", "ab") as f:
+        f.write(b"x")
+    err = _error(admin.Reload, pb.ReloadRequest(bundle_path=str(bad)), metadata=AUTH)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "bundle refused" in err.details() and "dnn.npz" in err.details()
+    assert rs.model.current().path == good
+    assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) == 50
+    err = _error(admin.Reload, pb.ReloadRequest(bundle_path=str(tmp_path / "nope")), metadata=AUTH)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not a bundle directory" in err.details()
+
+
+def test_swaps_under_load_fail_no_request(live, feeds, tiny_bundle, tmp_path):
+    import threading
+    from stacker.bundle import copy_bundle
+    rs, stub, admin, _ = live
+    copies = [copy_bundle(tiny_bundle, tmp_path / f"c{i}") for i in range(2)]
+    stop, errors, done = threading.Event(), [], []
+
+    def load():
+        while not stop.is_set():
+            try:
+                done.append(len(stub.Rank(rank_request(feeds[2], request_id="")).posts))
+            except grpc.RpcError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        admin.Reload(pb.ReloadRequest(bundle_path=str(copies[i % 2])), metadata=AUTH)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and done
+
+
+def test_snapshot_writes_a_loadable_bundle(live):
+    from stacker.ranker import StackedRanker
+    rs, _, admin, _ = live
+    resp = admin.Snapshot(pb.SnapshotRequest(), metadata=AUTH)
+    snap = StackedRanker.load(resp.path)
+    assert snap.manifest["snapshot_of"]["bundle_id"] == rs.model.current().bundle_id
+
+
+def test_info(live, tiny_bundle):
+    _, stub, _, _ = live
+    info = stub.Info(pb.InfoRequest())
+    assert info.trees == 20 and list(info.tasks)[0] == "click"
+    assert info.ev_weights["hide"] < 0
+    assert info.training_start_ms < info.training_end_ms
+    assert "click" in info.offline_metrics["tasks"]
+
+
+def test_log_events_per_event_results_and_durability(live, tmp_path):
+    from online.eventlog import EventLog
+    from online.records import Engagement
+    _, stub, _, _ = live
+    E = pb.Event
+    events = [E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=10),
+              E(event_id="e2", request_id="r1", post_id="p2", kind=pb.EVENT_KIND_DWELL, ts_ms=11, dwell_ms=12_000),
+              E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=10),
+              E(event_id="e3", request_id="r1", post_id="", kind=pb.EVENT_KIND_LIKE, ts_ms=12),
+              E(event_id="e4", request_id="r1", post_id="p4", kind=pb.EVENT_KIND_DWELL, ts_ms=12),
+              E(event_id="e5", request_id="r1", post_id="p5", ts_ms=12)]
+    resp = stub.LogEvents(pb.LogEventsRequest(events=events))
+    S = pb.EventResult
+    assert [r.status for r in resp.results] == [S.STATUS_ACCEPTED, S.STATUS_ACCEPTED, S.STATUS_DUPLICATE,
+                                                S.STATUS_REJECTED, S.STATUS_REJECTED, S.STATUS_REJECTED]
+    assert resp.results[3].reason.startswith("event.post_id: must be a non-empty string")
+    assert resp.results[4].reason == "event.dwell_ms: must be > 0 for kind 'dwell'"
+    assert resp.results[5].reason.startswith("event.kind: unknown kind 'EVENT_KIND_UNSPECIFIED'")
+    again = stub.LogEvents(pb.LogEventsRequest(events=events[:1]))
+    assert again.results[0].status == S.STATUS_DUPLICATE
+    logged = [r for _, r in EventLog(tmp_path / "eventlog", readonly=True).read() if isinstance(r, Engagement)]
+    assert [e.event_id for e in logged] == ["e1", "e2"]
+    assert logged[1].dwell_ms == 12_000 and logged[0].kind == "click"
+
+
+def test_served_records_reach_the_event_log(live, feeds, tmp_path):
+    from online.eventlog import EventLog
+    from online.records import ServedRecord
+    rs, stub, _, _ = live
+    resp = stub.Rank(rank_request(feeds[0], request_id="served-1", limit=7))
+    rs.sink.flush()
+    records = [r for _, r in EventLog(tmp_path / "eventlog", readonly=True).read()
+               if isinstance(r, ServedRecord) and r.request_id == "served-1"]
+    assert [r.post_id for r in records] == [p.post_id for p in resp.posts]
+    assert [r.position for r in records] == list(range(7))
+    spec = rs.model.current().spec
+    assert all(len(r.user_features) == len(spec.user_features) for r in records)
+    assert all(len(r.post_features) == len(spec.post_features) for r in records)
+    assert records[0].bundle_id == resp.model_version.bundle_id and records[0].device == feeds[0].device
+
+
+def test_deadline_is_respected(live, feeds):
+    _, stub, _, _ = live
+    err = _error(stub.Rank, rank_request(feeds[0], request_id=""), timeout=0.001)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
+    from serving.settings import load_settings
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text('port = 7000\nmax_candidates = 321\nunknown_features = "reject"\n')
+    monkeypatch.setenv("FEEDRANK_MAX_CANDIDATES", "654")
+    s = load_settings(cfg, port=7001)
+    assert (s.port, s.max_candidates, s.unknown_features) == (7001, 654, "reject")
+    with pytest.raises(Exception):
+        load_settings(cfg, not_a_setting=1)
+
+
+def test_docs_grpcurl_example_is_a_valid_rank_request(live):
+    import re
+    from google.protobuf import json_format
+    _, stub, _, _ = live
+    text = (ROOT / "docs" / "serving.md").read_text()
+    body = re.search(r"<<'JSON'\n(.*?)\nJSON", text, re.S).group(1)
+    req = json_format.Parse(body, pb.RankRequest())
+    req.context.time_ms = int(time.time() * 1000)
+    resp = stub.Rank(req)
+    assert [p.post_id for p in resp.posts] and resp.posts[0].contributions
+
+
+def test_undecodable_request_is_invalid_argument(live):
+    rs, _, _, channel = live
+    rank = channel.unary_unary("/feedrank.v1.Ranker/Rank", request_serializer=None,
+                               response_deserializer=pb.RankResponse.FromString)
+    err = _error(rank, b"\xff\xff\xff garbage")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("request: not a valid feedrank.v1.RankRequest")
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_count_latency_errors_and_model(live, feeds):
+    rs, stub, _, _ = live
+    stub.Rank(rank_request(feeds[0], request_id=""))
+    _error(stub.Rank, pb.RankRequest(user=pb.User(id="u")))
+    reg = rs.metrics.registry
+    assert reg.get_sample_value("feedrank_rpc_latency_seconds_count", {"method": "Rank"}) == 2
+    assert reg.get_sample_value("feedrank_rpc_errors_total", {"method": "Rank", "code": "INVALID_ARGUMENT"}) == 1
+    assert reg.get_sample_value("feedrank_rank_candidates_count") == 2
+    assert reg.get_sample_value("feedrank_model_info", {"bundle_id": rs.model.current().bundle_id,
+                                                        "update_seq": "0", "version": rs.model.current().version,
+                                                        "path": str(rs.model.current().path)}) == 1
+
+
+def test_info_returns_online_metrics_when_the_learner_publishes_them(serving_server, tiny_bundle, tmp_path):
+    path = tmp_path / "online.json"
+    rs = serving_server(bundle=tiny_bundle, online_metrics_file=path)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
+    assert not stub.Info(pb.InfoRequest()).HasField("online_metrics")
+    path.write_text('{"click": {"ne": 0.91}, "learned": 1200}')
+    info = stub.Info(pb.InfoRequest())
+    assert info.online_metrics["click"]["ne"] == 0.91 and info.online_metrics["learned"] == 1200
+
+
+def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--bundle", str(tiny_bundle),
+                             "--port", str(port), "--eventlog-dir", str(tmp_path / "log"),
+                             "--learner-state-dir", str(tmp_path / "learner")], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        deadline = time.time() + 30
+        while _health(channel) != health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[0])).posts) == 50
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert "draining" in proc.stderr.read()
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_without_a_model_says_how_to_make_one():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "feedrank.cli", "serve"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "feedrank train --simulate 200000 --out bundles/default" in out.stderr
+
+
+def test_tls(serving_server, tiny_bundle, tmp_path, feeds):
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    rs = serving_server(bundle=tiny_bundle, tls_cert=cert, tls_key=key)
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{rs.port}", creds) as channel:
+        assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[0], request_id="")).posts) == 50
+    with grpc.insecure_channel(f"127.0.0.1:{rs.port}") as plain:
+        assert _error(pb_grpc.RankerStub(plain).Rank, rank_request(feeds[0]), timeout=2).code() in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_published_weight_updates_change_scores_and_version(tiny_bundle, feeds):
+    from serving.convert import rank_input
+    from serving.handler import RankingHandler
+    from serving.model import LiveModel
+    from serving.settings import load_settings
+    from stacker.ranker import StackedRanker
+
+    ranker = StackedRanker.load(tiny_bundle)
+    handler = RankingHandler(LiveModel(), load_settings(eventlog_dir=None))
+    batch, _ = handler.build_batch(rank_input(rank_request(feeds[0])), ranker, int(time.time() * 1000))
+    before = ranker.predict(batch)
+    rows = ranker.scorer.binary_indices(*(lambda f: (f.leaves, f.ids, f.context))(ranker.features(batch)))[:, -1][:1]
+    values = np.full((1, len(ranker.tasks)), 0.5, np.float32)
+    ranker.apply_update(rows, values, update_seq=3)
+    after = ranker.predict(batch)
+    assert np.all(after > before)  # the constant's weight rose for every task
+    assert ranker.version.endswith("+3")
+
+
+def test_reload_reaches_sibling_workers(serving_server, tiny_bundle, tmp_path):
+    from stacker.bundle import copy_bundle
+    control = tmp_path / "control"
+    control.mkdir()
+    a = serving_server(bundle=tiny_bundle, admin_token=TOKEN, control_dir=control, eventlog_dir=tmp_path / "a")
+    b = serving_server(bundle=tiny_bundle, admin_token=TOKEN, control_dir=control, eventlog_dir=tmp_path / "b")
+    new = copy_bundle(tiny_bundle, tmp_path / "new")
+    with grpc.insecure_channel(f"127.0.0.1:{a.port}") as channel:
+        pb_grpc.AdminStub(channel).Reload(pb.ReloadRequest(bundle_path=str(new)), metadata=AUTH)
+    deadline = time.time() + 10
+    while b.model.current().path != new and time.time() < deadline:
+        time.sleep(0.05)
+    assert a.model.current().path == new and b.model.current().path == new
+
+
+def test_published_online_updates_are_applied(serving_server, tiny_bundle, tmp_path, feeds):
+    from online.publish import UpdatePublisher
+    from stacker.bundle import copy_bundle
+    models = tmp_path / "models"
+    models.mkdir()
+    copy_bundle(tiny_bundle, models / "live")
+    rs = serving_server(model_dir=models, update_poll_s=0.05)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
+    req = rank_request(feeds[0], request_id="", limit=5)
+    before = stub.Rank(req)
+    ranker = rs.model.current()
+    constant = np.array([ranker.scorer._constant])
+    values = np.full((1, len(ranker.tasks)), 3.0, np.float32)  # every logit up by ~3
+    UpdatePublisher(models, ranker.bundle_id).publish(constant, values, covered_offset=0)
+    deadline = time.time() + 10
+    while rs.model.current().update_seq == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    after = stub.Rank(req)
+    assert after.model_version.update_seq == 1 and after.model_version.version.endswith("+1")
+    assert after.posts[0].probabilities[0] > before.posts[0].probabilities[0]
+    assert stub.Info(pb.InfoRequest()).model_version.update_seq == 1
+
+
+def test_learner_status_is_exported_to_prometheus(tmp_path):
+    import json as _json
+    from prometheus_client import generate_latest
+    from serving.metrics import LearnerStatusCollector, ServingMetrics
+    status = tmp_path / "status.json"
+    status.write_text(_json.dumps({
+        "lag": 12, "events_per_s": 5000.0, "update_seq": 7, "open_impressions": 3,
+        "join": {"examples": 40, "late": 2, "unmatched": 1}, "counters": {"checkpoints": 4},
+        "progressive": {"click": {"overall": {"ne": 0.8, "auc": 0.75, "calibration": 1.01},
+                                  "recent": {"ne": 0.79, "auc": float("nan"), "calibration": 0.99}}}}))
+    metrics = ServingMetrics()
+    metrics.registry.register(LearnerStatusCollector(status))
+    text = generate_latest(metrics.registry).decode()
+    assert "feedrank_learner_lag_records 12.0" in text
+    assert 'feedrank_learner_join_total{outcome="late"} 2.0' in text
+    assert "feedrank_learner_checkpoints_total 4.0" in text
+    assert 'feedrank_progressive_ne{task="click",window="recent"} 0.79' in text
+    assert 'feedrank_progressive_auc{task="click",window="recent"}' not in text  # NaN left out

@@ -1,0 +1,67 @@
+"""Scale-out: a replica with ``bus_url`` publishes served records and events to a real Redis stream,
+and acknowledges events with the stream offsets the learner's ``covered_offset`` uses."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from feedrank.v1 import ranking_pb2 as pb
+from feedrank.v1 import ranking_pb2_grpc as pb_grpc
+from online.bus import RedisBus
+from online.records import Engagement, ServedRecord
+from serving.client import feed_requests, rank_request
+from tests.conftest_online import redis_url  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return feed_requests(1, min_candidates=60, max_candidates=60)
+
+
+def test_replica_publishes_served_records_and_events_to_the_bus(serving_server, tiny_bundle, feeds, redis_url):
+    rs = serving_server(bundle=tiny_bundle, bus_url=redis_url, learner=False)
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
+    resp = stub.Rank(rank_request(feeds[0], request_id="bus-1", limit=5))
+    post = resp.posts[0].post_id
+    ack = stub.LogEvents(pb.LogEventsRequest(events=[pb.Event(
+        event_id="bus-e1", request_id="bus-1", post_id=post, kind=pb.EVENT_KIND_CLICK,
+        ts_ms=int(time.time() * 1000))]))
+    assert ack.results[0].status == pb.EventResult.STATUS_ACCEPTED
+    bus = RedisBus(redis_url)
+    got, deadline = [], time.time() + 10
+    while time.time() < deadline and (not any(isinstance(r, Engagement) for _, r in got)
+                                       or sum(isinstance(r, ServedRecord) for _, r in got) < 5):
+        got += bus.consume(count=100, block_ms=50)  # served records arrive via the batching sink
+    served = [r for _, r in got if isinstance(r, ServedRecord)]
+    events = [(o, r) for o, r in got if isinstance(r, Engagement)]
+    assert [r.post_id for r in served] == [p.post_id for p in resp.posts]
+    assert all(r.request_id == "bus-1" and r.bundle_id == resp.model_version.bundle_id for r in served)
+    assert [(o, r.event_id) for o, r in events] == [(ack.results[0].log_offset, "bus-e1")]
+
+
+def test_embedded_learner_follows_the_bus(tmp_path, tiny_bundle, redis_url):
+    """``feedrank serve --bus URL`` starts its learner on the stream; it comes up and reports status."""
+    import json
+
+    from serving.learner_process import start_learner, stop_learner
+    from serving.settings import load_settings
+
+    settings = load_settings(bundle=tiny_bundle, bus_url=redis_url, eventlog_dir=tmp_path / "log",
+                             learner_state_dir=tmp_path / "learner")
+    proc = start_learner(settings)
+    try:
+        deadline = time.time() + 60
+        status = tmp_path / "learner" / "status.json"
+        while time.time() < deadline and proc.is_alive() and not status.is_file():
+            time.sleep(0.2)
+        assert proc.is_alive(), f"learner exited with {proc.exitcode}"
+        RedisBus(redis_url).publish([Engagement("e1", "r1", "p1", "view", int(time.time() * 1000))])
+        deadline = time.time() + 30
+        while time.time() < deadline and json.loads(status.read_text() or "{}").get("join", {}).get("events", 0) < 1:
+            time.sleep(0.2)
+        assert json.loads(status.read_text())["join"]["events"] >= 1
+    finally:
+        stop_learner(proc, timeout_s=30)
+    assert proc.exitcode == 0

@@ -1,0 +1,164 @@
+"""The stack on real files: frozen extractors, VW equivalence, bundles, calibration, end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from feedsim.simulate import simulate
+from stacker import bundle as bundles
+from stacker.dnn import DNNConfig, FrozenMLP, fit_mlp, freeze
+from stacker.features import CandidateBatch, FeatureSpec, build_dense
+from stacker.gbdt import GBDTConfig, LeafExtractor, train_gbdt
+from stacker.ranker import StackedRanker
+from stacker.train import TrainConfig, downsample, labels_of, split_by_time, train_bundle
+from stacker.vwstack import TaskLearners, VWConfig
+
+SMALL = TrainConfig(gbdt=GBDTConfig(trees=20), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=18))
+
+
+@pytest.fixture(scope="module")
+def table():
+    return simulate(30_000, seed=7)
+
+
+@pytest.fixture(scope="module")
+def dense(table):
+    spec = FeatureSpec.from_table(table)
+    return spec, build_dense(spec, CandidateBatch.from_table(table, spec))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, table):
+    return train_bundle(table, tmp_path_factory.mktemp("b") / "bundle", SMALL)
+
+
+def test_numpy_mlp_matches_trained_network(tmp_path, table, dense):
+    spec, X = dense
+    Y = labels_of(table, ("click", "like", "dwell"))
+    scaler, mlp = fit_mlp(X[:5000], Y[:5000], DNNConfig(hidden=(16, 8), epochs=2))
+    frozen = freeze(scaler, mlp)
+    frozen.save(tmp_path / "dnn.npz")
+    loaded = FrozenMLP.load(tmp_path / "dnn.npz")
+    Xs = scaler.transform(X[:500])
+    # sklearn's own forward pass, layer by layer
+    activations = [Xs] + [None] * (len(mlp.coefs_))
+    activations = mlp._forward_pass(activations)
+    np.testing.assert_allclose(loaded.hidden(X[:500]), activations[-2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loaded.predict_proba(X[:500]), mlp.predict_proba(Xs), rtol=1e-4, atol=1e-6)
+
+
+def test_leaf_features_match_xgboost_pred_leaf(tmp_path, table, dense):
+    _, X = dense
+    booster = train_gbdt(X[:8000], table["label.click"].to_numpy()[:8000], GBDTConfig(trees=15, depth=4))
+    booster.save_model(str(tmp_path / "g.ubj"))
+    ext = LeafExtractor.load(tmp_path / "g.ubj", depth=4)
+    leaves = ext.leaves(X[:300])
+    own = booster.predict(xgb.DMatrix(X[:300]), pred_leaf=True).astype(np.int64)
+    assert leaves.shape == (300, 15)
+    np.testing.assert_array_equal(leaves - np.arange(15) * 32, own)
+    # every id is a leaf of its tree (pred_leaf gives node ids, not leaf positions)
+    trees = booster.trees_to_dataframe()
+    is_leaf = {(int(t), int(n)) for t, n in trees.loc[trees.Feature == "Leaf", ["Tree", "Node"]].to_numpy()}
+    assert all((t, int(own[i, t])) in is_leaf for i in range(300) for t in range(15))
+
+
+def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
+    ranker = StackedRanker.load(bundle_dir)
+    manifest = ranker.manifest
+    paths = {t: bundle_dir / "vw" / f"{t}.model" for t in ranker.tasks}
+    vw = TaskLearners(ranker.tasks, VWConfig(bits=manifest["vw"]["bits"]), model_paths=paths)
+    rows = table.iloc[-500:].reset_index(drop=True)
+    feats = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+    served = ranker.predict_features(feats)
+    reference = vw.predict(feats.vw_lines())
+    np.testing.assert_allclose(served, reference, atol=1e-6)
+    assert served.std(axis=0).min() > 0  # not a constant model
+
+
+def test_bundle_round_trip_and_manifest(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    for key in ("format_version", "bundle_id", "feature_spec", "tasks", "ev_weights", "vw", "id_hash",
+                "training", "offline_metrics", "files"):
+        assert key in manifest
+    assert manifest["vw"]["bits"] == 18 and "interactions" in manifest["vw"]
+    assert manifest["vw"]["hash_seed"] == 0 and 0 <= manifest["vw"]["expected_collision_rate"] < 1
+    assert set(manifest["training"]["rows_per_slice"]) >= {"extractors", "lr", "test"}
+    ranker = StackedRanker.load(bundle_dir)
+    assert ranker.tasks == tuple(manifest["tasks"]) and ranker.version == f"{manifest['bundle_id']}+0"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tamper", "checksum mismatch"), ("truncate", "truncated"), ("delete", "missing"),
+    ("manifest", "not valid JSON"), ("version", "format_version")])
+def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    target = copy / "gbdt.ubj"
+    if damage == "tamper":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "delete":
+        target.unlink()
+    elif damage == "manifest":
+        target = copy / "manifest.json"
+        target.write_text(target.read_text()[:50])
+    else:
+        target = copy / "manifest.json"
+        m = json.loads(target.read_text())
+        m["format_version"] = 99
+        target.write_text(json.dumps(m))
+    with pytest.raises(bundles.BundleError) as err:
+        StackedRanker.load(copy)
+    assert str(target) in str(err.value) and message in str(err.value)
+
+
+def test_mismatched_bundle_is_refused(tmp_path, bundle_dir):
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    m = json.loads((copy / "manifest.json").read_text())
+    m["gbdt"]["trees"] = 999
+    bundles.finalize(copy, {k: v for k, v in m.items() if k != "files"})
+    with pytest.raises(bundles.BundleError, match="gbdt.ubj: has 20 trees, manifest says 999"):
+        StackedRanker.load(copy)
+
+
+def test_downsampling_drops_only_all_negative_rows_deterministically(table):
+    Y = labels_of(table, ("click", "like", "dwell"))
+    keep, w = downsample(Y, table.request_id.to_numpy(), table.post_id.to_numpy(), 0.1)
+    assert keep[Y.any(axis=1)].all()
+    negatives = ~Y.any(axis=1)
+    assert abs(keep[negatives].mean() - 0.1) < 0.02
+    assert np.all(w[negatives] == 10.0) and np.all(w[~negatives] == 1.0)
+    again, _ = downsample(Y, table.request_id.to_numpy(), table.post_id.to_numpy(), 0.1)
+    np.testing.assert_array_equal(keep, again)
+
+
+def test_downsampled_training_stays_calibrated(tmp_path):
+    """Importance-weighted downsampling keeps the calibration that training on every row has."""
+    df = simulate(120_000, seed=11)
+    base = dict(gbdt=GBDTConfig(trees=30), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=20))
+    full = train_bundle(df, tmp_path / "full", TrainConfig(**base, downsample_rate=1.0))
+    sampled = train_bundle(df, tmp_path / "ds", TrainConfig(**base, downsample_rate=0.1))
+    m_full = json.loads((full / "manifest.json").read_text())
+    m_ds = json.loads((sampled / "manifest.json").read_text())
+    kept = m_ds["training"]["rows_per_slice"]["lr_kept_after_downsampling"]
+    assert kept < 0.4 * m_ds["training"]["rows_per_slice"]["lr"]
+    checked = 0
+    for task, m in m_ds["offline_metrics"]["tasks"].items():
+        if m["positives"] < 300:
+            continue
+        bound = max(0.05, 3 / np.sqrt(m["positives"]))
+        assert abs(m["calibration"] - m_full["offline_metrics"]["tasks"][task]["calibration"]) <= bound, task
+        checked += 1
+    assert checked >= 3
+
+
+def test_time_slices_are_ordered(table):
+    a, b, c = split_by_time(table, (0.4, 0.4, 0.2))
+    assert len(a) + len(b) + len(c) == len(table)
+    assert a.ts.max() <= b.ts.min() and b.ts.max() <= c.ts.min()

@@ -3,7 +3,10 @@
 Variants: ``base_rate``; ``lr_ids`` (VW on ids and context only); ``gbdt`` (XGBoost per task) and
 ``dnn`` (the multi-task MLP), both trained on all rows the stack uses in total (extractor + LR
 slices) so no variant wins by seeing fresher data; ``gbdt_lr`` and ``dnn_lr`` (one extractor under
-the LR); ``stack``; ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
+the LR); ``stack`` (frozen at the end of its LR slice); ``stack_online`` (the same stack, resumed
+with the bundle's online learning rate, scoring the test slice in arrival order and learning each
+chunk of ``online_chunk`` rows only after it has been scored: progressive validation, which is how the
+served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
 """
 from __future__ import annotations
 
@@ -23,23 +26,47 @@ from .metrics import task_metrics
 from .progress import Progress
 from .train import (TrainConfig, downsample, labels_of, learn_features, split_by_time,
                     stack_features, train_extractors)
-from .vwstack import TaskLearners, example_lines
+from .vwstack import TaskLearners, VWConfig, example_lines
 
 LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
-def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name):
+def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name,
+                       keep: Path | None = None):
+    """Train one LR variant and score the test slice; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
     with progress.task(f"{name}: LR", len(Y)) as bar:
         learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
     _, leaves, hidden, ids, ctx = test_feats
     p = learners.predict(example_lines(leaves, hidden, ids, ctx, namespaces))
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        learners.save({t: keep / f"{t}.model" for t in tasks})
     learners.close()
     return p
 
 
+def progressive(tasks, config, models: Path, test_feats, Y: np.ndarray, chunk: int, progress) -> np.ndarray:
+    """Resume the stack's VW models with the online learning rate and run the test slice in time
+    order: score a chunk, then learn it. Returns the pre-update probabilities [N, T]."""
+    vw = VWConfig(**{**config.vw.__dict__, "learning_rate": config.online_learning_rate})
+    learners = TaskLearners(tasks, vw, model_paths={t: models / f"{t}.model" for t in tasks})
+    _, leaves, hidden, ids, ctx = test_feats
+    out = np.empty((len(Y), len(tasks)))
+    with progress.task("stack_online: score, then learn", len(Y)) as bar:
+        for a in range(0, len(Y), chunk):
+            b = min(a + chunk, len(Y))
+            lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b])
+            out[a:b] = learners.predict(lines)
+            learners.learn(lines, Y[a:b])
+            bar.update(b - a)
+    learners.close()
+    return out
+
+
 def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str = "simulated",
-             tasks=None, peers: dict | None = None, progress: Progress | None = None) -> dict:
+             tasks=None, peers: dict | None = None, progress: Progress | None = None,
+             online_chunk: int = 1000) -> dict:
     """Train every variant and evaluate all of them on the latest time slice.
 
     ``peers`` maps a variant name to ``f(train_df, test_df) -> probs [N_test, T]``.
@@ -71,9 +98,13 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows = np.flatnonzero(keep)
         lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True))
         test_feats = stack_features(ex, test)
+        models = Path(work) / "stack_vw"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
-                                                   weights[rows], test_feats, progress, name))
+                                                   weights[rows], test_feats, progress, name,
+                                                   keep=models if name == "stack" else None))
+        timed("stack_online", lambda: progressive(tasks, config, models, test_feats, Y_test, online_chunk,
+                                                  progress))
 
         # Baselines see every row the stack saw, extractor and LR slices together.
         X_all = build_dense(ex.spec, CandidateBatch.from_table(train_all, ex.spec))
@@ -104,7 +135,8 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     if all(schema.true_column(t) in test.columns for t in tasks):
         preds["oracle"] = np.stack([test[schema.true_column(t)].to_numpy(np.float64) for t in tasks], 1)
 
-    order = ["base_rate", "lr_ids", "gbdt", "dnn", "gbdt_lr", "dnn_lr", "stack", *(peers or {}), "oracle"]
+    order = ["base_rate", "lr_ids", "gbdt", "dnn", "gbdt_lr", "dnn_lr", "stack", "stack_online", *(peers or {}),
+             "oracle"]
     variants = {v: {t: task_metrics(Y_test[:, k], preds[v][:, k], base[k]) for k, t in enumerate(tasks)}
                 for v in order if v in preds}
     return {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
@@ -117,12 +149,13 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
 def format_table(report: dict) -> str:
     tasks = report["tasks"]
     lines = [f"dataset {report['dataset']}: {report['test_rows']:,} test rows (latest time slice)", ""]
-    head = f"{'variant':<10}" + "".join(f"{t:>22}" for t in tasks)
-    lines += [head, f"{'':<10}" + "".join(f"{'NE   AUC   cal':>22}" for _ in tasks), "-" * len(head)]
+    w = max(10, *(len(v) + 1 for v in report["variants"]))
+    head = f"{'variant':<{w}}" + "".join(f"{t:>22}" for t in tasks)
+    lines += [head, f"{'':<{w}}" + "".join(f"{'NE   AUC   cal':>22}" for _ in tasks), "-" * len(head)]
     for v, per_task in report["variants"].items():
         cells = "".join(f"{m['ne']:>8.4f} {m['auc']:>5.3f} {m['calibration']:>5.2f}"
                         for m in (per_task[t] for t in tasks))
-        lines.append(f"{v:<10}{cells}")
+        lines.append(f"{v:<{w}}{cells}")
     lines.append("")
     lines.append("positives per task: " + ", ".join(
         f"{t} {report['variants']['base_rate'][t]['positives']}" for t in tasks))

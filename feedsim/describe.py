@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from stacker.schema import TASKS, label_column, true_column
+from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 
-from .simulate import simulate
+from .simulate import get_world, simulate
 from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
 
 
@@ -23,6 +23,21 @@ def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
     return float(ll / _entropy(y.mean()))
 
 
+def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) -> np.ndarray:
+    """P(click) averaged over the ``held`` components, the others known exactly."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    k = TASKS.index("click")
+    grids = np.meshgrid(*[np.arange(nodes)] * len(held), indexing="ij")
+    out = np.zeros(len(media))
+    for idx in zip(*(g.ravel() for g in grids)):
+        c = dict(comps)
+        for name, i in zip(held, idx):
+            c[name] = np.full(len(media), comps[name].mean() + comps[name].std() * x[i])
+        out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position)[:, k]
+    return out
+
+
 def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None) -> dict:
     """Simulate ``n_impressions`` and summarise them.
 
@@ -30,12 +45,24 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     ``click_variance_share`` (var(component) / var(click logit given examined), per component of
     ``feedsim.world.COMPONENTS`` plus ``position`` = log examine prob, relative to the same total),
     and the headline shares ``ties_share``, ``nonlinear_share``, ``drift_share``; plus sizes.
+
+    ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
+    ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
+    the best any model can do without ties or post quality, which no dense feature shows. ``oracle_ne_target_share`` is the share of the oracle's (1 - NE) that
+    the no-tie oracle keeps, to read a "model reaches x% of the oracle" target against.
     """
     df, comps = simulate(n_impressions, config=config, seed=seed, return_components=True)
     total = np.sum([comps[k] for k in COMPONENTS], axis=0)
     var = float(total.var())
     shares = {k: float(comps[k].var() / var) for k in (*COMPONENTS, "position")}
     span_days = float((df["ts"].max() - df["ts"].min()) / 86_400_000)
+    world = get_world(config)
+    index = {m: i for i, m in enumerate(MEDIA_TYPES)}
+    media = np.fromiter((index[m] for m in df["media_type"].to_numpy()), np.int64, len(df))
+    click = df[label_column("click")].to_numpy()
+    without = {name: normalized_entropy(click, _marginal_click(world, comps, media, df["position"].to_numpy(), held))
+               for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
+    oracle_click = normalized_entropy(click, df[true_column("click")].to_numpy())
     return {
         "n_impressions": int(len(df)),
         "n_requests": int(df["request_id"].nunique()),
@@ -52,6 +79,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         "ties_share": shares["tie"],
         "nonlinear_share": shares["nonlinear"],
         "drift_share": shares["drift"],
+        "oracle_click_ne_without": without,
+        "oracle_ne_target_share": {k: float((1 - v) / (1 - oracle_click)) for k, v in without.items()},
     }
 
 
@@ -70,6 +99,10 @@ def format_description(d: dict) -> str:
         lines.append(f"  {k:<12}{v:>8.1%}")
     lines.append(f"headline: ties {d['ties_share']:.1%}, non-linear {d['nonlinear_share']:.1%}, "
                  f"drift {d['drift_share']:.1%}")
+    lines.append("")
+    lines.append("oracle click NE without what no dense feature shows (averaged over it):")
+    for k, v in d["oracle_click_ne_without"].items():
+        lines.append(f"  without {k:<10}{v:>8.4f}   keeps {d['oracle_ne_target_share'][k]:.1%} of the oracle's 1 - NE")
     return "\n".join(lines)
 
 

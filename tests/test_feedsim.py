@@ -83,8 +83,14 @@ def test_describe_bounds(described):
     assert d["ties_share"] >= 0.15
     assert d["nonlinear_share"] >= 0.10
     assert d["drift_share"] > 0.0
+    # Oracles blind to ties / post quality sit between the full oracle and the base rate, and the
+    # blinder one is worse.
+    w = d["oracle_click_ne_without"]
+    assert d["oracle_ne"]["click"] < w["post"] < w["tie+post"] < 1.0
+    assert d["oracle_ne"]["click"] < w["tie"] < w["tie+post"]
+    assert 0 < d["oracle_ne_target_share"]["tie+post"] < d["oracle_ne_target_share"]["tie"] < 1
     text = format_description(d)
-    assert "click" in text and "tie" in text
+    assert "click" in text and "tie" in text and "without tie+post" in text
 
 
 def test_hide_anticorrelated_with_interest(small):

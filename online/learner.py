@@ -105,6 +105,35 @@ def load_resume(state_dir, bundle_id: str, tasks) -> tuple[dict, Path] | None:
     return resumed
 
 
+def archive_foreign_state(state_dir, bundle_id: str, tasks) -> Path | None:
+    """Move checkpoints made for another bundle (or other tasks) to ``<state_dir>/archive/<bundle>-<ms>/``.
+
+    For a learner that follows whatever bundle its server runs: after the server moves to a new bundle,
+    the old bundle's checkpoints are kept, not deleted, and the learner starts on the new bundle.
+    Returns where they went, or None when there was nothing foreign to move.
+    """
+    state_dir = Path(state_dir)
+    resumed = load_latest(state_dir / "checkpoints")
+    if resumed is None:
+        return None
+    state, _ = resumed
+    if state["bundle_id"] == bundle_id and tuple(state["tasks"]) == tuple(tasks):
+        return None
+    dest = state_dir / "archive" / f"{state['bundle_id']}-{int(time.time() * 1000)}"
+    dest.mkdir(parents=True)
+    for name in ("checkpoints", "status.json"):
+        if (state_dir / name).exists():
+            os.replace(state_dir / name, dest / name)
+    return dest
+
+
+def _archive_and_log(state_dir, bundle_id: str, tasks) -> None:
+    moved = archive_foreign_state(state_dir, bundle_id, tasks)
+    if moved is not None:
+        log.warning("%s: checkpoints were for another bundle; kept them in %s and starting on bundle %s",
+                    state_dir, moved, bundle_id)
+
+
 def resolve_tasks(ranker: StackedRanker, tasks) -> tuple[str, ...]:
     tasks = tuple(tasks or ranker.tasks)
     unknown = [t for t in tasks if t not in ranker.tasks]
@@ -604,6 +633,8 @@ class OnlineLearner:
     model_dir : where weight updates are published (None: no publishing).
     checkpoint_every_s, checkpoint_every_examples : checkpoint when either is reached.
     batch_size : joined examples featurized and learned together.
+    archive_foreign : when ``state_dir`` holds another bundle's checkpoints, move them to
+        ``state_dir/archive/`` and start afresh (the server's embedded learner) instead of refusing.
     """
 
     def __init__(self, bundle_dir, state_dir, tasks=None, attribution_window_ms: int = 300_000,
@@ -611,7 +642,8 @@ class OnlineLearner:
                  checkpoint_every_s: float = 30.0, publish_every_s: float = 0.2, pretouch: bool = False,
                  model_dir=None, allowed_lateness_ms: int = 5_000, max_open: int = 1_000_000,
                  checkpoint_every_examples: int | None = None, batch_size: int = 1024, audit: bool = False,
-                 learn_other_bundles: bool = False, base_every: int = 200, keep_checkpoints: int = 3):
+                 learn_other_bundles: bool = False, base_every: int = 200, keep_checkpoints: int = 3,
+                 archive_foreign: bool = False):
         if not 0.0 < downsample_rate <= 1.0:
             raise ValueError(f"downsample_rate must be in (0, 1], got {downsample_rate}")
         self.bundle_dir = Path(bundle_dir)
@@ -626,6 +658,8 @@ class OnlineLearner:
         self.front = Featurizer(self.ranker, self.tasks, attribution_window_ms, downsample_rate, returned_is_viewed,
                                 allowed_lateness_ms, max_open, batch_size, audit, learn_other_bundles,
                                 counters=self.counters)
+        if archive_foreign:
+            _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
         resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
         self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,
                                publish_every_s, pretouch, model_dir, checkpoint_every_examples, audit,

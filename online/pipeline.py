@@ -229,10 +229,11 @@ class PipelinedLearner:
                  model_dir=None, allowed_lateness_ms: int = 5_000, max_open: int = 1_000_000,
                  checkpoint_every_examples: int | None = None, batch_size: int = 1024, audit: bool = False,
                  learn_other_bundles: bool = False, base_every: int = 200, keep_checkpoints: int = 3,
-                 lock_timeout_s: float = 60.0, background_checkpoints: bool = True):
+                 lock_timeout_s: float = 60.0, background_checkpoints: bool = True,
+                 archive_foreign: bool = False):
         from threadpoolctl import threadpool_limits
 
-        from online.learner import Trainer, load_resume, resolve_tasks
+        from online.learner import Trainer, _archive_and_log, load_resume, resolve_tasks
         from stacker.ranker import StackedRanker
         if not 0.0 < downsample_rate <= 1.0:
             raise ValueError(f"downsample_rate must be in (0, 1], got {downsample_rate}")
@@ -242,6 +243,8 @@ class PipelinedLearner:
         self.ranker = StackedRanker.load(self.bundle_dir, threads=1)
         self.bundle_id = self.ranker.bundle_id
         self.tasks = resolve_tasks(self.ranker, tasks)
+        if archive_foreign:  # under the state lock, so no other learner is writing there
+            _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
         resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
         self.proc, self.conn = self._spawn()
         self.conn.send({"bundle_dir": str(self.bundle_dir), "tasks": list(self.tasks),

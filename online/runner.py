@@ -45,7 +45,7 @@ def run_follow(log_dir, bundle_dir, state_dir, model_dir, attribution_window_ms:
                returned_is_viewed: bool = False, downsample_rate: float = 1.0, stop_event=None,
                poll_s: float = 0.05, publish_every_s: float = 0.2, checkpoint_every_s: float = 30.0,
                idle_close_s: float | None = 5.0, allowed_lateness_ms: int = 5_000, tasks=None,
-               ready_event=None) -> int:
+               ready_event=None, archive_foreign: bool = False) -> int:
     """Follow the live EventLog at ``log_dir`` until ``stop_event`` is set (or SIGTERM/SIGINT); returns 0.
 
     ``ready_event`` (optional) is set once the models are loaded and following has started.
@@ -69,7 +69,8 @@ def run_follow(log_dir, bundle_dir, state_dir, model_dir, attribution_window_ms:
     learner = PipelinedLearner(bundle_dir, state_dir, tasks=tasks, attribution_window_ms=attribution_window_ms,
                                downsample_rate=downsample_rate, returned_is_viewed=returned_is_viewed,
                                checkpoint_every_s=checkpoint_every_s, publish_every_s=publish_every_s,
-                               model_dir=model_dir, allowed_lateness_ms=allowed_lateness_ms)
+                               model_dir=model_dir, allowed_lateness_ms=allowed_lateness_ms,
+                               archive_foreign=archive_foreign)
     log.info("online learner following %s from offset %d (bundle %s, started in %.1f s)", log_dir,
              learner.replay_from, learner.bundle_id, time.monotonic() - t0)
     try:
@@ -84,7 +85,8 @@ def run_follow(log_dir, bundle_dir, state_dir, model_dir, attribution_window_ms:
 
 
 def run_follow_redis(bus_url: str, bundle_dir, state_dir, model_dir, attribution_window_ms: int,
-                     returned_is_viewed: bool = False, downsample_rate: float = 1.0, stop_event=None) -> int:
+                     returned_is_viewed: bool = False, downsample_rate: float = 1.0, stop_event=None,
+                     archive_foreign: bool = False) -> int:
     """Consume the Redis stream every replica publishes to (scale-out) until ``stop_event`` or
     SIGTERM/SIGINT; entries are acknowledged once a checkpoint covers them. Returns 0."""
     from online.bus import RedisBus
@@ -99,7 +101,8 @@ def run_follow_redis(bus_url: str, bundle_dir, state_dir, model_dir, attribution
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         _term_with_parent()
     learner = OnlineLearner(bundle_dir, state_dir, model_dir=model_dir, attribution_window_ms=attribution_window_ms,
-                            returned_is_viewed=returned_is_viewed, downsample_rate=downsample_rate)
+                            returned_is_viewed=returned_is_viewed, downsample_rate=downsample_rate,
+                            archive_foreign=archive_foreign)
     bus = RedisBus(bus_url)
     log.info("online learner consuming %s (bundle %s)", bus_url, learner.bundle_id)
     try:

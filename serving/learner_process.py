@@ -43,7 +43,7 @@ def start_learner(settings: ServingSettings):
         state_dir=str(settings.learner_state_dir), model_dir=str(settings.updates_dir),
         attribution_window_ms=settings.attribution_window_ms,
         returned_is_viewed=settings.returned_is_viewed, downsample_rate=settings.downsample_rate,
-        bus_url=settings.bus_url))
+        bus_url=settings.bus_url, archive_foreign=True))
     proc.start()
     log.info("online learner started (pid %d): bundle %s, window %d ms, state %s", proc.pid, bundle,
              settings.attribution_window_ms, settings.learner_state_dir)
@@ -51,7 +51,10 @@ def start_learner(settings: ServingSettings):
 
 
 def learner_main(bus_url: str | None = None, **kwargs) -> int:
-    """Process target: follow the local log, or with a bus the Redis stream all replicas publish to."""
+    """Process target: follow the local log, or with a bus the Redis stream all replicas publish to.
+
+    The state directory follows the server's bundle: checkpoints of a bundle no longer served are moved
+    to ``<learner_state_dir>/archive/`` rather than blocking the learner (``archive_foreign``)."""
     from online.runner import run_follow, run_follow_redis
     if bus_url is None:
         return run_follow(**kwargs)

@@ -25,16 +25,20 @@ def cmd_serve(args) -> int:
               "  feedrank train --simulate 200000 --out bundles/default\n"
               "then: feedrank serve --bundle bundles/default   (or --model-dir bundles)", file=sys.stderr)
         return 2
-    from .learner_process import start_learner, stop_learner
-    learner = start_learner(settings)
-    try:
-        if settings.workers <= 1:
-            from .server import serve
-            return serve(settings)
+    from .learner_process import LearnerSupervisor, wants_learner
+    if settings.workers > 1:
+        wants_learner(settings)  # says why there is no embedded learner
         from .workers import serve_workers
         return serve_workers(settings)
+    learner = LearnerSupervisor(settings) if wants_learner(settings) else None
+    if learner is not None:
+        learner.start()
+    try:
+        from .server import serve
+        return serve(settings, learner=learner)
     finally:
-        stop_learner(learner)
+        if learner is not None:
+            learner.stop()
 
 
 def cmd_bench(args) -> int:

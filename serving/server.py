@@ -93,8 +93,11 @@ def keep_large_allocations_in_heap() -> None:
     libc.mallopt(m_trim_threshold, 512 << 20)
 
 
-def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True) -> RankingServer:
-    """Create, load (if a bundle is configured) and start a server; returns at once."""
+def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True, learner=None) -> RankingServer:
+    """Create, load (if a bundle is configured) and start a server; returns at once.
+
+    ``learner`` (a :class:`~serving.learner_process.LearnerSupervisor`) is told of every bundle that
+    goes live, so the online learner learns the bundle being served."""
     limit_native_threads(settings.xgb_threads)
     keep_large_allocations_in_heap()
     # Background threads (served-record sink, watchers) must not hold the GIL for the default 5 ms
@@ -107,6 +110,8 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True)
 
     def on_swap(ranker) -> None:
         metrics.set_model(ranker.bundle_id, ranker.update_seq, str(ranker.path))
+        if learner is not None and ranker.path is not None:
+            learner.follow(ranker.path, ranker.bundle_id)
         if "server" in holder:
             holder["server"].set_serving(True)
 
@@ -172,9 +177,9 @@ def _load_initial(rs: RankingServer) -> None:
         log.warning("%s", NO_MODEL_HINT)
 
 
-def serve(settings: ServingSettings, worker: int = 0) -> int:
+def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
     """Run until SIGTERM/SIGINT: health NOT_SERVING, drain for ``grace_s``, stop."""
-    rs = build(settings, worker)
+    rs = build(settings, worker, learner=learner)
     log.info("worker %d listening on %s:%d (%s)", worker, settings.host, rs.port,
              "ready: " + rs.model.current().version if rs.model.ready else "no model yet")
     done = threading.Event()

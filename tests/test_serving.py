@@ -460,6 +460,76 @@ def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
             proc.kill()
 
 
+def test_embedded_learner_follows_a_hot_swapped_bundle(tiny_bundle, tmp_path, feeds):
+    """`feedrank serve --model-dir`: the learner starts on the bundle that goes live and, when a newer
+    bundle is swapped in, checkpoints, steps aside (its checkpoints archived) and learns the new one."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from feedsim.simulate import simulate
+    from stacker.dnn import DNNConfig
+    from stacker.gbdt import GBDTConfig
+    from stacker.progress import Progress
+    from stacker.train import TrainConfig, train_bundle
+    from stacker.vwstack import VWConfig
+
+    models, state = tmp_path / "models", tmp_path / "learner"
+    models.mkdir()
+    shutil.copytree(tiny_bundle, models / "a")
+    old_id = json.loads((models / "a" / "manifest.json").read_text())["bundle_id"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FEEDRANK_POLL_INTERVAL_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--model-dir", str(models), "--port",
+                             str(port), "--eventlog-dir", str(tmp_path / "log"), "--learner-state-dir", str(state)],
+                            cwd=ROOT, env=env, stderr=open(tmp_path / "serve.log", "w"))
+
+    def status_bundle(deadline_s: float, want: str) -> str | None:
+        deadline = time.time() + deadline_s
+        while time.time() < deadline:
+            try:
+                found = json.loads((state / "status.json").read_text()).get("bundle_id")
+            except (OSError, ValueError):
+                found = None
+            if found == want:
+                return found
+            time.sleep(0.2)
+        return None
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = pb_grpc.RankerStub(channel)
+        assert stub.Rank(rank_request(feeds[0])).model_version.bundle_id == old_id
+        assert status_bundle(60, old_id) == old_id
+        new = train_bundle(simulate(20_000, seed=3), tmp_path / "b",
+                           TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1), vw=VWConfig(bits=18)),
+                           progress=Progress(enabled=False))
+        shutil.copytree(new, models / "b")
+        new_id = json.loads((new / "manifest.json").read_text())["bundle_id"]
+        deadline, served = time.time() + 30, None
+        for i in range(10_000):  # a fresh request id each time: a repeated one replays its response
+            served = stub.Rank(rank_request(feeds[1], request_id=f"swap-{i}")).model_version.bundle_id
+            if served == new_id or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert served == new_id
+        assert status_bundle(60, new_id) == new_id
+        (archived,) = (state / "archive").iterdir()
+        assert archived.name.startswith(old_id + "-") and any((archived / "checkpoints").iterdir())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_serve_without_a_model_says_how_to_make_one():
     import subprocess
     import sys

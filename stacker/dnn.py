@@ -32,10 +32,12 @@ def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
                         alpha=config.l2, batch_size=config.batch_size,
                         learning_rate_init=config.learning_rate, max_iter=1, warm_start=True,
                         random_state=config.seed, shuffle=True)
+    # One task: a 1-d target (the same single logistic output; a column vector makes sklearn warn).
+    target = Y.ravel() if Y.ndim == 2 and Y.shape[1] == 1 else Y
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for epoch in range(config.epochs):
-            mlp.fit(Xs, Y)
+            mlp.fit(Xs, target)
             if progress:
                 progress(epoch + 1, config.epochs)
     return scaler, mlp

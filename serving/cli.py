@@ -82,7 +82,7 @@ def register(sub) -> None:
         p.add_argument("--cache-dir", default="runs/bench-cache", help="where the benchmark bundle is kept")
         p.add_argument("--candidates", type=int, default=500, help="candidates per Rank request")
         p.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
-        p.add_argument("--threads", type=int, default=8, help="gRPC threads per server process")
+        p.add_argument("--threads", type=int, default=4, help="gRPC threads per server process")
         p.add_argument("--xgb-threads", type=int, default=1, help="XGBoost threads per prediction")
         if name == "serve":
             p.add_argument("--requests", type=int, default=400, help="Rank requests per concurrency level")

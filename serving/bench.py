@@ -55,7 +55,7 @@ def free_port() -> int:
 class ServerProcess:
     """``feedrank serve`` in a child process; ``setup`` selects what runs beside it."""
 
-    def __init__(self, bundle: Path, workers: int = 1, threads: int = 8, setup: str = "alone",
+    def __init__(self, bundle: Path, workers: int = 1, threads: int = 4, setup: str = "alone",
                  xgb_threads: int = 1, extra: tuple[str, ...] = ()):
         if setup not in SETUPS:
             raise ValueError(f"setup {setup!r}: one of {SETUPS}")

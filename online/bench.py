@@ -103,7 +103,8 @@ def _bare_vw(bundle: Path, records, tasks, batch: int = 1024) -> dict:
 def bench_learn(n: int = 100_000, cache_dir: Path = Path("runs/cache"), bundle=None, progress: bool = True,
                 redis: bool = True, single: bool = True, batch_size: int = 1024) -> list[dict]:
     """``log``: the two-process pipeline (:mod:`online.pipeline`) replaying the local log; ``log-1proc``: the
-    single-process :class:`OnlineLearner`; ``redis``: the single-process learner consuming a Redis stream;
+    single-process :class:`OnlineLearner`; ``redis``: the two-process pipeline consuming a Redis stream
+    (``redis-1proc``: the single-process learner on it);
     ``bare_vw``: :meth:`TaskLearners.learn` alone over prebuilt lines. Rates are learned (joined) examples
     per second, start-up excluded, final publish and checkpoint included."""
     from feedsim.simulate import simulate
@@ -147,21 +148,38 @@ def bench_learn(n: int = 100_000, cache_dir: Path = Path("runs/cache"), bundle=N
                             "updates": out["updates"], "processes": 1})
         if redis:
             with redis_server(work) as url:
-                bus = RedisBus(url)
-                for a in range(0, len(records), 5_000):
-                    bus.publish(records[a:a + 5_000])
-                learner = OnlineLearner(bundle, work / "state-redis", attribution_window_ms=WINDOW_MS,
-                                        model_dir=work / "models-redis", checkpoint_every_s=30.0)
-                t0 = time.perf_counter()
-                follow_redis(learner, bus, block_ms=50, idle_close_s=None, max_idle_polls=1)
-                learner.finish()
-                bus.ack_through(learner.replay_from)
-                dt = time.perf_counter() - t0
-                results.append({"source": "redis", "events_per_s": learner.counters["learned_examples"] / dt,
-                                "tasks": len(tasks), "examples": learner.counters["learned_examples"],
-                                "seconds": dt, "pending_after": bus.pending_count()})
-                learner.close()
-                bus.close()
+                def publish(stream: str) -> None:
+                    bus = RedisBus(url, stream=stream)
+                    for a in range(0, len(records), 5_000):
+                        bus.publish(records[a:a + 5_000])
+                    bus.close()
+                publish("bench:pipeline")
+                pipe = PipelinedLearner(bundle, work / "state-redis", attribution_window_ms=WINDOW_MS,
+                                        model_dir=work / "models-redis", checkpoint_every_s=30.0,
+                                        batch_size=batch_size)
+                out = pipe.follow_redis(url, stream="bench:pipeline", stop_when_idle=True)
+                pending = RedisBus(url, stream="bench:pipeline").pending_count()
+                results.append({"source": "redis", "events_per_s": out["learned_examples"] / out["seconds"],
+                                "tasks": len(tasks), "examples": out["learned_examples"],
+                                "seconds": out["seconds"], "processes": 2, "acked": out["acked"],
+                                "pending_after": pending})
+                pipe.close()
+                if single:
+                    publish("bench:single")
+                    bus = RedisBus(url, stream="bench:single")
+                    learner = OnlineLearner(bundle, work / "state-redis1", attribution_window_ms=WINDOW_MS,
+                                            model_dir=work / "models-redis1", checkpoint_every_s=30.0)
+                    t0 = time.perf_counter()
+                    follow_redis(learner, bus, block_ms=50, idle_close_s=None, max_idle_polls=1)
+                    learner.finish()
+                    bus.ack_through(learner.replay_from)
+                    dt = time.perf_counter() - t0
+                    results.append({"source": "redis-1proc",
+                                    "events_per_s": learner.counters["learned_examples"] / dt,
+                                    "tasks": len(tasks), "examples": learner.counters["learned_examples"],
+                                    "seconds": dt, "processes": 1, "pending_after": bus.pending_count()})
+                    learner.close()
+                    bus.close()
         bare = _bare_vw(bundle, records, tasks)
         for r in results:
             r["vs_bare"] = round(r["events_per_s"] / bare["events_per_s"], 3)

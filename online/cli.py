@@ -36,7 +36,7 @@ def cmd_learn(args) -> int:
 
     def on_signal(signum, frame):
         stop["now"] = True
-    if not args.redis and not args.single_process:
+    if not args.single_process:
         # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
         from online.pipeline import PipelinedLearner
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
@@ -47,7 +47,11 @@ def cmd_learn(args) -> int:
                 return 0
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-            learner.follow(args.log, should_stop=lambda: stop["now"])
+            if args.redis:
+                learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
+                                     should_stop=lambda: stop["now"])
+            else:
+                learner.follow(args.log, should_stop=lambda: stop["now"])
             return 0
         finally:
             learner.close()
@@ -77,7 +81,7 @@ def cmd_bench_learn(args) -> int:
                           batch_size=getattr(args, "batch_size", None) or 1024)
     for r in results:
         ratio = f", {r['vs_bare']:.2f}x bare" if "vs_bare" in r else ""
-        print(f"{r['source']:<9} {r['events_per_s']:>10,.0f} joined examples/s  ({r['tasks']} tasks, "
+        print(f"{r['source']:<12} {r['events_per_s']:>10,.0f} joined examples/s  ({r['tasks']} tasks, "
               f"{r.get('examples', 0):,} examples in {r.get('seconds', 0):.1f}s{ratio})")
     if args.json:  # the documented sources; the single-process figure is printed above
         listed = [r for r in results if r["source"] in ("log", "redis", "bare_vw")]
@@ -143,7 +147,7 @@ def register(sub) -> None:
     p.add_argument("--group", default="learner")
     p.add_argument("--consumer", default="learner-0")
     p.add_argument("--single-process", action="store_true",
-                   help="with --replay/--log: featurize and learn in one process (default: two-process pipeline)")
+                   help="featurize and learn in one process (default: a two-process pipeline)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_learn)
 

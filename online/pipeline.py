@@ -134,6 +134,8 @@ def _feeder_main(fd: int, parent_pid: int) -> None:
         sender = _Sender(conn)
         if source["kind"] == "replay":
             _feed_replay(front, sender, **source["args"])
+        elif source["kind"] == "redis":
+            _feed_redis(front, sender, **source["args"])
         else:
             _feed_follow(front, sender, **source["args"])
         sender.close()
@@ -217,6 +219,41 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
         time.sleep(poll_s)
 
 
+def _feed_redis(front, sender: _Sender, url: str, stream: str, group: str, consumer: str, count: int = 5_000,
+                block_ms: int = 50, idle_close_s: float | None = 5.0, stop_when_idle: bool = False,
+                finish: bool = True) -> None:
+    """Consume the Redis stream (our pending entries first, then new ones). Every batch carries the
+    offsets consumed so far (``state["consumed"]``): the trainer acknowledges them once a durable
+    checkpoint no longer needs them. ``stop_when_idle``: end at the first empty read (benchmarks, tests)."""
+    import numpy as np
+
+    from online.bus import RedisBus
+    bus = RedisBus(url, stream=stream, group=group, consumer=consumer)
+    idle_since = time.monotonic()
+    gc_at = time.monotonic() + _GC_EVERY_S
+    while True:
+        gc_at = _maybe_collect(gc_at)
+        entries = bus.consume(count, block_ms)
+        bus._unacked.clear()  # the trainer acknowledges, by offset
+        if entries:
+            front.ingest(entries, sender.send)
+            batch = front.cut()
+            batch.state["consumed"] = np.fromiter((o for o, _ in entries), np.int64, len(entries))
+            sender.send(batch)
+            idle_since = time.monotonic()
+        elif stop_when_idle:
+            if finish:
+                front.flush()
+            sender.send(front.cut(end=True))
+            bus.close()
+            return
+        elif idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
+            front.advance(int(time.time() * 1000) - front.joiner.allowed_lateness_ms)
+            if front.pending:
+                sender.send(front.cut())
+            idle_since = time.monotonic()
+
+
 # -- trainer side --------------------------------------------------------------------------------------
 class PipelinedLearner:
     """The online learner with featurizing in a child process; same parameters as
@@ -267,6 +304,7 @@ class PipelinedLearner:
             os.close(self._lock)
             raise
         self.counters = self.trainer.counters
+        self.acked = 0  # Redis entries acknowledged by follow_redis
         self._started = False
         self.wait_s = 0.0  # time the trainer spent waiting for batches (the feeder is the bottleneck)
         self.background_checkpoints = background_checkpoints
@@ -314,7 +352,8 @@ class PipelinedLearner:
         self._started = True
         self.conn.send({"kind": kind, "args": args})
 
-    def _run(self, should_stop: Callable[[], bool], on_batch: Callable | None = None) -> bool:
+    def _run(self, should_stop: Callable[[], bool], on_batch: Callable | None = None,
+             on_tick: Callable | None = None) -> bool:
         """Learn batches until the source ends (True) or ``should_stop()`` (False)."""
         from online.learner import LearnBatch
         tr = self.trainer
@@ -344,6 +383,8 @@ class PipelinedLearner:
                     return True
             tr.maybe_publish()
             tr.maybe_checkpoint(background=self.background_checkpoints)
+            if on_tick is not None:
+                on_tick()
         return False
 
     def replay(self, path, finish: bool = True, stop_after: int | None = None, chunk: int = 20_000,
@@ -382,6 +423,58 @@ class PipelinedLearner:
             self._stop_feeder()  # stop reading first: the checkpoint then covers exactly what was learned
         self.trainer.publish()
         self.trainer.checkpoint()
+
+    def follow_redis(self, url: str, stream: str = "feedrank:records", group: str = "learner",
+                     consumer: str = "learner-0", idle_close_s: float | None = 5.0,
+                     should_stop: Callable[[], bool] = lambda: False, stop_when_idle: bool = False,
+                     finish: bool = True, block_ms: int = 50) -> dict:
+        """Consume the Redis stream every replica publishes to until ``should_stop()`` (or, with
+        ``stop_when_idle``, until it is drained). Entries are acknowledged (``XACK``) only once a
+        durable checkpoint no longer needs them, so a restarted learner gets back the rest.
+        Returns counters and ``seconds``."""
+        from collections import deque
+
+        from online.bus import RedisBus, offset_to_id
+        bus = RedisBus(url, stream=stream, group=group, consumer=consumer)
+        consumed: deque = deque()
+        acked = {"below": 0}
+
+        def on_batch(batch) -> None:
+            offs = batch.state.get("consumed")
+            if offs is not None and len(offs):
+                consumed.append(offs)
+
+        def ack() -> None:
+            below = self.trainer.replay_from  # moves only once a checkpoint is durable
+            if below <= acked["below"]:
+                return
+            ids = []
+            while consumed and consumed[0][0] < below:
+                offs = consumed.popleft()
+                done = offs[offs < below]
+                ids.extend(offset_to_id(int(o)) for o in done)
+                if len(done) < len(offs):
+                    consumed.appendleft(offs[offs >= below])
+                    break
+            pipe = bus.client.pipeline(transaction=False)
+            for i in range(0, len(ids), 10_000):
+                pipe.xack(stream, group, *ids[i:i + 10_000])
+            pipe.execute()
+            acked["below"] = below
+            self.acked += len(ids)
+
+        t0 = time.perf_counter()
+        self._start("redis", url=url, stream=stream, group=group, consumer=consumer, idle_close_s=idle_close_s,
+                    stop_when_idle=stop_when_idle, finish=finish, block_ms=block_ms)
+        try:
+            self._run(should_stop, on_batch, on_tick=ack)
+        finally:
+            self._stop_feeder()
+        self.trainer.publish()
+        self.trainer.checkpoint()
+        ack()
+        bus.close()
+        return {"seconds": time.perf_counter() - t0, "acked": self.acked, **self.counters}
 
     def _stop_feeder(self) -> None:
         if self.proc.poll() is None:

@@ -87,11 +87,9 @@ def run_follow(log_dir, bundle_dir, state_dir, model_dir, attribution_window_ms:
 def run_follow_redis(bus_url: str, bundle_dir, state_dir, model_dir, attribution_window_ms: int,
                      returned_is_viewed: bool = False, downsample_rate: float = 1.0, stop_event=None,
                      archive_foreign: bool = False) -> int:
-    """Consume the Redis stream every replica publishes to (scale-out) until ``stop_event`` or
-    SIGTERM/SIGINT; entries are acknowledged once a checkpoint covers them. Returns 0."""
-    from online.bus import RedisBus
-    from online.learner import OnlineLearner
-    from online.replay import follow_redis
+    """Consume the Redis stream every replica publishes to (scale-out) with the two-process learner until
+    ``stop_event`` or SIGTERM/SIGINT; entries are acknowledged once a checkpoint covers them. Returns 0."""
+    from online.pipeline import PipelinedLearner
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,16 +98,15 @@ def run_follow_redis(bus_url: str, bundle_dir, state_dir, model_dir, attribution
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         _term_with_parent()
-    learner = OnlineLearner(bundle_dir, state_dir, model_dir=model_dir, attribution_window_ms=attribution_window_ms,
-                            returned_is_viewed=returned_is_viewed, downsample_rate=downsample_rate,
-                            archive_foreign=archive_foreign)
-    bus = RedisBus(bus_url)
+    learner = PipelinedLearner(bundle_dir, state_dir, model_dir=model_dir, attribution_window_ms=attribution_window_ms,
+                               returned_is_viewed=returned_is_viewed, downsample_rate=downsample_rate,
+                               archive_foreign=archive_foreign)
     log.info("online learner consuming %s (bundle %s)", bus_url, learner.bundle_id)
     try:
-        follow_redis(learner, bus, should_stop=lambda: stop.is_set() or (stop_event is not None and stop_event.is_set()))
+        learner.follow_redis(bus_url, should_stop=lambda: stop.is_set()
+                             or (stop_event is not None and stop_event.is_set()))
     finally:
         learner.close()
-        bus.close()
     return 0
 
 

@@ -50,3 +50,33 @@ def test_learner_over_redis_acks_only_checkpointed_and_resumes(tmp_path, redis_u
     assert b.task_learned == ref.task_learned
     b.close()
     ref.close()
+
+
+def test_pipelined_learner_over_redis_acks_only_what_a_checkpoint_covers(tmp_path, redis_url, tiny_bundle,
+                                                                         tiny_records, event_log):
+    """The two-process learner consuming the stream, stopped halfway and restarted: it learns what the
+    single-process learner learns from the same records in the log, and the entries left pending are
+    exactly those its last checkpoint still needs."""
+    from online.pipeline import PipelinedLearner
+    ref = OnlineLearner(tiny_bundle, tmp_path / "ref", attribution_window_ms=WINDOW_MS)
+    replay(ref, event_log, progress=False, finish=False)
+    half = len(tiny_records) // 2
+    RedisBus(redis_url).publish(tiny_records[:half])
+    with PipelinedLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS,
+                          checkpoint_every_s=1e9) as a:
+        out = a.follow_redis(redis_url, stop_when_idle=True, finish=False)
+        covered = a.trainer.replay_from
+    bus = RedisBus(redis_url)
+    rows = bus.client.xpending_range("feedrank:records", "learner", min="-", max="+", count=100_000)
+    assert out["acked"] > 0 and len(rows) == half - out["acked"] > 0  # open impressions stay pending
+    assert all(id_to_offset(r["message_id"]) >= covered for r in rows)
+    RedisBus(redis_url).publish(tiny_records[half:])
+    with PipelinedLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS,
+                          checkpoint_every_s=1e9) as b:
+        b.follow_redis(redis_url, stop_when_idle=True, finish=False)
+        assert b.counters["learned_examples"] == ref.counters["learned_examples"]
+        assert b.task_learned == ref.task_learned
+        rows = bus.client.xpending_range("feedrank:records", "learner", min="-", max="+", count=100_000)
+        assert len(rows) == len(tiny_records) - out["acked"] - b.acked
+        assert all(id_to_offset(r["message_id"]) >= b.trainer.replay_from for r in rows)
+    ref.close()

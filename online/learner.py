@@ -121,7 +121,7 @@ def archive_foreign_state(state_dir, bundle_id: str, tasks) -> Path | None:
         return None
     dest = state_dir / "archive" / f"{state['bundle_id']}-{int(time.time() * 1000)}"
     dest.mkdir(parents=True)
-    for name in ("checkpoints", "status.json"):
+    for name in ("checkpoints", "audit", "status.json"):
         if (state_dir / name).exists():
             os.replace(state_dir / name, dest / name)
     return dest
@@ -658,7 +658,10 @@ class OnlineLearner:
         self.front = Featurizer(self.ranker, self.tasks, attribution_window_ms, downsample_rate, returned_is_viewed,
                                 allowed_lateness_ms, max_open, batch_size, audit, learn_other_bundles,
                                 counters=self.counters)
-        if archive_foreign:
+        self._lock = -1
+        if archive_foreign:  # only under the state lock: no other learner may be writing there
+            from online.pipeline import _lock_state
+            self._lock = _lock_state(self.state_dir, 60.0)
             _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
         resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
         self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,
@@ -770,6 +773,9 @@ class OnlineLearner:
     def close(self) -> None:
         self.trainer.close()
         self._thread_limits.restore_original_limits()
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the flock
+            self._lock = -1
 
 
 def get_weights(learners: TaskLearners, rows: np.ndarray) -> np.ndarray:

@@ -277,12 +277,17 @@ class PipelinedLearner:
         self.bundle_dir, self.state_dir = Path(bundle_dir), Path(state_dir)
         self._lock = _lock_state(self.state_dir, lock_timeout_s)
         self._thread_limits = threadpool_limits(1)
-        self.ranker = StackedRanker.load(self.bundle_dir, threads=1)
-        self.bundle_id = self.ranker.bundle_id
-        self.tasks = resolve_tasks(self.ranker, tasks)
-        if archive_foreign:  # under the state lock, so no other learner is writing there
-            _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
-        resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
+        try:
+            self.ranker = StackedRanker.load(self.bundle_dir, threads=1)
+            self.bundle_id = self.ranker.bundle_id
+            self.tasks = resolve_tasks(self.ranker, tasks)
+            if archive_foreign:  # under the state lock, so no other learner is writing there
+                _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
+            resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
+        except BaseException:
+            self._thread_limits.restore_original_limits()
+            os.close(self._lock)
+            raise
         self.proc, self.conn = self._spawn()
         self.conn.send({"bundle_dir": str(self.bundle_dir), "tasks": list(self.tasks),
                         "resume": resumed[0] if resumed else None,
@@ -434,10 +439,12 @@ class PipelinedLearner:
         Returns counters and ``seconds``."""
         from collections import deque
 
+        import redis
+
         from online.bus import RedisBus, offset_to_id
         bus = RedisBus(url, stream=stream, group=group, consumer=consumer)
-        consumed: deque = deque()
-        acked = {"below": 0}
+        consumed: deque = deque()  # arrays of consumed offsets, in consumption (= increasing) order
+        retry_at = [0.0]
 
         def on_batch(batch) -> None:
             offs = batch.state.get("consumed")
@@ -446,34 +453,47 @@ class PipelinedLearner:
 
         def ack() -> None:
             below = self.trainer.replay_from  # moves only once a checkpoint is durable
-            if below <= acked["below"]:
+            if not consumed or consumed[0][0] >= below or time.monotonic() < retry_at[0]:
                 return
-            ids = []
-            while consumed and consumed[0][0] < below:
-                offs = consumed.popleft()
-                done = offs[offs < below]
-                ids.extend(offset_to_id(int(o)) for o in done)
-                if len(done) < len(offs):
-                    consumed.appendleft(offs[offs >= below])
+            taken, rest = [], None
+            for offs in consumed:
+                if offs[0] >= below:
                     break
-            pipe = bus.client.pipeline(transaction=False)
-            for i in range(0, len(ids), 10_000):
-                pipe.xack(stream, group, *ids[i:i + 10_000])
-            pipe.execute()
-            acked["below"] = below
+                done = offs[offs < below]
+                taken.append(done)
+                if len(done) < len(offs):
+                    rest = offs[offs >= below]
+                    break
+            ids = [offset_to_id(int(o)) for done in taken for o in done]
+            try:
+                pipe = bus.client.pipeline(transaction=False)
+                for i in range(0, len(ids), 10_000):
+                    pipe.xack(stream, group, *ids[i:i + 10_000])
+                pipe.execute()
+            except redis.RedisError as e:  # nothing is lost: unacknowledged entries are redelivered
+                log.warning("could not acknowledge %d entries (%s); retrying in 1 s", len(ids), e)
+                retry_at[0] = time.monotonic() + 1.0
+                return
+            for _ in taken:
+                consumed.popleft()
+            if rest is not None:
+                consumed.appendleft(rest)
             self.acked += len(ids)
 
         t0 = time.perf_counter()
-        self._start("redis", url=url, stream=stream, group=group, consumer=consumer, idle_close_s=idle_close_s,
-                    stop_when_idle=stop_when_idle, finish=finish, block_ms=block_ms)
         try:
-            self._run(should_stop, on_batch, on_tick=ack)
+            self._start("redis", url=url, stream=stream, group=group, consumer=consumer,
+                        idle_close_s=idle_close_s, stop_when_idle=stop_when_idle, finish=finish, block_ms=block_ms)
+            try:
+                self._run(should_stop, on_batch, on_tick=ack)
+            finally:
+                self._stop_feeder()
+            self.trainer.publish()
+            self.trainer.checkpoint()
+            retry_at[0] = 0.0
+            ack()
         finally:
-            self._stop_feeder()
-        self.trainer.publish()
-        self.trainer.checkpoint()
-        ack()
-        bus.close()
+            bus.close()
         return {"seconds": time.perf_counter() - t0, "acked": self.acked, **self.counters}
 
     def _stop_feeder(self) -> None:

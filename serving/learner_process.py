@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 from pathlib import Path
 
 from .model import candidate_bundles
@@ -81,42 +82,78 @@ class LearnerSupervisor(threading.Thread):
     would take the learner down with it.
     """
 
-    def __init__(self, settings: ServingSettings):
+    def __init__(self, settings: ServingSettings, check_s: float = 5.0, restart_backoff_s: float = 10.0):
         super().__init__(name="learner-supervisor", daemon=True)
         self.settings = settings
         self.proc = None
         self.bundle_id: str | None = None
+        self.bundle_dir: Path | None = None
+        self.check_s = check_s
+        self.restart_backoff_s = restart_backoff_s
+        self.restarts = 0
         self._requests: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._next_start = 0.0
 
     def follow(self, bundle_dir, bundle_id: str) -> None:
         """Learn ``bundle_id`` (at ``bundle_dir``) from now on; returns at once."""
-        self._requests.put((Path(bundle_dir), bundle_id))
+        if not self._stopping.is_set():
+            self._requests.put((Path(bundle_dir), bundle_id))
 
     def run(self) -> None:
-        while True:
-            request = self._requests.get()
-            while request is not None:  # only the newest pending swap matters
+        while not self._stopping.is_set():
+            try:
+                request = self._requests.get(timeout=self.check_s)
+            except queue.Empty:
+                request = ()
+            while request is not None:  # only the newest pending request matters
                 try:
-                    newer = self._requests.get_nowait()
+                    request = self._requests.get_nowait()
                 except queue.Empty:
                     break
-                request = newer
-            if request is None:
-                stop_learner(self.proc)
-                return
-            bundle_dir, bundle_id = request
-            if bundle_id == self.bundle_id and self.proc is not None and self.proc.is_alive():
-                continue
-            if self.proc is not None:
-                log.info("online learner: bundle %s is live; stopping the learner on %s", bundle_id, self.bundle_id)
-                stop_learner(self.proc)
-            self.proc = start_learner(self.settings, bundle_dir)
-            self.bundle_id = bundle_id
+            if request is None or self._stopping.is_set():
+                break
+            try:
+                if request:
+                    self._switch(*request)
+                else:
+                    self._keep_alive()
+            except Exception:  # keep supervising: a failed start is retried by _keep_alive
+                log.exception("online learner: could not start it")
+        stop_learner(self.proc)
 
-    def stop(self, timeout_s: float = 90.0) -> None:
-        """Stop the learner (final checkpoint) and this thread."""
+    def _switch(self, bundle_dir: Path, bundle_id: str) -> None:
+        if bundle_id == self.bundle_id and self.proc is not None and self.proc.is_alive():
+            return
+        if self.proc is not None:
+            log.info("online learner: bundle %s is live; stopping the learner on %s", bundle_id, self.bundle_id)
+            stop_learner(self.proc)
+            self.proc = None
+        self.bundle_dir, self.bundle_id = bundle_dir, bundle_id
+        if not self._stopping.is_set():  # stop() may have come while the old learner checkpointed
+            self.proc = start_learner(self.settings, bundle_dir)
+
+    def _keep_alive(self) -> None:
+        """Restart a learner that died (lock timeout, lost bus, a crash), at most every restart_backoff_s."""
+        if self.bundle_dir is None or (self.proc is not None and self.proc.is_alive()):
+            return
+        if time.monotonic() < self._next_start:
+            return
+        if self.proc is not None:
+            log.warning("online learner on %s exited with code %s; restarting it", self.bundle_id,
+                        self.proc.exitcode)
+            self.restarts += 1
+        self._next_start = time.monotonic() + self.restart_backoff_s
+        self.proc = start_learner(self.settings, self.bundle_dir)
+
+    def stop(self, timeout_s: float = 150.0) -> None:
+        """Stop the learner (final checkpoint) and this thread; no learner starts after this."""
+        self._stopping.set()
         self._requests.put(None)
         self.join(timeout_s)
+        if self.is_alive() and self.proc is not None and self.proc.is_alive():
+            log.warning("online learner supervisor did not finish in %.0fs: killing the learner", timeout_s)
+            self.proc.kill()
 
 
 def stop_learner(proc, timeout_s: float = 60.0) -> None:

@@ -530,6 +530,40 @@ def test_embedded_learner_follows_a_hot_swapped_bundle(tiny_bundle, tmp_path, fe
             proc.kill()
 
 
+def test_learner_supervisor_restarts_a_dead_learner_and_starts_none_after_stop(tiny_bundle, tmp_path):
+    """A learner that dies is started again (after the back-off); once stopped, no swap starts one."""
+    import json
+    import os
+    import signal
+
+    from serving.learner_process import LearnerSupervisor
+    from serving.settings import load_settings
+
+    settings = load_settings(bundle=tiny_bundle, eventlog_dir=tmp_path / "log", learner_state_dir=tmp_path / "learner")
+    bundle_id = json.loads((tiny_bundle / "manifest.json").read_text())["bundle_id"]
+    sup = LearnerSupervisor(settings, check_s=0.2, restart_backoff_s=0.5)
+    sup.start()
+    try:
+        sup.follow(tiny_bundle, bundle_id)
+        deadline = time.time() + 30
+        while (sup.proc is None or not sup.proc.is_alive()) and time.time() < deadline:
+            time.sleep(0.05)
+        first = sup.proc
+        assert first is not None and first.is_alive()
+        os.kill(first.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while (sup.proc is first or sup.proc is None or not sup.proc.is_alive()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert sup.proc is not first and sup.proc.is_alive() and sup.restarts == 1
+    finally:
+        sup.stop()
+    assert not sup.is_alive() and not sup.proc.is_alive()
+    last = sup.proc
+    sup.follow(tiny_bundle, "another-bundle")
+    time.sleep(0.5)
+    assert sup.proc is last and not last.is_alive()
+
+
 def test_serve_without_a_model_says_how_to_make_one():
     import subprocess
     import sys

@@ -123,6 +123,10 @@ def _run(args, bundle: Path, mode: str) -> dict:
                "rank_per_s": rank_per_s, "events_per_s": events_per_s}
         print(f"freshness ({mode}): p50 {out['p50_s']:.3f}s p99 {out['p99_s']:.3f}s over {len(arr)} samples "
               f"({missed} not seen within {args.timeout_s:.0f}s)")
+        if missed:  # what the server and its learner said about it
+            log = Path(server.tmp, "server.log").read_text(errors="replace").splitlines()
+            for line in [x for x in log if " WARNING " in x or " ERROR " in x][-10:]:
+                print(f"  server log: {line[:300]}")
         return out
     finally:
         if stop is not None:

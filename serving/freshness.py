@@ -38,7 +38,9 @@ def _sample(stub, feed, i: int, candidates: int, timeout_s: float) -> float | No
         kind=pb.EVENT_KIND_CLICK, ts_ms=now + 1)]), timeout=5)
     t0 = time.perf_counter()
     offset = ack.results[0].log_offset
-    before = None
+    # The first response was served before the click existed: its probability is the baseline, so a
+    # learner quick enough to cover the click before the next Rank still counts (it used to be missed).
+    before = first.posts[0].probabilities[click]
     k = 0
     while time.perf_counter() - t0 < timeout_s:
         k += 1

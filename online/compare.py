@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from stacker import schema
+from stacker.evaluate import progressive
 from stacker.features import CandidateBatch
 from stacker.metrics import task_metrics
 from stacker.progress import Progress
 from stacker.ranker import StackedRanker
 from stacker.train import TrainConfig, labels_of, split_by_time, train_bundle
-from stacker.vwstack import TaskLearners, VWConfig
 
 
 def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 1000,
@@ -37,20 +38,11 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
         ranker = StackedRanker.load(bundle)
         feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))
         frozen = ranker.predict_features(feats)
-        online_cfg = dict(config.vw.__dict__)
-        online_cfg["learning_rate"] = online_learning_rate or config.online_learning_rate
-        vw = TaskLearners(tasks, VWConfig(**online_cfg),
-                          model_paths={t: bundle / "vw" / f"{t}.model" for t in tasks})
         Y = labels_of(stream, tasks)
-        online = np.empty_like(frozen)
-        with progress.task("online stack: score, then learn", len(stream)) as bar:
-            for a in range(0, len(stream), chunk):
-                b = min(a + chunk, len(stream))
-                lines = _lines(feats, a, b)
-                online[a:b] = vw.predict(lines)
-                vw.learn(lines, Y[a:b])
-                bar.update(b - a)
-        vw.close()
+        online_vw = replace(config.vw, learning_rate=online_learning_rate or config.online_learning_rate)
+        online = progressive(tasks, online_vw, {t: bundle / "vw" / f"{t}.model" for t in tasks}, feats.leaves,
+                             feats.hidden, feats.ids, feats.context, Y, chunk, progress,
+                             "online stack: score, then learn")
         wall = time.time() - t0
     base = labels_of(head, tasks).mean(axis=0)
     last = slice(len(stream) - len(stream) // 3, len(stream))
@@ -68,11 +60,6 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
                             "online": [task_metrics(Y[w, k], online[w, k], base[k])["ne"] for w in windows]}
                         for k, t in enumerate(tasks)}
     return out
-
-
-def _lines(feats, a: int, b: int) -> list[str]:
-    from stacker.vwstack import example_lines
-    return example_lines(feats.leaves[a:b], feats.hidden[a:b], feats.ids[a:b], feats.context[a:b])
 
 
 def format_comparison(r: dict) -> str:

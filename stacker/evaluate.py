@@ -11,6 +11,7 @@ served stack runs); ``oracle`` (true probabilities, simulated data only); plus a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -46,14 +47,13 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
     return p
 
 
-def progressive(tasks, config, models: Path, test_feats, Y: np.ndarray, chunk: int, progress) -> np.ndarray:
-    """Resume the stack's VW models with the online learning rate and run the test slice in time
-    order: score a chunk, then learn it. Returns the pre-update probabilities [N, T]."""
-    vw = VWConfig(**{**config.vw.__dict__, "learning_rate": config.online_learning_rate})
-    learners = TaskLearners(tasks, vw, model_paths={t: models / f"{t}.model" for t in tasks})
-    _, leaves, hidden, ids, ctx = test_feats
+def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx, Y: np.ndarray, chunk: int,
+                progress, desc: str = "stack_online: score, then learn") -> np.ndarray:
+    """Resume VW models (``model_paths`` per task) under ``vw`` and run rows in time order: score a chunk,
+    then learn it (progressive validation). Returns the pre-update probabilities [N, T]."""
+    learners = TaskLearners(tasks, vw, model_paths=model_paths)
     out = np.empty((len(Y), len(tasks)))
-    with progress.task("stack_online: score, then learn", len(Y)) as bar:
+    with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
             lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b])
@@ -103,8 +103,9 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
                                                    weights[rows], test_feats, progress, name,
                                                    keep=models if name == "stack" else None))
-        timed("stack_online", lambda: progressive(tasks, config, models, test_feats, Y_test, online_chunk,
-                                                  progress))
+        online_vw = replace(config.vw, learning_rate=config.online_learning_rate)
+        timed("stack_online", lambda: progressive(tasks, online_vw, {t: models / f"{t}.model" for t in tasks},
+                                                  *test_feats[1:], Y_test, online_chunk, progress))
 
         # Baselines see every row the stack saw, extractor and LR slices together.
         X_all = build_dense(ex.spec, CandidateBatch.from_table(train_all, ex.spec))

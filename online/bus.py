@@ -48,8 +48,10 @@ class RedisBus:
     """Publish and consume records on one stream; one consumer group shared by the learner(s)."""
 
     def __init__(self, url: str, stream: str = "feedrank:records", group: str = "learner",
-                 consumer: str = "learner-0", maxlen: int | None = None):
+                 consumer: str = "learner-0", maxlen: int | None = None, track_acks: bool = True):
+        """``track_acks=False``: this bus only reads; whoever learns acknowledges with :meth:`ack_ids`."""
         self.client = redis.Redis.from_url(url)
+        self.track_acks = track_acks
         self.stream, self.group, self.consumer = stream, group, consumer
         self.maxlen = maxlen
         self._group_ready = False
@@ -91,21 +93,29 @@ class RedisBus:
         out = []
         for entry_id, fields in entries:
             off = id_to_offset(entry_id)
-            self._unacked.append((off, entry_id))
+            if self.track_acks:
+                self._unacked.append((off, entry_id))
             out.append((off, decode(fields[b"r"])))
         return out
 
     def ack_through(self, offset: int) -> int:
         """Acknowledge every consumed entry with offset < ``offset`` (what a checkpoint no longer needs)."""
-        ids = []
-        while self._unacked and self._unacked[0][0] < offset:
-            ids.append(self._unacked.popleft()[1])
-        if ids:
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(0, len(ids), 10_000):
-                pipe.xack(self.stream, self.group, *ids[i:i + 10_000])
-            pipe.execute()
-        return len(ids)
+        n = 0
+        while n < len(self._unacked) and self._unacked[n][0] < offset:
+            n += 1
+        self.ack_ids([self._unacked[i][1] for i in range(n)])
+        for _ in range(n):  # only once Redis has them: a failed XACK leaves them to acknowledge later
+            self._unacked.popleft()
+        return n
+
+    def ack_ids(self, ids) -> None:
+        """``XACK`` entry ids (bytes or ``"ms-seq"``), pipelined in slices of 10,000."""
+        if not ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(ids), 10_000):
+            pipe.xack(self.stream, self.group, *ids[i:i + 10_000])
+        pipe.execute()
 
     def pending_count(self) -> int:
         self.ensure_group()

@@ -192,6 +192,13 @@ def _feed_replay(front, sender: _Sender, path, finish: bool = True, stop_after: 
     sender.send(batch)
 
 
+def _close_idle_windows(front):
+    """The source went quiet: move event time to the wall clock (less the allowed lateness) so the
+    windows that would have closed by now do; returns the batch they produced, or None."""
+    front.advance(int(time.time() * 1000) - front.joiner.allowed_lateness_ms)
+    return front.cut() if front.pending else None
+
+
 def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
                  max_records: int = 20_000) -> None:
     from online.tail import LogTailer
@@ -210,9 +217,8 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
             if len(recs) >= max_records:
                 continue
         elif idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
-            front.advance(int(time.time() * 1000) - front.joiner.allowed_lateness_ms)
-            if front.pending:
-                batch = front.cut()
+            batch = _close_idle_windows(front)
+            if batch is not None:
                 batch.state["source_end_offset"] = tailer.end_offset
                 sender.send(batch)
             idle_since = time.monotonic()
@@ -228,13 +234,12 @@ def _feed_redis(front, sender: _Sender, url: str, stream: str, group: str, consu
     import numpy as np
 
     from online.bus import RedisBus
-    bus = RedisBus(url, stream=stream, group=group, consumer=consumer)
+    bus = RedisBus(url, stream=stream, group=group, consumer=consumer, track_acks=False)
     idle_since = time.monotonic()
     gc_at = time.monotonic() + _GC_EVERY_S
     while True:
         gc_at = _maybe_collect(gc_at)
         entries = bus.consume(count, block_ms)
-        bus._unacked.clear()  # the trainer acknowledges, by offset
         if entries:
             front.ingest(entries, sender.send)
             batch = front.cut()
@@ -248,9 +253,9 @@ def _feed_redis(front, sender: _Sender, url: str, stream: str, group: str, consu
             bus.close()
             return
         elif idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
-            front.advance(int(time.time() * 1000) - front.joiner.allowed_lateness_ms)
-            if front.pending:
-                sender.send(front.cut())
+            batch = _close_idle_windows(front)
+            if batch is not None:
+                sender.send(batch)
             idle_since = time.monotonic()
 
 
@@ -442,7 +447,7 @@ class PipelinedLearner:
         import redis
 
         from online.bus import RedisBus, offset_to_id
-        bus = RedisBus(url, stream=stream, group=group, consumer=consumer)
+        bus = RedisBus(url, stream=stream, group=group, consumer=consumer, track_acks=False)
         consumed: deque = deque()  # arrays of consumed offsets, in consumption (= increasing) order
         retry_at = [0.0]
 
@@ -466,10 +471,7 @@ class PipelinedLearner:
                     break
             ids = [offset_to_id(int(o)) for done in taken for o in done]
             try:
-                pipe = bus.client.pipeline(transaction=False)
-                for i in range(0, len(ids), 10_000):
-                    pipe.xack(stream, group, *ids[i:i + 10_000])
-                pipe.execute()
+                bus.ack_ids(ids)
             except redis.RedisError as e:  # nothing is lost: unacknowledged entries are redelivered
                 log.warning("could not acknowledge %d entries (%s); retrying in 1 s", len(ids), e)
                 retry_at[0] = time.monotonic() + 1.0

@@ -34,7 +34,7 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) 
         c = dict(comps)
         for name, i in zip(held, idx):
             c[name] = np.full(len(media), comps[name].mean() + comps[name].std() * x[i])
-        out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position)[:, k]
+        out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position, tasks=[k])[:, 0]
     return out
 
 
@@ -48,8 +48,9 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
 
     ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
     ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
-    the best any model can do without ties or post quality, which no dense feature shows. ``oracle_ne_target_share`` is the share of the oracle's (1 - NE) that
-    the no-tie oracle keeps, to read a "model reaches x% of the oracle" target against.
+    the best any model can do without ties or post quality, which no dense feature shows.
+    ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
+    a "model reaches x% of the oracle" target against.
     """
     df, comps = simulate(n_impressions, config=config, seed=seed, return_components=True)
     total = np.sum([comps[k] for k in COMPONENTS], axis=0)

@@ -414,8 +414,8 @@ class World:
         c = self.config
         return (1.0 + np.asarray(position, dtype=np.float64) / c.pos_scale) ** -c.pos_power
 
-    def probabilities(self, comps: dict, media: np.ndarray, position) -> np.ndarray:
-        """True P(label) per task, [N, T] float64."""
+    def probabilities(self, comps: dict, media: np.ndarray, position, tasks=slice(None)) -> np.ndarray:
+        """True P(label) per task, [N, T] float64 (``tasks``: indices of the tasks wanted, default all)."""
         C = np.stack([comps[k] for k in COMPONENTS], axis=1)             # [N, C]
-        logits = C @ self.task_weights.T + self.task_bias[None, :] + self.task_media.T[media]
+        logits = C @ self.task_weights[tasks].T + self.task_bias[None, tasks] + self.task_media[tasks].T[media]
         return self.examine_prob(position)[:, None] * _sigmoid(logits)

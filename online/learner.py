@@ -660,8 +660,8 @@ class OnlineLearner:
                                 counters=self.counters)
         self._lock = -1
         if archive_foreign:  # only under the state lock: no other learner may be writing there
-            from online.pipeline import _lock_state
-            self._lock = _lock_state(self.state_dir, 60.0)
+            from online.pipeline import lock_state_dir
+            self._lock = lock_state_dir(self.state_dir, 60.0)
             _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
         resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
         self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,

@@ -45,7 +45,7 @@ class FeederDied(RuntimeError):
     """The feeder process exited or failed before its source ended."""
 
 
-def _lock_state(state_dir: Path, timeout_s: float) -> int:
+def lock_state_dir(state_dir: Path, timeout_s: float) -> int:
     """An exclusive ``flock`` on ``<state_dir>/.learner.lock`` (released when the process dies): one
     learner per state directory, and a restarted one waits for a dying one to finish its checkpoint."""
     import fcntl
@@ -280,7 +280,7 @@ class PipelinedLearner:
         if not 0.0 < downsample_rate <= 1.0:
             raise ValueError(f"downsample_rate must be in (0, 1], got {downsample_rate}")
         self.bundle_dir, self.state_dir = Path(bundle_dir), Path(state_dir)
-        self._lock = _lock_state(self.state_dir, lock_timeout_s)
+        self._lock = lock_state_dir(self.state_dir, lock_timeout_s)
         self._thread_limits = threadpool_limits(1)
         try:
             self.ranker = StackedRanker.load(self.bundle_dir, threads=1)

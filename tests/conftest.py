@@ -19,6 +19,22 @@ def tiny_bundle(tmp_path_factory):
     return train_bundle(simulate(20_000), out, config, progress=Progress(enabled=False))
 
 
+@pytest.fixture(scope="session")
+def other_bundle(tmp_path_factory, tiny_bundle):
+    """A second tiny bundle (another world sample, another bundle id), for bundle switches; trained
+    after ``tiny_bundle``, so it is the newer of the two."""
+    from feedsim.simulate import simulate
+    from stacker.dnn import DNNConfig
+    from stacker.gbdt import GBDTConfig
+    from stacker.progress import Progress
+    from stacker.train import TrainConfig, train_bundle
+    from stacker.vwstack import VWConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "other"
+    config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1), vw=VWConfig(bits=18))
+    return train_bundle(simulate(20_000, seed=3), out, config, progress=Progress(enabled=False))
+
+
 @pytest.fixture
 def serving_server(tmp_path):
     """Factory: ``serving_server(**settings)`` starts a real server on port 0; stopped at teardown."""

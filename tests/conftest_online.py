@@ -1,4 +1,5 @@
-"""Shared fixtures of the online-learner tests (import with ``from tests.conftest_online import *``)."""
+"""Shared fixtures of the online-learner tests (import with ``from tests.conftest_online import *``);
+``tiny_bundle`` comes from ``tests/conftest.py``."""
 from __future__ import annotations
 
 import pytest
@@ -7,18 +8,6 @@ from online.bench import redis_server
 from online.eventlog import EventLog
 
 WINDOW_MS = 5_000
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory):
-    from feedsim.simulate import simulate
-    from stacker.dnn import DNNConfig
-    from stacker.gbdt import GBDTConfig
-    from stacker.train import TrainConfig, train_bundle
-    from stacker.vwstack import VWConfig
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    return train_bundle(simulate(20_000), out, TrainConfig(gbdt=GBDTConfig(trees=20), dnn=DNNConfig(epochs=2),
-                                                            vw=VWConfig(bits=18)))
 
 
 @pytest.fixture(scope="session")

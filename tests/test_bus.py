@@ -5,7 +5,7 @@ from online.bus import RedisBus, id_to_offset, offset_to_id
 from online.learner import OnlineLearner
 from online.records import Engagement
 from online.replay import follow_redis, replay
-from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_bundle, tiny_records  # noqa: F401
+from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_records  # noqa: F401
 
 
 def test_publish_consume_ack_and_redelivery(redis_url):

@@ -22,7 +22,7 @@ from online.eventlog import EventLog
 from online.joiner import Joiner
 from online.records import Engagement
 from online.replay import read_records
-from tests.conftest_online import WINDOW_MS, event_log, tiny_bundle, tiny_records  # noqa: F401
+from tests.conftest_online import WINDOW_MS, event_log, tiny_records  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

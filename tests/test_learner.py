@@ -12,7 +12,7 @@ from online.replay import replay
 from online.reproduce import batch_from_records
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
-from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_bundle, tiny_records  # noqa: F401
+from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_records  # noqa: F401
 
 
 def test_features_from_served_records_equal_serve_time_features(tiny_bundle):
@@ -138,28 +138,20 @@ def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny
     b.close()
 
 
-def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, tiny_bundle, event_log):
+def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, tiny_bundle, other_bundle,
+                                                                     event_log):
     """A state directory holding another bundle's checkpoints is refused, unless the learner follows
     its server's bundle (``archive_foreign``): then they are moved to ``archive/`` intact."""
     import pytest
-    from feedsim.simulate import simulate
-    from stacker.dnn import DNNConfig
-    from stacker.gbdt import GBDTConfig
-    from stacker.progress import Progress
-    from stacker.train import TrainConfig, train_bundle
-    from stacker.vwstack import VWConfig
 
     state = tmp_path / "state"
     a = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS)
     replay(a, event_log, progress=False)
     old_id, learned = a.bundle_id, a.counters["learned_examples"]
     a.close()
-    other = train_bundle(simulate(20_000, seed=3), tmp_path / "other",
-                         TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1), vw=VWConfig(bits=18)),
-                         progress=Progress(enabled=False))
     with pytest.raises(ValueError, match=f"checkpoint is for bundle {old_id}"):
-        OnlineLearner(other, state, attribution_window_ms=WINDOW_MS)
-    b = OnlineLearner(other, state, attribution_window_ms=WINDOW_MS, archive_foreign=True)
+        OnlineLearner(other_bundle, state, attribution_window_ms=WINDOW_MS)
+    b = OnlineLearner(other_bundle, state, attribution_window_ms=WINDOW_MS, archive_foreign=True)
     assert b.bundle_id != old_id and b.replay_from == 0 and b.counters.get("learned_examples", 0) == 0
     b.close()
     (archived,) = (state / "archive").iterdir()

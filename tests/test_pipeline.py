@@ -15,7 +15,7 @@ from online.records import ServedRecord
 from online.replay import replay
 from online.reproduce import batch_from_records
 from stacker.ranker import StackedRanker
-from tests.conftest_online import WINDOW_MS, event_log, tiny_bundle, tiny_records  # noqa: F401
+from tests.conftest_online import WINDOW_MS, event_log, tiny_records  # noqa: F401
 
 
 def test_pipeline_learns_exactly_what_the_single_process_learner_learns(tmp_path, tiny_bundle, event_log,

@@ -9,7 +9,7 @@ from online.replay import replay
 from online.reproduce import batch_from_records
 from online.records import ServedRecord
 from stacker.ranker import StackedRanker
-from tests.conftest_online import WINDOW_MS, event_log, tiny_bundle, tiny_records  # noqa: F401
+from tests.conftest_online import WINDOW_MS, event_log, tiny_records  # noqa: F401
 
 
 def test_watcher_follows_deltas_in_order_and_new_replicas_start_from_a_base(tmp_path):

@@ -17,13 +17,21 @@ def _train_config(args):
     from stacker.dnn import DNNConfig
     from stacker.gbdt import GBDTConfig
     from stacker.train import TrainConfig
-    from stacker.vwstack import VWConfig
-    return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
-                       dnn=DNNConfig(epochs=args.epochs),
-                       vw=VWConfig(bits=args.bits, interactions=tuple(args.interactions.split(","))
-                                   if args.interactions else ()),
-                       downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
-                       slices=tuple(float(x) for x in args.slices.split(",")))
+    from stacker.vwstack import UNIT_VALUES, VWConfig
+    interactions = tuple(args.interactions.split(",")) if args.interactions else ()
+    if args.optimizer == "ftrl":
+        vw = VWConfig(bits=args.bits, interactions=interactions, ftrl_alpha=args.ftrl_alpha)
+        online = args.online_learning_rate
+    else:   # VW's default adaptive update on unit feature values, a faster rate online
+        vw = VWConfig(bits=args.bits, interactions=interactions, optimizer="adaptive", values=UNIT_VALUES)
+        online = 0.15 if args.online_learning_rate is None else args.online_learning_rate
+    try:
+        return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
+                           dnn=DNNConfig(epochs=args.epochs), vw=vw,
+                           downsample_rate=args.downsample, online_learning_rate=online,
+                           slices=tuple(float(x) for x in args.slices.split(",")))
+    except ValueError as e:
+        raise SystemExit(f"feedrank: {e}")
 
 
 def _add_train_options(p):
@@ -33,12 +41,17 @@ def _add_train_options(p):
     p.add_argument("--bits", type=int, default=24, help="VW -b hash bits (default 24)")
     p.add_argument("--interactions", default="ua,up",
                    help="VW crosses by namespace letters (u user, p post, a author, c context)")
+    p.add_argument("--optimizer", choices=("ftrl", "adaptive"), default="ftrl",
+                   help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
+                        "or VW's adaptive update on unit values")
+    p.add_argument("--ftrl-alpha", type=float, default=0.1, help="FTRL alpha (default 0.1)")
     p.add_argument("--downsample", type=float, default=0.25,
                    help="negative downsampling rate w (1 = off); kept negatives weigh 1/w")
-    p.add_argument("--online-learning-rate", type=float, default=0.15,
-                   help="VW -l recorded in the bundle for online learning (the offline pass uses 0.05)")
-    p.add_argument("--slices", default="0.3,0.5,0.2",
-                   help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.3,0.5,0.2)")
+    p.add_argument("--online-learning-rate", type=float, default=None,
+                   help="VW -l for online learning with --optimizer adaptive (default: the offline "
+                        "rate); FTRL models keep their alpha online")
+    p.add_argument("--slices", default="0.2,0.6,0.2",
+                   help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -80,8 +93,8 @@ def cmd_simulate(args):
 
 def cmd_train(args):
     from stacker.train import train_bundle
-    df, source = _load_data(args)
     config = _train_config(args)
+    df, source = _load_data(args)
     out = Path(args.out)
     t0 = time.time()
     path = train_bundle(df, out, config, progress=_progress(args))
@@ -96,8 +109,8 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from stacker.evaluate import evaluate, format_table, write_outputs
-    df, source = _load_data(args)
     config = _train_config(args)
+    df, source = _load_data(args)
     peers = {}
     name = "simulated"
     if args.dataset:
@@ -116,8 +129,9 @@ def cmd_eval(args):
 
 def cmd_eval_online(args):
     from online.compare import compare, format_comparison, plot, write
+    config = _train_config(args)
     df, source = _load_data(args)
-    report = compare(df, _train_config(args), bundle_share=args.bundle_share, progress=_progress(args))
+    report = compare(df, config, bundle_share=args.bundle_share, progress=_progress(args))
     report["source"] = source
     print(format_comparison(report))
     if args.json:

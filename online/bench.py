@@ -20,16 +20,17 @@ WINDOW_MS = 10_000
 
 
 def ensure_bench_bundle(cache_dir: Path, progress: bool = True) -> Path:
-    path = Path(cache_dir) / "bench-bundle"
+    from stacker.train import TrainConfig, config_key
+    from stacker.vwstack import VWConfig
+    config = TrainConfig(vw=VWConfig(bits=22))
+    path = Path(cache_dir) / f"bench-bundle-{config_key(config)}"     # retrained when the defaults change
     if (path / "manifest.json").is_file():
         return path
     from feedsim.simulate import simulate
     from stacker.progress import Progress
-    from stacker.train import TrainConfig, train_bundle
-    from stacker.vwstack import VWConfig
+    from stacker.train import train_bundle
     print(f"training the bench bundle into {path} (once)", file=sys.stderr)
-    return train_bundle(simulate(200_000, progress=progress), path, TrainConfig(vw=VWConfig(bits=22)),
-                        progress=Progress(progress))
+    return train_bundle(simulate(200_000, progress=progress), path, config, progress=Progress(progress))
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
         feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))
         frozen = ranker.predict_features(feats)
         Y = labels_of(stream, tasks)
-        online_vw = replace(config.vw, learning_rate=online_learning_rate or config.online_learning_rate)
+        online_vw = config.vw.with_rate(online_learning_rate or config.online_rate)
         online = progressive(tasks, online_vw, {t: bundle / "vw" / f"{t}.model" for t in tasks}, feats.leaves,
                              feats.hidden, feats.ids, feats.context, Y, chunk, progress,
                              "online stack: score, then learn")

@@ -45,25 +45,33 @@ from online.vwtext import batch_text
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
 from stacker.train import keep_hash
-from stacker.vwstack import TaskLearners, VWConfig
+from stacker.vwstack import UNIT_VALUES, TaskLearners, VWConfig
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
 def vw_config(manifest: dict) -> VWConfig:
-    """The VW settings to continue a bundle online: its own, with the manifest's online learning rate."""
+    """The VW settings to continue a bundle online: its own, with the manifest's online rate.
+
+    Bundles that predate the ``optimizer`` field learned with VW's adaptive update and unit feature
+    values; their settings are read back from the recorded arguments."""
     vw = manifest["vw"]
+    common = dict(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0))
+    if "optimizer" in vw:
+        config = VWConfig(**common, optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"],
+                          ftrl_beta=vw["ftrl_beta"], learning_rate=vw["learning_rate"], power_t=vw["power_t"],
+                          l2=vw["l2"], values=tuple(sorted(vw["values"].items())))
+        return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
     args = vw.get("args", "")
 
     def opt(pattern: str, default: float) -> float:
         m = re.search(pattern + r"\s+(\S+)", args)
         return float(m.group(1)) if m else default
-    d = VWConfig()
+    d = VWConfig(optimizer="adaptive")
     rate = vw.get("online_learning_rate") or opt(r"(?:^|\s)-l", d.learning_rate)
-    return VWConfig(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0),
-                    learning_rate=rate, power_t=opt("--power_t", d.power_t),
-                    l2=opt("--l2", d.l2))
+    return VWConfig(**common, optimizer="adaptive", learning_rate=rate, power_t=opt("--power_t", d.power_t),
+                    l2=opt("--l2", d.l2), values=UNIT_VALUES)
 
 
 FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "downsampled_out", "nothing_to_learn")
@@ -281,7 +289,7 @@ class Featurizer:
             prefixes = [b"1 %g " % weights[0]] * n
         else:
             prefixes = [b"1 %g " % w for w in weights.tolist()]
-        text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, prefixes)
+        text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, prefixes, feats.values)
         touched = self.ranker.scorer.binary_indices(feats.leaves, feats.ids, feats.context).ravel()
         seen = self._seen_rows
         seen[touched] = True

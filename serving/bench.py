@@ -34,15 +34,16 @@ TOKEN = "bench-token"
 def ensure_bundle(args) -> Path:
     if args.bundle:
         return Path(args.bundle)
-    path = Path(args.cache_dir) / "bench-200k"
+    from stacker.train import TrainConfig, config_key
+    from stacker.vwstack import VWConfig
+    config = TrainConfig(vw=VWConfig(bits=22))
+    path = Path(args.cache_dir) / f"bench-200k-{config_key(config)}"     # retrained when the defaults change
     if not (path / "manifest.json").is_file():
         from feedsim.simulate import simulate
         from stacker.progress import Progress
-        from stacker.train import TrainConfig, train_bundle
-        from stacker.vwstack import VWConfig
+        from stacker.train import train_bundle
         print(f"training the benchmark bundle into {path} (200k simulated impressions, 200 trees)...", file=sys.stderr)
-        train_bundle(simulate(200_000, progress=True), path, TrainConfig(vw=VWConfig(bits=22)),
-                     progress=Progress(enabled=True))
+        train_bundle(simulate(200_000, progress=True), path, config, progress=Progress(enabled=True))
     return path
 
 

@@ -11,7 +11,6 @@ served stack runs); ``oracle`` (true probabilities, simulated data only); plus a
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
     with progress.task(f"{name}: LR", len(Y)) as bar:
         learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
     _, leaves, hidden, ids, ctx = test_feats
-    p = learners.predict(example_lines(leaves, hidden, ids, ctx, namespaces))
+    p = learners.predict(example_lines(leaves, hidden, ids, ctx, namespaces, config.vw.values))
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         learners.save({t: keep / f"{t}.model" for t in tasks})
@@ -56,7 +55,7 @@ def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx
     with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
-            lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b])
+            lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], values=vw.values)
             out[a:b] = learners.predict(lines)
             learners.learn(lines, Y[a:b])
             bar.update(b - a)
@@ -96,14 +95,14 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
                                    lr_slice["post_id"].to_numpy(object), config.downsample_rate)
         rows = np.flatnonzero(keep)
-        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True))
-        test_feats = stack_features(ex, test)
+        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True), config.vw.values)
+        test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
                                                    weights[rows], test_feats, progress, name,
                                                    keep=models if name == "stack" else None))
-        online_vw = replace(config.vw, learning_rate=config.online_learning_rate)
+        online_vw = config.vw.with_rate(config.online_rate)
         timed("stack_online", lambda: progressive(tasks, online_vw, {t: models / f"{t}.model" for t in tasks},
                                                   *test_feats[1:], Y_test, online_chunk, progress))
 
@@ -127,7 +126,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep_all, w_all = downsample(Y_all, train_all["request_id"].to_numpy(object),
                                      train_all["post_id"].to_numpy(object), config.downsample_rate)
         rows_all = np.flatnonzero(keep_all)
-        all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True))
+        all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True), config.vw.values)
         timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
                                                    w_all[rows_all], test_feats, progress, "lr_ids"))
     for name, fn in (peers or {}).items():

@@ -23,9 +23,10 @@ class StackFeatures:
     hidden: np.ndarray
     ids: np.ndarray
     context: np.ndarray
+    values: dict | None = None       # each namespace's feature value (the bundle's VW ``values``)
 
     def vw_lines(self) -> list[str]:
-        return example_lines(self.leaves, self.hidden, self.ids, self.context)
+        return example_lines(self.leaves, self.hidden, self.ids, self.context, values=self.values)
 
 
 class StackedRanker:
@@ -69,7 +70,7 @@ class StackedRanker:
             raise bundles.BundleError(f"{path / 'gbdt.ubj'}: has {extractor.trees} trees, manifest "
                                       f"says {manifest['gbdt']['trees']}")
         scorer = SparseScorer(weights, vw["namespace_hashes"], vw["bits"], vw["interactions"],
-                              leaf_space=extractor.trees * extractor.node_stride)
+                              leaf_space=extractor.trees * extractor.node_stride, values=vw.get("values"))
         return cls(manifest, extractor, mlp, scorer, path)
 
     @property
@@ -83,13 +84,13 @@ class StackedRanker:
         t1 = time.perf_counter()
         leaves = self.extractor.leaves(dense)
         t2 = time.perf_counter()
-        hidden = round_hidden(self.mlp.hidden(dense))
+        hidden = round_hidden(self.mlp.hidden(dense), self.scorer.values["d"])
         t3 = time.perf_counter()
         if timings is not None:
             timings["features"] = timings.get("features", 0.0) + (t1 - t0)
             timings["gbdt"] = timings.get("gbdt", 0.0) + (t2 - t1)
             timings["dnn"] = timings.get("dnn", 0.0) + (t3 - t2)
-        return StackFeatures(dense, leaves, hidden, ids, ctx)
+        return StackFeatures(dense, leaves, hidden, ids, ctx, self.scorer.values)
 
     def predict_features(self, f: StackFeatures, timings: dict | None = None) -> np.ndarray:
         t0 = time.perf_counter()

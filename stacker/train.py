@@ -26,7 +26,7 @@ from .gbdt import GBDTConfig, LeafExtractor, train_gbdt
 from .hashing import HASH_NAME, collision_rate
 from .progress import Progress
 from .ranker import StackedRanker
-from .vwstack import TaskLearners, VWConfig, example_lines, round_hidden
+from .vwstack import TaskLearners, VWConfig, example_lines, namespace_values, round_hidden
 
 DEFAULT_EV_WEIGHTS = {"click": 1.0, "like": 2.0, "comment": 4.0, "share": 6.0, "hide": -10.0, "dwell": 1.0}
 
@@ -36,14 +36,27 @@ class TrainConfig:
     gbdt: GBDTConfig = field(default_factory=GBDTConfig)
     dnn: DNNConfig = field(default_factory=DNNConfig)
     vw: VWConfig = field(default_factory=VWConfig)
-    slices: tuple[float, float, float] = (0.3, 0.5, 0.2)
+    slices: tuple[float, float, float] = (0.2, 0.6, 0.2)
     downsample_rate: float = 0.25
-    # VW -l once the bundle learns online: larger than the offline pass so the LR tracks drift,
-    # new posts and new authors (the resumed adaptive state already damps old coordinates).
-    online_learning_rate: float = 0.15
+    # The optimizer's rate (FTRL alpha) once the bundle learns online; None keeps the offline rate:
+    # FTRL's per-coordinate rates already keep old coordinates steady while new posts, authors and
+    # user x author pairs learn fast.
+    online_learning_rate: float | None = None
     ev_weights: dict = field(default_factory=lambda: dict(DEFAULT_EV_WEIGHTS))
     chunk: int = 4096
     seed: int = 0
+
+    def __post_init__(self):
+        self.vw.with_rate(self.online_rate)    # FTRL refuses an online alpha other than its own
+
+    @property
+    def online_rate(self) -> float:
+        return self.vw.rate if self.online_learning_rate is None else self.online_learning_rate
+
+
+def config_key(config: TrainConfig) -> str:
+    """A short digest of every training setting (cache keys for bundles trained with defaults)."""
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:10]
 
 
 def split_by_time(df: pd.DataFrame, fractions) -> list[pd.DataFrame]:
@@ -99,14 +112,15 @@ def train_extractors(df: pd.DataFrame, tasks, config: TrainConfig, workdir: Path
     return Extractors(spec, LeafExtractor(booster, config.gbdt.depth, config.gbdt.threads), mlp, path)
 
 
-def stack_features(ex: Extractors, df: pd.DataFrame, chunk: int = 50_000):
-    """Leaves, rounded hidden activations, ids and context for every row of a table."""
+def stack_features(ex: Extractors, df: pd.DataFrame, values=None, chunk: int = 50_000):
+    """Leaves, rounded hidden activations (times the ``d`` value of ``values``), ids and context for
+    every row of a table."""
     batch = CandidateBatch.from_table(df, ex.spec)
     X = build_dense(ex.spec, batch)
     ids, ctx = build_sparse(ex.spec, batch)
     leaves = np.concatenate([ex.extractor.leaves(X[i:i + chunk]) for i in range(0, len(X), chunk)]) \
         if len(X) else np.zeros((0, ex.extractor.trees), np.int32)
-    hidden = round_hidden(ex.mlp.hidden(X))
+    hidden = round_hidden(ex.mlp.hidden(X), namespace_values(values)["d"])
     return X, leaves, hidden, ids, ctx
 
 
@@ -116,7 +130,7 @@ def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.nda
     _, leaves, hidden, ids, ctx = feats
     for a in range(0, len(Y), chunk):
         b = min(a + chunk, len(Y))
-        lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], namespaces)
+        lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], namespaces, learners.config.values)
         learners.learn(lines, Y[a:b], weights=weights[a:b])
         bar.update(b - a)
 
@@ -131,7 +145,7 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     rows = np.flatnonzero(keep)
     sub = df.iloc[rows].reset_index(drop=True)
     with progress.task("sparse LR (VW, per task)", len(rows)) as bar:
-        learn_features(learners, stack_features(ex, sub), Y[rows], weights[rows], config.chunk, bar)
+        learn_features(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config.chunk, bar)
     return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate}
 
 
@@ -158,7 +172,7 @@ def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: 
                  "target": "any_engagement", "shared_across_tasks": True},
         "dnn": {**asdict(config.dnn), "hidden_size": ex.mlp.hidden_size},
         "vw": {"bits": config.vw.bits, "hash_seed": config.vw.hash_seed, "args": config.vw.args(),
-               "online_learning_rate": config.online_learning_rate,
+               **config.vw.to_dict(), "online_learning_rate": config.online_rate,
                "interactions": list(config.vw.interactions),
                "namespace_hashes": learners.namespace_hashes(), "nonzero_weights": nonzero,
                "expected_collision_rate": collision_rate(nonzero, config.vw.bits)},
@@ -196,8 +210,8 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
         }
         if evaluate_slice and len(parts[2]):
             test = parts[2]
-            _, leaves, hidden, ids, ctx = stack_features(ex, test)
-            p = learners.predict(example_lines(leaves, hidden, ids, ctx))
+            _, leaves, hidden, ids, ctx = stack_features(ex, test, config.vw.values)
+            p = learners.predict(example_lines(leaves, hidden, ids, ctx, values=config.vw.values))
             base = labels_of(parts[1], tasks).mean(axis=0)
             Y = labels_of(test, tasks)
             meta["offline_metrics"] = {

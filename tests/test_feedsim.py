@@ -89,8 +89,14 @@ def test_describe_bounds(described):
     assert d["oracle_ne"]["click"] < w["post"] < w["tie+post"] < 1.0
     assert d["oracle_ne"]["click"] < w["tie"] < w["tie+post"]
     assert 0 < d["oracle_ne_target_share"]["tie+post"] < d["oracle_ne_target_share"]["tie"] < 1
+    # Ties inferred from each pair's history: better than blind to them, worse than knowing them.
+    assert d["oracle_ne"]["click"] < w["tie learned from history"] < w["tie"]
+    pairs = d["user_author_pairs"]
+    assert pairs["pairs"] > 0 and pairs["median_impressions"] >= 1
+    assert pairs["impression_weighted_mean"] > pairs["mean_impressions"]
     text = format_description(d)
     assert "click" in text and "tie" in text and "without tie+post" in text
+    assert "with tie learned from history" in text and "user x author pairs" in text
 
 
 def test_hide_anticorrelated_with_interest(small):

@@ -130,7 +130,7 @@ def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny
     paths = {t: tiny_bundle / "vw" / f"{t}.model" for t in r.tasks}
     a, b = TaskLearners(r.tasks, vw_config(r.manifest), paths), TaskLearners(r.tasks, vw_config(r.manifest), paths)
     pa = a.learn(f.vw_lines(), labels, mask, weights)
-    pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, [b"1 %g " % w for w in weights]),
+    pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, [b"1 %g " % w for w in weights], f.values),
                     labels, mask, weights)
     np.testing.assert_array_equal(pa, pb)
     np.testing.assert_array_equal(a.weights(), b.weights())

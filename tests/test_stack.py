@@ -196,3 +196,53 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
     assert V["stack"]["click"]["ne"] < V["gbdt_lr"]["click"]["ne"]
     assert mean_ne("stack_online") < mean_ne("stack")
     assert V["oracle"]["click"]["ne"] < V["stack_online"]["click"]["ne"] < V["base_rate"]["click"]["ne"]
+
+
+def _tie_recovery(config: VWConfig) -> float:
+    """Learn click from user x author ties alone (400 pairs, ~12 impressions each, 8% base rate);
+    return the correlation of the learned pair effect with the true tie."""
+    rng = np.random.default_rng(3)
+    pairs, n = 400, 5000
+    tie = rng.normal(0, 1.0, pairs)
+    pair = rng.integers(0, pairs, n)
+    users, authors = pair // 20, pair % 20 + 1000
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(-2.5 + tie[pair])))).astype(np.int8)
+    ids = np.stack([users, np.arange(n) + 10_000, authors], axis=1).astype(np.uint64)   # posts: one each
+    ctx = np.zeros((n, 1), np.uint64)
+    leaves, hidden = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    from stacker.vwstack import example_lines
+    learners = TaskLearners(("click",), config)
+    learners.learn(example_lines(leaves, hidden, ids, ctx, "uac", config.values), y[:, None])
+    probe = np.stack([np.arange(pairs) // 20, np.arange(pairs) + 100_000, np.arange(pairs) % 20 + 1000], axis=1)
+    p = learners.predict(example_lines(np.zeros((pairs, 0), np.int64), np.zeros((pairs, 0), np.float32),
+                                       probe.astype(np.uint64), np.zeros((pairs, 1), np.uint64), "uac",
+                                       config.values))[:, 0]
+    learners.close()
+    return float(np.corrcoef(np.log(p / (1 - p)), tie)[0, 1])
+
+
+def test_ftrl_learns_rare_user_author_ties_the_adaptive_update_misses():
+    from stacker.vwstack import UNIT_VALUES
+    ftrl = _tie_recovery(VWConfig(bits=18, interactions=("ua",)))
+    adaptive = _tie_recovery(VWConfig(bits=18, interactions=("ua",), optimizer="adaptive", values=UNIT_VALUES))
+    assert ftrl > 0.5
+    assert ftrl > adaptive + 0.05
+
+
+def test_ftrl_keeps_its_alpha_online_and_old_bundles_resume_adaptive():
+    from online.learner import vw_config
+    from stacker.vwstack import UNIT_VALUES
+    with pytest.raises(ValueError, match="own alpha"):
+        VWConfig(ftrl_alpha=0.1).with_rate(0.3)
+    with pytest.raises(ValueError, match="own alpha"):
+        TrainConfig(online_learning_rate=0.3)
+    assert VWConfig(optimizer="adaptive").with_rate(0.2).learning_rate == 0.2
+    # A manifest written before the optimizer was recorded: VW's adaptive update on unit values.
+    old = {"bits": 18, "interactions": ["ua", "up"], "hash_seed": 0, "online_learning_rate": 0.15,
+           "args": "--quiet -b 18 --loss_function logistic --link logistic --save_resume --hash_seed 0 "
+                   "-l 0.05 --power_t 0.5 --l2 0.0 -q ua -q up"}
+    config = vw_config({"vw": old})
+    assert (config.optimizer, config.learning_rate, config.values) == ("adaptive", 0.15, UNIT_VALUES)
+    assert "--ftrl" not in config.args() and "-l 0.15" in config.args()
+    new = vw_config({"vw": {**old, **VWConfig(bits=18).to_dict(), "online_learning_rate": 0.1}})
+    assert new.optimizer == "ftrl" and "--ftrl_alpha 0.1" in new.args()

@@ -3,6 +3,7 @@ variance comes from."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 
@@ -38,6 +39,37 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) 
     return out
 
 
+def _learned_tie_click(world, comps: dict, media, position, labels: np.ndarray, pairs: np.ndarray,
+                       nodes: int = 31) -> np.ndarray:
+    """P(click) of an oracle that knows every component but the tie, and infers each user x author
+    tie from that pair's earlier impressions (all tasks' labels): the posterior mean over a
+    Gauss-Hermite grid of the tie's normal prior, updated impression by impression in time order."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    log_prior = np.log(w / w.sum())
+    sigma = float(comps["tie"].std())
+    base = dict(comps)
+    base["tie"] = np.zeros(len(media))
+    n, k_click = len(media), TASKS.index("click")
+    click_grid = np.empty((n, nodes), np.float64)
+    loglik = np.zeros((n, nodes), np.float64)
+    for j in range(nodes):
+        c = dict(base)
+        c["tie"] = np.full(n, sigma * x[j])
+        p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)     # [N, T]
+        loglik[:, j] = np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1)
+        click_grid[:, j] = p[:, k_click]
+    order = np.lexsort((np.arange(n), pairs))          # by pair, then time (rows are in time order)
+    first = np.r_[True, pairs[order][1:] != pairs[order][:-1]]
+    group = np.cumsum(first) - 1
+    before = np.cumsum(loglik[order], axis=0) - loglik[order]        # each pair's history so far
+    before -= before[np.flatnonzero(first)][group]
+    post = log_prior[None, :] + before
+    post = np.exp(post - post.max(axis=1, keepdims=True))
+    out = np.empty(n)
+    out[order] = (post * click_grid[order]).sum(axis=1) / post.sum(axis=1)
+    return out
+
+
 def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None) -> dict:
     """Simulate ``n_impressions`` and summarise them.
 
@@ -49,6 +81,9 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
     ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
     the best any model can do without ties or post quality, which no dense feature shows.
+    Its entry ``tie learned from history`` infers each tie Bayes-optimally from the pair's earlier
+    impressions instead: the best any model that must learn ties from the stream can reach, even
+    knowing everything else exactly. ``user_author_pairs`` says how often pairs recur.
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
     a "model reaches x% of the oracle" target against.
     """
@@ -64,6 +99,11 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     without = {name: normalized_entropy(click, _marginal_click(world, comps, media, df["position"].to_numpy(), held))
                for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
     oracle_click = normalized_entropy(click, df[true_column("click")].to_numpy())
+    pairs = pd.factorize(df["user_id"].astype(str) + "\x1f" + df["author_id"].astype(str))[0]
+    per_pair = np.bincount(pairs)
+    labels = np.stack([df[label_column(t)].to_numpy() for t in TASKS], axis=1)
+    learned = _learned_tie_click(world, comps, media, df["position"].to_numpy(), labels, pairs)
+    without["tie learned from history"] = normalized_entropy(click, learned)
     return {
         "n_impressions": int(len(df)),
         "n_requests": int(df["request_id"].nunique()),
@@ -82,6 +122,9 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         "drift_share": shares["drift"],
         "oracle_click_ne_without": without,
         "oracle_ne_target_share": {k: float((1 - v) / (1 - oracle_click)) for k, v in without.items()},
+        "user_author_pairs": {"pairs": int(len(per_pair)), "mean_impressions": float(per_pair.mean()),
+                              "median_impressions": float(np.median(per_pair)),
+                              "impression_weighted_mean": float((per_pair ** 2).sum() / per_pair.sum())},
     }
 
 
@@ -103,7 +146,12 @@ def format_description(d: dict) -> str:
     lines.append("")
     lines.append("oracle click NE without what no dense feature shows (averaged over it):")
     for k, v in d["oracle_click_ne_without"].items():
-        lines.append(f"  without {k:<10}{v:>8.4f}   keeps {d['oracle_ne_target_share'][k]:.1%} of the oracle's 1 - NE")
+        lines.append(f"  {'with' if 'learned' in k else 'without'} {k:<26}{v:>8.4f}   keeps "
+                     f"{d['oracle_ne_target_share'][k]:.1%} of the oracle's 1 - NE")
+    pp = d["user_author_pairs"]
+    lines.append(f"user x author pairs: {pp['pairs']:,}, impressions per pair mean {pp['mean_impressions']:.1f}, "
+                 f"median {pp['median_impressions']:.0f}, {pp['impression_weighted_mean']:.1f} for the pair of an "
+                 f"average impression")
     return "\n".join(lines)
 
 

@@ -146,7 +146,8 @@ def format_description(d: dict) -> str:
     lines.append("")
     lines.append("oracle click NE without what no dense feature shows (averaged over it):")
     for k, v in d["oracle_click_ne_without"].items():
-        lines.append(f"  {'with' if 'learned' in k else 'without'} {k:<26}{v:>8.4f}   keeps "
+        label = ("with " if "learned" in k else "without ") + k
+        lines.append(f"  {label:<32}{v:>8.4f}   keeps "
                      f"{d['oracle_ne_target_share'][k]:.1%} of the oracle's 1 - NE")
     pp = d["user_author_pairs"]
     lines.append(f"user x author pairs: {pp['pairs']:,}, impressions per pair mean {pp['mean_impressions']:.1f}, "

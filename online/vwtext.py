@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from stacker.vwstack import DNN_DECIMALS, namespace_values
+from stacker.vwstack import DNN_DECIMALS, namespace_marker, namespace_values
 
 _ZERO = ord("0")
 _SPACE = ord(" ")
@@ -44,19 +44,19 @@ def _cells(buf: np.ndarray, start: int, k: int, cell: int) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _layout(prefix: bytes, n_leaves: int, lw: int, units: int, uw: int, iw: int, n_ctx: int,
-            suffix: tuple[tuple[str, bytes], ...] = ()):
-    """Template row and column offsets of one layout; ``suffix`` holds each namespace's constant
-    ``:value`` (empty for value 1)."""
-    sfx = dict(suffix)
-    ls, cs = sfx.get("l", b""), sfx.get("c", b"")
+            markers: tuple[tuple[str, bytes], ...] = ()):
+    """Template row and column offsets of one layout; ``markers`` holds each namespace's marker
+    with its value (``|l:0.05 ``; ``|l `` for value 1)."""
+    mk = {ns: b"|%s " % ns.encode() for ns in "lupac"}
+    mk.update(dict(markers))
     parts: list[bytes] = [prefix]
     pos = len(prefix)
     offs = {}
-    parts.append(b"|l ")
-    pos += 3
+    parts.append(mk["l"])
+    pos += len(mk["l"])
     offs["l"] = pos
-    parts.append((b"0" * lw + ls + b" ") * n_leaves)
-    pos += (lw + len(ls) + 1) * n_leaves
+    parts.append((b"0" * lw + b" ") * n_leaves)
+    pos += (lw + 1) * n_leaves
     parts.append(b"|d ")
     pos += 3
     offs["d"] = pos
@@ -65,16 +65,16 @@ def _layout(prefix: bytes, n_leaves: int, lw: int, units: int, uw: int, iw: int,
         parts.append(b"%0*d:" % (uw, j) + b"0" * iw + b"." + b"0" * DNN_DECIMALS + b" ")
     pos += dcell * units
     for ns in "upa":
-        parts.append(b"|%s " % ns.encode())
-        pos += 3
+        parts.append(mk[ns])
+        pos += len(mk[ns])
         offs[ns] = pos
-        parts.append(b"0" * 10 + sfx.get(ns, b"") + b" ")
-        pos += 11 + len(sfx.get(ns, b""))
-    parts.append(b"|c ")
-    pos += 3
+        parts.append(b"0" * 10 + b" ")
+        pos += 11
+    parts.append(mk["c"])
+    pos += len(mk["c"])
     offs["c"] = pos
-    parts.append((b"0" * 10 + cs + b" ") * n_ctx)
-    pos += (11 + len(cs)) * n_ctx
+    parts.append((b"0" * 10 + b" ") * n_ctx)
+    pos += 11 * n_ctx
     parts.append(b"\n")
     row = b"".join(parts)
     assert len(row) == pos + 1
@@ -98,15 +98,14 @@ def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.
     uw = len(str(max(units - 1, 0)))
     first = prefixes[0]
     same = all(p == first for p in prefixes)
-    suffix = tuple((k, b":%s" % f"{v:g}".encode()) for k, v in sorted(namespace_values(values).items())
-                   if k != "d" and v != 1.0)
-    row, offs, dcell = _layout(first if same else b"", leaves.shape[1], lw, units, uw, iw, ctx.shape[1], suffix)
-    sfx = dict(suffix)
+    markers = tuple((k, namespace_marker(k, v).encode() + b" ") for k, v in sorted(namespace_values(values).items())
+                    if k != "d")
+    row, offs, dcell = _layout(first if same else b"", leaves.shape[1], lw, units, uw, iw, ctx.shape[1], markers)
     width = len(row)
     buf = np.empty((n, width), np.uint8)
     buf[:] = row
     if leaves.shape[1]:
-        _cells(buf, offs["l"], leaves.shape[1], lw + len(sfx.get("l", b"")) + 1)[:, :, :lw] = _digits(leaves, lw)
+        _cells(buf, offs["l"], leaves.shape[1], lw + 1)[:, :, :lw] = _digits(leaves, lw)
     if units:
         d = _cells(buf, offs["d"], units, dcell)
         a = uw + 1
@@ -115,7 +114,7 @@ def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.
     for k, ns in enumerate("upa"):
         buf[:, offs[ns]:offs[ns] + 10] = _digits(ids[:, k], 10)
     if ctx.shape[1]:
-        _cells(buf, offs["c"], ctx.shape[1], 11 + len(sfx.get("c", b"")))[:, :, :10] = _digits(ctx, 10)
+        _cells(buf, offs["c"], ctx.shape[1], 11)[:, :, :10] = _digits(ctx, 10)
     if same:
         return buf.tobytes()
     raw = buf.tobytes()

@@ -7,8 +7,9 @@ The LRs learn with FTRL-proximal (per-coordinate rates alpha / (beta + sqrt(sum 
 unlike VW's default adaptive update, whose first step on a coordinate has the same size for a click
 and a non-click, its first steps follow the gradient, so a user x author pair seen a handful of times
 learns from its clicks. VW has no per-namespace learning rate; each namespace's features carry a fixed
-value instead (``VWConfig.values``), and a feature of value v learns about v^2 times as fast: the 200
-always-active leaves learn slowly, ids fast. DNN activations are multiplied by the ``d`` value.
+value instead (``VWConfig.values``, written once on the namespace marker, ``|l:0.05``), and a feature
+of value v learns about v^2 times as fast: the 200 always-active leaves learn slowly, ids fast. DNN
+activations are multiplied by the ``d`` value before they are written.
 
 All feature names are integers, so an example's weight indices are computable outside VW:
 ``(name + hash_space(ns)) & 0xFFFFFFFF`` masked to ``-b`` bits; a cross ``-q xy`` of strided indices
@@ -93,8 +94,9 @@ def round_hidden(hidden: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return np.round(hidden.astype(np.float64) * scale, DNN_DECIMALS).astype(np.float32)
 
 
-def _valued(value: float) -> str:
-    return "" if value == 1.0 else f":{value:g}"
+def namespace_marker(ns: str, value: float) -> str:
+    """``|l`` or ``|l:0.05``: VW multiplies every feature of the namespace by the marker's value."""
+    return f"|{ns}" if value == 1.0 else f"|{ns}:{value:g}"
 
 
 def example_lines(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.ndarray,
@@ -102,26 +104,28 @@ def example_lines(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: 
     """VW text lines (no label) for N rows; ``hidden`` must already be rounded (and scaled).
 
     ``namespaces`` selects the blocks written (letters of :data:`NAMESPACES`), so ablations such as
-    leaves-only or ids-only LRs use the same writer; ``values`` gives each namespace's feature value.
+    leaves-only or ids-only LRs use the same writer; ``values`` gives each namespace's feature value
+    (written once, on the namespace marker; the DNN block carries its scaled activations instead).
     """
-    v = {k: _valued(x) for k, x in namespace_values(values).items()}
+    v = namespace_values(values)
+    m = {k: namespace_marker(k, x) for k, x in v.items() if k != "d"}
     fmt = f"{{}}:{{:.{DNN_DECIMALS}f}}"
     lines = []
     for i in range(len(ids)):
         parts = []
         if "l" in namespaces:
-            parts.append("|l " + " ".join(f"{x}{v['l']}" for x in leaves[i].tolist()))
+            parts.append(f"{m['l']} " + " ".join(map(str, leaves[i].tolist())))
         if "d" in namespaces:
             h = hidden[i]
             parts.append("|d " + " ".join(fmt.format(j, h[j]) for j in np.flatnonzero(h)))
         if "u" in namespaces:
-            parts.append(f"|u {ids[i, 0]}{v['u']}")
+            parts.append(f"{m['u']} {ids[i, 0]}")
         if "p" in namespaces:
-            parts.append(f"|p {ids[i, 1]}{v['p']}")
+            parts.append(f"{m['p']} {ids[i, 1]}")
         if "a" in namespaces:
-            parts.append(f"|a {ids[i, 2]}{v['a']}")
+            parts.append(f"{m['a']} {ids[i, 2]}")
         if "c" in namespaces:
-            parts.append("|c " + " ".join(f"{x}{v['c']}" for x in ctx[i].tolist()))
+            parts.append(f"{m['c']} " + " ".join(map(str, ctx[i].tolist())))
         lines.append(" ".join(parts))
     return lines
 

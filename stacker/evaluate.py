@@ -4,7 +4,7 @@ Variants: ``base_rate``; ``lr_ids`` (VW on ids and context only); ``gbdt`` (XGBo
 ``dnn`` (the multi-task MLP), both trained on all rows the stack uses in total (extractor + LR
 slices) so no variant wins by seeing fresher data; ``gbdt_lr`` and ``dnn_lr`` (one extractor under
 the LR); ``stack`` (frozen at the end of its LR slice); ``stack_online`` (the same stack, resumed
-with the bundle's online learning rate, scoring the test slice in arrival order and learning each
+with the bundle's online settings (FTRL: its own alpha), scoring the test slice in arrival order and learning each
 chunk of ``online_chunk`` rows only after it has been scored: progressive validation, which is how the
 served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
 """

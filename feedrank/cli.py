@@ -20,9 +20,12 @@ def _train_config(args):
     from stacker.vwstack import UNIT_VALUES, VWConfig
     interactions = tuple(args.interactions.split(",")) if args.interactions else ()
     if args.optimizer == "ftrl":
-        vw = VWConfig(bits=args.bits, interactions=interactions, ftrl_alpha=args.ftrl_alpha)
+        vw = VWConfig(bits=args.bits, interactions=interactions,
+                      **({} if args.ftrl_alpha is None else {"ftrl_alpha": args.ftrl_alpha}))
         online = args.online_learning_rate
     else:   # VW's default adaptive update on unit feature values, a faster rate online
+        if args.ftrl_alpha is not None:
+            raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
         vw = VWConfig(bits=args.bits, interactions=interactions, optimizer="adaptive", values=UNIT_VALUES)
         online = 0.15 if args.online_learning_rate is None else args.online_learning_rate
     try:
@@ -44,12 +47,12 @@ def _add_train_options(p):
     p.add_argument("--optimizer", choices=("ftrl", "adaptive"), default="ftrl",
                    help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
                         "or VW's adaptive update on unit values")
-    p.add_argument("--ftrl-alpha", type=float, default=0.1, help="FTRL alpha (default 0.1)")
+    p.add_argument("--ftrl-alpha", type=float, default=None, help="FTRL alpha (default 0.1)")
     p.add_argument("--downsample", type=float, default=0.25,
                    help="negative downsampling rate w (1 = off); kept negatives weigh 1/w")
     p.add_argument("--online-learning-rate", type=float, default=None,
-                   help="VW -l for online learning with --optimizer adaptive (default: the offline "
-                        "rate); FTRL models keep their alpha online")
+                   help="VW -l for online learning with --optimizer adaptive (default 0.15); FTRL "
+                        "models keep their alpha online")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")

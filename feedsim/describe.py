@@ -40,10 +40,11 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) 
 
 
 def _learned_tie_click(world, comps: dict, media, position, labels: np.ndarray, pairs: np.ndarray,
-                       nodes: int = 31) -> np.ndarray:
+                       requests: np.ndarray, nodes: int = 31) -> np.ndarray:
     """P(click) of an oracle that knows every component but the tie, and infers each user x author
-    tie from that pair's earlier impressions (all tasks' labels): the posterior mean over a
-    Gauss-Hermite grid of the tie's normal prior, updated impression by impression in time order."""
+    tie from that pair's impressions in earlier requests (all tasks' labels; a served model has no
+    labels from the request it is scoring): the posterior mean over a Gauss-Hermite grid of the tie's
+    normal prior, updated request by request in time order."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     log_prior = np.log(w / w.sum())
     sigma = float(comps["tie"].std())
@@ -59,10 +60,13 @@ def _learned_tie_click(world, comps: dict, media, position, labels: np.ndarray, 
         loglik[:, j] = np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1)
         click_grid[:, j] = p[:, k_click]
     order = np.lexsort((np.arange(n), pairs))          # by pair, then time (rows are in time order)
-    first = np.r_[True, pairs[order][1:] != pairs[order][:-1]]
-    group = np.cumsum(first) - 1
-    before = np.cumsum(loglik[order], axis=0) - loglik[order]        # each pair's history so far
-    before -= before[np.flatnonzero(first)][group]
+    po, ro = pairs[order], requests[order]
+    first = np.r_[True, po[1:] != po[:-1]]                           # a pair's first impression
+    first_req = first | np.r_[True, ro[1:] != ro[:-1]]               # ... or a new request of the pair
+    before = np.cumsum(loglik[order], axis=0) - loglik[order]        # each row's exclusive history
+    # history = everything before the pair's current request, minus what came before the pair
+    before = before[np.flatnonzero(first_req)][np.cumsum(first_req) - 1] \
+        - before[np.flatnonzero(first)][np.cumsum(first) - 1]
     post = log_prior[None, :] + before
     post = np.exp(post - post.max(axis=1, keepdims=True))
     out = np.empty(n)
@@ -81,8 +85,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
     ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
     the best any model can do without ties or post quality, which no dense feature shows.
-    Its entry ``tie learned from history`` infers each tie Bayes-optimally from the pair's earlier
-    impressions instead: the best any model that must learn ties from the stream can reach, even
+    Its entry ``tie learned from history`` infers each tie Bayes-optimally from the pair's impressions
+    in earlier requests instead: the best any model that must learn ties from the stream can reach, even
     knowing everything else exactly. ``user_author_pairs`` says how often pairs recur.
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
     a "model reaches x% of the oracle" target against.
@@ -102,7 +106,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     pairs = pd.factorize(df["user_id"].astype(str) + "\x1f" + df["author_id"].astype(str))[0]
     per_pair = np.bincount(pairs)
     labels = np.stack([df[label_column(t)].to_numpy() for t in TASKS], axis=1)
-    learned = _learned_tie_click(world, comps, media, df["position"].to_numpy(), labels, pairs)
+    requests = pd.factorize(df["request_id"])[0]
+    learned = _learned_tie_click(world, comps, media, df["position"].to_numpy(), labels, pairs, requests)
     without["tie learned from history"] = normalized_entropy(click, learned)
     return {
         "n_impressions": int(len(df)),

@@ -25,6 +25,9 @@ def contributions(ranker: StackedRanker, f: StackFeatures, sel: np.ndarray, prob
     leaves, ids, ctx, hidden = f.leaves[sel], f.ids[sel], f.context[sel], f.hidden[sel]
     rows = sc.binary_indices(leaves, ids, ctx)                         # [K, F]
     w = sc.weights[rows].astype(np.float64)                            # [K, F, T]
+    values = sc.binary_values(leaves.shape[1], ctx.shape[1])           # each feature's value, or None
+    if values is not None:
+        w *= values[None, :, None]
     n_leaves = leaves.shape[1]
     names = ["leaves", "user", "post", "author"] + [f"context:{t}" for t in context_tokens]
     blocks = [w[:, :n_leaves].sum(axis=1), w[:, n_leaves], w[:, n_leaves + 1], w[:, n_leaves + 2]]

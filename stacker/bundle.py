@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: the sparse LR records its optimizer and per-namespace feature values (``vw.optimizer``,
+# ``vw.values``); code that predates them would score such a bundle with unit values, so it must refuse
+# it. Version 1 bundles (adaptive update, unit values) still load.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -82,9 +86,9 @@ def read_manifest(directory) -> dict:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in SUPPORTED_VERSIONS:
         raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
-                          f"the supported {FORMAT_VERSION}")
+                          f"one of the supported {SUPPORTED_VERSIONS}")
     return manifest
 
 

@@ -268,6 +268,26 @@ def test_explain_returns_named_contributions(live, feeds):
     assert names & {"leaves", "dnn", "user×author", "user×post", "constant"}
 
 
+def test_explained_blocks_add_up_to_the_served_logit(tiny_bundle):
+    """Every block's contribution, leaves to constant, with the bundle's feature values: for one task
+    at weight 1 the EV contributions sum to p(1 - p) times the logit the scorer serves."""
+    from feedsim.simulate import simulate
+    from serving.explain import contributions
+    from stacker.features import CandidateBatch
+    from stacker.ranker import StackedRanker
+    ranker = StackedRanker.load(tiny_bundle)
+    assert ranker.scorer.binary_values(3, 5) is not None       # the default values are not all 1
+    f = ranker.features(CandidateBatch.from_table(simulate(2_000, seed=5).head(40), ranker.spec))
+    z = ranker.scorer.logits(f.leaves, f.hidden, f.ids, f.context)                # [K, T]
+    p = 1.0 / (1.0 + np.exp(-z))
+    sel = np.arange(len(z))
+    for k in range(len(ranker.tasks)):
+        weights = np.eye(len(ranker.tasks))[k]
+        out = contributions(ranker, f, sel, p, weights, ["device", "surface", "hour", "media", "pos"], top_k=100)
+        total = np.array([sum(v for _, v in row) for row in out])
+        np.testing.assert_allclose(total, p[:, k] * (1 - p[:, k]) * z[:, k], rtol=1e-9, atol=1e-12)
+
+
 def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_path):
     from stacker.bundle import copy_bundle
     rs, stub, admin, _ = live

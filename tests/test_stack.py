@@ -246,3 +246,29 @@ def test_ftrl_keeps_its_alpha_online_and_old_bundles_resume_adaptive():
     assert "--ftrl" not in config.args() and "-l 0.15" in config.args()
     new = vw_config({"vw": {**old, **VWConfig(bits=18).to_dict(), "online_learning_rate": 0.1}})
     assert new.optimizer == "ftrl" and "--ftrl_alpha 0.1" in new.args()
+
+
+def test_a_format_1_bundle_still_loads_and_scores_like_vw(tmp_path, table):
+    """Bundles from before the optimizer and feature values were recorded (format 1: VW's adaptive
+    update, unit values) load, and the numpy scorer still equals VW on them."""
+    from online.learner import vw_config
+    from stacker.vwstack import UNIT_VALUES
+    config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1),
+                         vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES), online_learning_rate=0.15)
+    path = train_bundle(table.head(6000), tmp_path / "v1", config)
+    m = json.loads((path / "manifest.json").read_text())
+    for key in ("optimizer", "ftrl_alpha", "ftrl_beta", "learning_rate", "power_t", "l2", "values"):
+        del m["vw"][key]
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    ranker = StackedRanker.load(path)
+    f = ranker.features(CandidateBatch.from_table(table.tail(300), ranker.spec))
+    vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest),
+                      model_paths={t: path / "vw" / f"{t}.model" for t in ranker.tasks})
+    np.testing.assert_allclose(ranker.predict_features(f), vw.predict(f.vw_lines()), atol=1e-6)
+    vw.close()
+
+
+def test_new_bundles_are_format_2(bundle_dir):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m["format_version"] == 2 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05

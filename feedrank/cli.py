@@ -22,16 +22,14 @@ def _train_config(args):
     if args.optimizer == "ftrl":
         vw = VWConfig(bits=args.bits, interactions=interactions,
                       **({} if args.ftrl_alpha is None else {"ftrl_alpha": args.ftrl_alpha}))
-        online = args.online_learning_rate
-    else:   # VW's default adaptive update on unit feature values, a faster rate online
+    else:   # VW's default adaptive update on unit feature values
         if args.ftrl_alpha is not None:
             raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
         vw = VWConfig(bits=args.bits, interactions=interactions, optimizer="adaptive", values=UNIT_VALUES)
-        online = 0.15 if args.online_learning_rate is None else args.online_learning_rate
     try:
         return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
-                           downsample_rate=args.downsample, online_learning_rate=online,
+                           downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
                            slices=tuple(float(x) for x in args.slices.split(",")))
     except ValueError as e:
         raise SystemExit(f"feedrank: {e}")

@@ -100,14 +100,15 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     index = {m: i for i, m in enumerate(MEDIA_TYPES)}
     media = np.fromiter((index[m] for m in df["media_type"].to_numpy()), np.int64, len(df))
     click = df[label_column("click")].to_numpy()
-    without = {name: normalized_entropy(click, _marginal_click(world, comps, media, df["position"].to_numpy(), held))
+    position = df["position"].to_numpy()
+    without = {name: normalized_entropy(click, _marginal_click(world, comps, media, position, held))
                for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
     oracle_click = normalized_entropy(click, df[true_column("click")].to_numpy())
     pairs = pd.factorize(df["user_id"].astype(str) + "\x1f" + df["author_id"].astype(str))[0]
     per_pair = np.bincount(pairs)
     labels = np.stack([df[label_column(t)].to_numpy() for t in TASKS], axis=1)
     requests = pd.factorize(df["request_id"])[0]
-    learned = _learned_tie_click(world, comps, media, df["position"].to_numpy(), labels, pairs, requests)
+    learned = _learned_tie_click(world, comps, media, position, labels, pairs, requests)
     without["tie learned from history"] = normalized_entropy(click, learned)
     return {
         "n_impressions": int(len(df)),

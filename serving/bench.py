@@ -32,19 +32,12 @@ TOKEN = "bench-token"
 
 
 def ensure_bundle(args) -> Path:
+    """``--bundle``, or the benchmark bundle (200k simulated impressions, default training) kept in
+    ``--cache-dir``: the same one ``feedrank bench learn`` uses."""
     if args.bundle:
         return Path(args.bundle)
-    from stacker.train import TrainConfig, config_key
-    from stacker.vwstack import VWConfig
-    config = TrainConfig(vw=VWConfig(bits=22))
-    path = Path(args.cache_dir) / f"bench-200k-{config_key(config)}"     # retrained when the defaults change
-    if not (path / "manifest.json").is_file():
-        from feedsim.simulate import simulate
-        from stacker.progress import Progress
-        from stacker.train import train_bundle
-        print(f"training the benchmark bundle into {path} (200k simulated impressions, 200 trees)...", file=sys.stderr)
-        train_bundle(simulate(200_000, progress=True), path, config, progress=Progress(enabled=True))
-    return path
+    from online.bench import ensure_bench_bundle
+    return ensure_bench_bundle(Path(args.cache_dir))
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from .progress import Progress
 from .ranker import StackedRanker
 from .vwstack import TaskLearners, VWConfig, example_lines, namespace_values, round_hidden
 
+ADAPTIVE_ONLINE_RATE = 0.15     # VW -l online for the adaptive update (its offline pass uses 0.05)
 DEFAULT_EV_WEIGHTS = {"click": 1.0, "like": 2.0, "comment": 4.0, "share": 6.0, "hide": -10.0, "dwell": 1.0}
 
 
@@ -38,9 +39,9 @@ class TrainConfig:
     vw: VWConfig = field(default_factory=VWConfig)
     slices: tuple[float, float, float] = (0.2, 0.6, 0.2)
     downsample_rate: float = 0.25
-    # The optimizer's rate (FTRL alpha) once the bundle learns online; None keeps the offline rate:
-    # FTRL's per-coordinate rates already keep old coordinates steady while new posts, authors and
-    # user x author pairs learn fast.
+    # The optimizer's rate once the bundle learns online; None: FTRL keeps its alpha (its per-coordinate
+    # rates already keep old coordinates steady while new posts, authors and user x author pairs learn
+    # fast); the adaptive update goes faster than its offline pass so the LR tracks drift.
     online_learning_rate: float | None = None
     ev_weights: dict = field(default_factory=lambda: dict(DEFAULT_EV_WEIGHTS))
     chunk: int = 4096
@@ -51,7 +52,9 @@ class TrainConfig:
 
     @property
     def online_rate(self) -> float:
-        return self.vw.rate if self.online_learning_rate is None else self.online_learning_rate
+        if self.online_learning_rate is not None:
+            return self.online_learning_rate
+        return self.vw.rate if self.vw.optimizer == "ftrl" else ADAPTIVE_ONLINE_RATE
 
 
 def config_key(config: TrainConfig) -> str:

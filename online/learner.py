@@ -41,11 +41,11 @@ from online.progressive import ProgressiveMetrics
 from online.publish import UpdatePublisher
 from online.records import Engagement, ServedRecord
 from online.reproduce import batch_from_records, fits_spec
-from online.vwtext import batch_text
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
 from stacker.train import keep_hash
-from stacker.vwstack import UNIT_VALUES, TaskLearners, VWConfig
+from stacker.vwstack import UNIT_VALUES, TaskLearners, VWConfig, learn_text
+from stacker.vwtext import batch_text
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -795,45 +795,6 @@ def get_weights(learners: TaskLearners, rows: np.ndarray) -> np.ndarray:
     for k, ws in enumerate(learners.workspaces):
         out[:, k] = np.fromiter(map(get, repeat(ws, n), rl, repeat(0, n)), np.float32, n)
     return out
-
-
-def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np.ndarray,
-               weights: np.ndarray) -> np.ndarray:
-    """:meth:`TaskLearners.learn` over prebuilt batch text (see :mod:`online.vwtext`); pre-update probabilities.
-
-    Same calls in the same order as :meth:`TaskLearners.learn` (so the same models), minus the per-call
-    numpy indexing and string formatting.
-    """
-    lib, first, wss = learners._pylibvw, learners.workspaces[0], learners.workspaces
-    preds = np.full(labels.shape, np.nan)
-    if not len(labels):
-        return preds
-    examples = first._parse(text)  # bytes: pybind11 reads them as std::string without a decode copy
-    if len(examples) != len(labels):
-        raise ValueError(f"VW parsed {len(examples)} examples from a batch of {len(labels)}")
-    set_label, learn, get_pred = lib.example.set_label_string, lib.vw.learn, lib.example.get_simplelabel_prediction
-    finish = lib.vw._finish_example
-    out: list[float] = []
-    push = out.append
-    strings: dict[float, tuple[str, str]] = {}
-    task_idx = range(labels.shape[1])
-    for ex, mrow, lrow, w in zip(examples, mask.tolist(), labels.tolist(), weights.tolist()):
-        lab = strings.get(w)
-        if lab is None:
-            lab = strings[w] = (f"-1 {w:g}", f"1 {w:g}")
-        cur = 1  # the text's own label prefix is "1 <w>"; learning leaves the label as it is
-        for k in task_idx:
-            if mrow[k]:
-                ws = wss[k]
-                y = 1 if lrow[k] else 0
-                if y != cur:  # re-parsing an identical label string changes nothing
-                    set_label(ex, ws, lab[y], 0)
-                    cur = y
-                learn(ws, ex)
-                push(get_pred(ex))
-        finish(first, ex)
-    preds[mask] = out
-    return preds
 
 
 def _next_checkpoint_seq(root: Path) -> int:

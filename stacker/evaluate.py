@@ -24,9 +24,10 @@ from .features import CandidateBatch, build_dense
 from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
-from .train import (TrainConfig, downsample, labels_of, learn_features, split_by_time,
+from .train import (TrainConfig, downsample, labels_of, learn_features, predict_features, split_by_time,
                     stack_features, train_extractors)
-from .vwstack import TaskLearners, VWConfig, example_lines
+from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
+from .vwtext import batch_text
 
 LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
@@ -37,8 +38,7 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
     learners = TaskLearners(tasks, config.vw)
     with progress.task(f"{name}: LR", len(Y)) as bar:
         learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
-    _, leaves, hidden, ids, ctx = test_feats
-    p = learners.predict(example_lines(leaves, hidden, ids, ctx, namespaces, config.vw.values))
+    p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         learners.save({t: keep / f"{t}.model" for t in tasks})
@@ -55,9 +55,9 @@ def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx
     with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
-            lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], values=vw.values)
-            out[a:b] = learners.predict(lines)
-            learners.learn(lines, Y[a:b])
+            rows = leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b]
+            out[a:b] = predict_text(learners, batch_text(*rows, None, vw.values))
+            learn_text(learners, batch_text(*rows, [b"1 "], vw.values), Y[a:b])
             bar.update(b - a)
     learners.close()
     return out

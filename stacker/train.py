@@ -26,7 +26,8 @@ from .gbdt import GBDTConfig, LeafExtractor, train_gbdt
 from .hashing import HASH_NAME, collision_rate
 from .progress import Progress
 from .ranker import StackedRanker
-from .vwstack import TaskLearners, VWConfig, example_lines, namespace_values, round_hidden
+from .vwstack import TaskLearners, VWConfig, learn_text, namespace_values, predict_text, round_hidden
+from .vwtext import batch_text
 
 ADAPTIVE_ONLINE_RATE = 0.15     # VW -l online for the adaptive update (its offline pass uses 0.05)
 DEFAULT_EV_WEIGHTS = {"click": 1.0, "like": 2.0, "comment": 4.0, "share": 6.0, "hide": -10.0, "dwell": 1.0}
@@ -133,9 +134,19 @@ def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.nda
     _, leaves, hidden, ids, ctx = feats
     for a in range(0, len(Y), chunk):
         b = min(a + chunk, len(Y))
-        lines = example_lines(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], namespaces, learners.config.values)
-        learners.learn(lines, Y[a:b], weights=weights[a:b])
+        prefixes = [b"1 %g " % w for w in weights[a:b].tolist()]
+        text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], prefixes, learners.config.values, namespaces)
+        learn_text(learners, text, Y[a:b], weights=weights[a:b])
         bar.update(b - a)
+
+
+def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 50_000) -> np.ndarray:
+    """Every task's probabilities [N, T] from VW itself for prepared stack features."""
+    _, leaves, hidden, ids, ctx = feats
+    out = [predict_text(learners, batch_text(leaves[a:a + chunk], hidden[a:a + chunk], ids[a:a + chunk],
+                                             ctx[a:a + chunk], None, learners.config.values, namespaces))
+           for a in range(0, len(ids), chunk)]
+    return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
 
 
 def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
@@ -213,8 +224,8 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
         }
         if evaluate_slice and len(parts[2]):
             test = parts[2]
-            _, leaves, hidden, ids, ctx = stack_features(ex, test, config.vw.values)
-            p = learners.predict(example_lines(leaves, hidden, ids, ctx, values=config.vw.values))
+            progress.note(f"scoring the test slice ({len(test):,} rows)")
+            p = predict_features(learners, stack_features(ex, test, config.vw.values))
             base = labels_of(parts[1], tasks).mean(axis=0)
             Y = labels_of(test, tasks)
             meta["offline_metrics"] = {

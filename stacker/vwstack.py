@@ -273,15 +273,7 @@ class TaskLearners:
 
     def predict(self, lines: list[str]) -> np.ndarray:
         """Probabilities [N, T] from VW itself (reference path, used by tests and offline eval)."""
-        lib, first = self._pylibvw, self.workspaces[0]
-        examples = first._parse("\n".join(lines)) if lines else []
-        out = np.empty((len(examples), len(self.workspaces)))
-        for i, ex in enumerate(examples):
-            for k, ws in enumerate(self.workspaces):
-                lib.vw.predict(ws, ex)
-                out[i, k] = lib.example.get_simplelabel_prediction(ex)
-            lib.vw._finish_example(first, ex)
-        return out
+        return predict_text(self, "\n".join(lines).encode())
 
     def weights(self) -> np.ndarray:
         """Numpy copy [2**bits, T] of every task's weights."""
@@ -306,3 +298,58 @@ class TaskLearners:
         for ws in self.workspaces:
             ws.finish()
         self.workspaces = []
+
+
+def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np.ndarray | None = None,
+               weights: np.ndarray | None = None) -> np.ndarray:
+    """:meth:`TaskLearners.learn` over prebuilt batch text (see :mod:`stacker.vwtext`); pre-update probabilities.
+
+    Same calls in the same order as :meth:`TaskLearners.learn` (so the same models), minus the per-call
+    numpy indexing and string formatting.
+    """
+    lib, first, wss = learners._pylibvw, learners.workspaces[0], learners.workspaces
+    preds = np.full(labels.shape, np.nan)
+    mask = np.ones(labels.shape, bool) if mask is None else mask
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    if not len(labels):
+        return preds
+    examples = first._parse(text)  # bytes: pybind11 reads them as std::string without a decode copy
+    if len(examples) != len(labels):
+        raise ValueError(f"VW parsed {len(examples)} examples from a batch of {len(labels)}")
+    set_label, learn, get_pred = lib.example.set_label_string, lib.vw.learn, lib.example.get_simplelabel_prediction
+    finish = lib.vw._finish_example
+    out: list[float] = []
+    push = out.append
+    strings: dict[float, tuple[str, str]] = {}
+    task_idx = range(labels.shape[1])
+    for ex, mrow, lrow, w in zip(examples, mask.tolist(), labels.tolist(), weights.tolist()):
+        lab = strings.get(w)
+        if lab is None:
+            lab = strings[w] = (f"-1 {w:g}", f"1 {w:g}")
+        cur = 1  # the text's own label prefix is "1 <w>"; learning leaves the label as it is
+        for k in task_idx:
+            if mrow[k]:
+                ws = wss[k]
+                y = 1 if lrow[k] else 0
+                if y != cur:  # re-parsing an identical label string changes nothing
+                    set_label(ex, ws, lab[y], 0)
+                    cur = y
+                learn(ws, ex)
+                push(get_pred(ex))
+        finish(first, ex)
+    preds[mask] = out
+    return preds
+
+
+def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
+    """:meth:`TaskLearners.predict` over prebuilt batch text without labels: probabilities [N, T]."""
+    lib, first = learners._pylibvw, learners.workspaces[0]
+    examples = first._parse(text) if text else []
+    predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example
+    out = np.empty((len(examples), len(learners.workspaces)))
+    for i, ex in enumerate(examples):
+        for k, ws in enumerate(learners.workspaces):
+            predict(ws, ex)
+            out[i, k] = get_pred(ex)
+        finish(first, ex)
+    return out

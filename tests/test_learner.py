@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from online.learner import OnlineLearner
 from online.publish import UpdateWatcher
@@ -117,9 +118,9 @@ def test_downsampling_drops_only_all_negative_finals_and_stays_calibrated(tmp_pa
 
 
 def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny_records):
-    from online.learner import learn_text, vw_config
-    from online.vwtext import batch_text
-    from stacker.vwstack import TaskLearners
+    from online.learner import vw_config
+    from stacker.vwstack import TaskLearners, learn_text
+    from stacker.vwtext import batch_text
     r = StackedRanker.load(tiny_bundle)
     served = [x for x in tiny_records if isinstance(x, ServedRecord)][:400]
     f = r.features(batch_from_records(served, r.spec))
@@ -163,3 +164,21 @@ def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, t
     c = OnlineLearner(tiny_bundle, restored, attribution_window_ms=WINDOW_MS)
     assert c.counters["learned_examples"] == learned and c.replay_from > 0
     c.close()
+
+
+@pytest.mark.parametrize("namespaces", ["ldupac", "l", "d", "upac"])
+def test_fast_batch_text_subsets_predict_like_example_lines(tiny_bundle, tiny_records, namespaces):
+    """Offline training and evaluation write ablation variants (leaves only, DNN only, ids only) with the
+    fast writer: VW must score its text exactly as it scores example_lines."""
+    from online.learner import vw_config
+    from stacker.vwstack import TaskLearners, example_lines, predict_text
+    from stacker.vwtext import batch_text
+    r = StackedRanker.load(tiny_bundle)
+    served = [x for x in tiny_records if isinstance(x, ServedRecord)][:300]
+    f = r.features(batch_from_records(served, r.spec))
+    learners = TaskLearners(r.tasks, vw_config(r.manifest), {t: tiny_bundle / "vw" / f"{t}.model" for t in r.tasks})
+    slow = learners.predict(example_lines(f.leaves, f.hidden, f.ids, f.context, namespaces, f.values))
+    fast = predict_text(learners, batch_text(f.leaves, f.hidden, f.ids, f.context, None, f.values, namespaces))
+    learners.close()
+    np.testing.assert_array_equal(slow, fast)
+    assert fast.shape == (len(served), len(r.tasks)) and np.ptp(fast[:, 0]) > 0

@@ -44,47 +44,41 @@ def _cells(buf: np.ndarray, start: int, k: int, cell: int) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _layout(prefix: bytes, n_leaves: int, lw: int, units: int, uw: int, iw: int, n_ctx: int,
-            markers: tuple[tuple[str, bytes], ...] = ()):
+            markers: tuple[tuple[str, bytes], ...] = (), namespaces: str = "ldupac"):
     """Template row and column offsets of one layout; ``markers`` holds each namespace's marker
-    with its value (``|l:0.05 ``; ``|l `` for value 1)."""
+    with its value (``|l:0.05 ``; ``|l `` for value 1); ``namespaces`` the blocks written."""
     mk = {ns: b"|%s " % ns.encode() for ns in "lupac"}
     mk.update(dict(markers))
     parts: list[bytes] = [prefix]
-    pos = len(prefix)
     offs = {}
-    parts.append(mk["l"])
-    pos += len(mk["l"])
-    offs["l"] = pos
-    parts.append((b"0" * lw + b" ") * n_leaves)
-    pos += (lw + 1) * n_leaves
-    parts.append(b"|d ")
-    pos += 3
-    offs["d"] = pos
+
+    def block(ns: str, marker: bytes, body: bytes) -> None:
+        parts.append(marker)
+        offs[ns] = sum(map(len, parts))
+        parts.append(body)
+
+    if "l" in namespaces:
+        block("l", mk["l"], (b"0" * lw + b" ") * n_leaves)
     dcell = uw + 1 + iw + 1 + DNN_DECIMALS + 1
-    for j in range(units):
-        parts.append(b"%0*d:" % (uw, j) + b"0" * iw + b"." + b"0" * DNN_DECIMALS + b" ")
-    pos += dcell * units
+    if "d" in namespaces:
+        block("d", b"|d ", b"".join(b"%0*d:" % (uw, j) + b"0" * iw + b"." + b"0" * DNN_DECIMALS + b" "
+                                    for j in range(units)))
     for ns in "upa":
-        parts.append(mk[ns])
-        pos += len(mk[ns])
-        offs[ns] = pos
-        parts.append(b"0" * 10 + b" ")
-        pos += 11
-    parts.append(mk["c"])
-    pos += len(mk["c"])
-    offs["c"] = pos
-    parts.append((b"0" * 10 + b" ") * n_ctx)
-    pos += 11 * n_ctx
+        if ns in namespaces:
+            block(ns, mk[ns], b"0" * 10 + b" ")
+    if "c" in namespaces:
+        block("c", mk["c"], (b"0" * 10 + b" ") * n_ctx)
     parts.append(b"\n")
     row = b"".join(parts)
-    assert len(row) == pos + 1
     return np.frombuffer(row, np.uint8), offs, dcell
 
 
 def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.ndarray,
-               prefixes: list[bytes], values=None) -> bytes:
+               prefixes: list[bytes] | None = None, values=None, namespaces: str = "ldupac") -> bytes:
     """Newline-separated examples ``<prefix>|l ... |d ... |u . |p . |a . |c ...`` for N rows;
-    ``values`` gives each namespace's feature value (``hidden`` is already scaled by its ``d``)."""
+    ``prefixes`` (label and weight, ``b"1 4 "``) default to none, for prediction; ``values`` gives each
+    namespace's feature value (``hidden`` is already scaled by its ``d``); ``namespaces`` selects the
+    blocks written, as in :func:`stacker.vwstack.example_lines`."""
     n = len(ids)
     if n == 0:
         return b""
@@ -96,24 +90,27 @@ def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.
     iw = max(1, len(str(int(h.max() // scale)))) if h.size else 1
     units = hidden.shape[1]
     uw = len(str(max(units - 1, 0)))
+    prefixes = [b""] if prefixes is None else prefixes
     first = prefixes[0]
     same = all(p == first for p in prefixes)
     markers = tuple((k, namespace_marker(k, v).encode() + b" ") for k, v in sorted(namespace_values(values).items())
                     if k != "d")
-    row, offs, dcell = _layout(first if same else b"", leaves.shape[1], lw, units, uw, iw, ctx.shape[1], markers)
+    row, offs, dcell = _layout(first if same else b"", leaves.shape[1], lw, units, uw, iw, ctx.shape[1], markers,
+                               namespaces)
     width = len(row)
     buf = np.empty((n, width), np.uint8)
     buf[:] = row
-    if leaves.shape[1]:
+    if "l" in offs and leaves.shape[1]:
         _cells(buf, offs["l"], leaves.shape[1], lw + 1)[:, :, :lw] = _digits(leaves, lw)
-    if units:
+    if "d" in offs and units:
         d = _cells(buf, offs["d"], units, dcell)
         a = uw + 1
         d[:, :, a:a + iw] = _digits(h // scale, iw)
         d[:, :, a + iw + 1:a + iw + 1 + DNN_DECIMALS] = _digits(h % scale, DNN_DECIMALS)
     for k, ns in enumerate("upa"):
-        buf[:, offs[ns]:offs[ns] + 10] = _digits(ids[:, k], 10)
-    if ctx.shape[1]:
+        if ns in offs:
+            buf[:, offs[ns]:offs[ns] + 10] = _digits(ids[:, k], 10)
+    if "c" in offs and ctx.shape[1]:
         _cells(buf, offs["c"], ctx.shape[1], 11)[:, :, :10] = _digits(ctx, 10)
     if same:
         return buf.tobytes()

@@ -55,9 +55,10 @@ def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx
     with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
-            rows = leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b]
-            out[a:b] = predict_text(learners, batch_text(*rows, None, vw.values))
-            learn_text(learners, batch_text(*rows, [b"1 "], vw.values), Y[a:b])
+            # One labelled text for both: VW's predict ignores the label, learning needs it on the parse.
+            text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], [b"1 "], vw.values)
+            out[a:b] = predict_text(learners, text)
+            learn_text(learners, text, Y[a:b])
             bar.update(b - a)
     learners.close()
     return out

@@ -272,7 +272,7 @@ class TaskLearners:
         return preds
 
     def predict(self, lines: list[str]) -> np.ndarray:
-        """Probabilities [N, T] from VW itself (reference path, used by tests and offline eval)."""
+        """Probabilities [N, T] from VW itself for text lines (reference path, used by tests)."""
         return predict_text(self, "\n".join(lines).encode())
 
     def weights(self) -> np.ndarray:
@@ -342,7 +342,7 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
 
 
 def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
-    """:meth:`TaskLearners.predict` over prebuilt batch text without labels: probabilities [N, T]."""
+    """Probabilities [N, T] for prebuilt batch text (labels, if the text has them, are ignored)."""
     lib, first = learners._pylibvw, learners.workspaces[0]
     examples = first._parse(text) if text else []
     predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example

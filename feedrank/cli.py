@@ -57,19 +57,24 @@ def _add_train_options(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _load_data(args):
+def _load_data(args, components: bool = False):
+    """The table to work on and where it came from; with ``components``, also the simulated world's
+    logit components per row (None for tables and public datasets)."""
     from feedsim.simulate import simulate
     from stacker.dataset import read_table
     if getattr(args, "data", None):
-        return read_table(args.data), f"table {args.data}"
-    if getattr(args, "dataset", None):
+        out = read_table(args.data), f"table {args.data}", None
+    elif getattr(args, "dataset", None):
         from stacker.movielens import load_movielens_100k
-        return load_movielens_100k(), "movielens-100k"
-    n = args.simulate
-    t0 = time.time()
-    df = simulate(n, seed=args.seed, progress=not args.quiet)
-    print(f"simulated {len(df):,} impressions in {time.time() - t0:.1f}s", file=sys.stderr)
-    return df, f"feedsim default world, {n:,} impressions"
+        out = load_movielens_100k(), "movielens-100k", None
+    else:
+        n = args.simulate
+        t0 = time.time()
+        result = simulate(n, seed=args.seed, progress=not args.quiet, return_components=components)
+        df, comps = result if components else (result, None)
+        print(f"simulated {len(df):,} impressions in {time.time() - t0:.1f}s", file=sys.stderr)
+        out = df, f"feedsim default world, {n:,} impressions", comps
+    return out if components else out[:2]
 
 
 def cmd_simulate(args):
@@ -111,7 +116,7 @@ def cmd_train(args):
 def cmd_eval(args):
     from stacker.evaluate import evaluate, format_table, write_outputs
     config = _train_config(args)
-    df, source = _load_data(args)
+    df, source, comps = _load_data(args, components=True)
     peers = {}
     name = "simulated"
     if args.dataset:
@@ -120,7 +125,7 @@ def cmd_eval(args):
         name = args.dataset
     elif args.data:
         name = str(args.data)
-    report = evaluate(df, config, dataset=name, peers=peers, progress=_progress(args))
+    report = evaluate(df, config, dataset=name, peers=peers, progress=_progress(args), components=comps)
     print(format_table(report))
     out_dir = Path(args.plots) if args.plots else None
     for path in write_outputs(report, Path(args.json) if args.json else None, out_dir):

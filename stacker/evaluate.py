@@ -7,6 +7,8 @@ the LR); ``stack`` (frozen at the end of its LR slice); ``stack_online`` (the sa
 with the bundle's online settings (FTRL: its own alpha), scoring the test slice in arrival order and learning each
 chunk of ``online_chunk`` rows only after it has been scored: progressive validation, which is how the
 served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
+On simulated data, given the world's logit components, the report also says what each variant
+recovers of each component (``recovery``; :mod:`feedsim.attribution`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
 from .train import (TrainConfig, downsample, labels_of, learn_features, predict_features, split_by_time,
-                    stack_features, train_extractors)
+                    stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -66,10 +68,13 @@ def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx
 
 def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str = "simulated",
              tasks=None, peers: dict | None = None, progress: Progress | None = None,
-             online_chunk: int = 1000) -> dict:
+             online_chunk: int = 1000, components: dict | None = None) -> dict:
     """Train every variant and evaluate all of them on the latest time slice.
 
-    ``peers`` maps a variant name to ``f(train_df, test_df) -> probs [N_test, T]``.
+    ``peers`` maps a variant name to ``f(train_df, test_df) -> probs [N_test, T]``. ``components``
+    (simulated data: the world's logit components per row of ``df``, from
+    ``simulate(..., return_components=True)``) adds ``"recovery"``: per variant and task, the share of
+    each component's effect the variant recovers (:mod:`feedsim.attribution`).
     Returns ``{"dataset", "test_rows", "variants": {variant: {task: metrics}}, ...}``.
     """
     progress = progress or Progress()
@@ -140,11 +145,18 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
              "oracle"]
     variants = {v: {t: task_metrics(Y_test[:, k], preds[v][:, k], base[k]) for k, t in enumerate(tasks)}
                 for v in order if v in preds}
-    return {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
-            "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
-                                                 "lr_kept": int(len(rows))},
-            "seconds": timings, "wall_time_s": round(time.time() - started, 1),
-            "_predictions": {"y": Y_test, **preds}}
+    report = {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
+              "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
+                                                   "lr_kept": int(len(rows))},
+              "seconds": timings, "wall_time_s": round(time.time() - started, 1),
+              "_predictions": {"y": Y_test, **preds}}
+    if components is not None and "oracle" in preds:
+        from feedsim.attribution import report_recovery
+        test_rows = time_slices(df["ts"].to_numpy(), config.slices)[2]
+        comps = {k: np.asarray(v)[test_rows] for k, v in components.items()}
+        report["recovery"] = report_recovery(preds, preds["oracle"], comps, tasks,
+                                             [v for v in variants if v not in ("base_rate", "oracle")])
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -160,6 +172,25 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append("positives per task: " + ", ".join(
         f"{t} {report['variants']['base_rate'][t]['positives']}" for t in tasks))
+    if "recovery" in report:
+        lines += ["", format_recovery(report)]
+    return "\n".join(lines)
+
+
+def format_recovery(report: dict, task: str | None = None) -> str:
+    """Per variant, the share of each component of the world's ``task`` logit (default click) it
+    recovers, and the variance of its gap to the true logit (what it misses, and its own noise)."""
+    rec = report["recovery"]
+    task = task or ("click" if "click" in report["tasks"] else report["tasks"][0])
+    PARTS = list(next(iter(rec.values()))[task]["recovered"])
+    w = max(10, *(len(v) + 1 for v in rec))
+    lines = [f"{task}: share of each component of the true logit a variant recovers "
+             "(simulated world; 1 = all of it)",
+             f"{'variant':<{w}}" + "".join(f"{p[:9]:>10}" for p in PARTS) + f"{'gap var':>9}{'noise':>7}"]
+    for v, per_task in rec.items():
+        r = per_task[task]
+        cells = "".join(f"{'-':>10}" if r["recovered"][p] is None else f"{r['recovered'][p]:>10.2f}" for p in PARTS)
+        lines.append(f"{v:<{w}}{cells}{r['gap_variance']:>9.3f}{r['noise']:>7.3f}")
     return "\n".join(lines)
 
 
@@ -177,4 +208,7 @@ def write_outputs(report: dict, json_path: Path | None, plot_dir: Path | None) -
         plot_dir.mkdir(parents=True, exist_ok=True)
         written.append(ne_plot(public, plot_dir / "ne.png"))
         written.append(calibration_plot(report, plot_dir / "calibration.png"))
+        if "recovery" in public:
+            from .plots import recovery_plot
+            written.append(recovery_plot(public, plot_dir / "recovery.png"))
     return written

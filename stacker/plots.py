@@ -62,3 +62,30 @@ def calibration_plot(report: dict, path: Path, bins: int = 12) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def recovery_plot(report: dict, path: Path, task: str | None = None) -> Path:
+    """Per variant, the variance of its gap to the true logit split by source (the parts sum to it,
+    :func:`feedsim.attribution.recovery`): each component of the simulated world it misses, what the
+    true logit holds beyond a sum of components (other), and its own noise."""
+    rec = report["recovery"]
+    task = task or ("click" if "click" in report["tasks"] else report["tasks"][0])
+    variants = list(rec)
+    parts = list(rec[variants[0]][task]["missed_variance"])
+    fig, ax = plt.subplots(figsize=(10.5, 0.45 * len(variants) + 2))
+    left = np.zeros(len(variants))
+    colors = plt.get_cmap("tab20").colors
+    grey = {"other": "darkgrey", "noise": "lightgrey"}
+    for i, part in enumerate([*parts, "other", "noise"]):
+        vals = np.array([rec[v][task][part] if part in grey else rec[v][task]["missed_variance"][part]
+                         for v in variants])
+        ax.barh(variants, vals, left=left, color=grey.get(part, colors[i % len(colors)]), label=part)
+        left += vals
+    ax.invert_yaxis()
+    ax.set_xlabel(f"variance of (true {task} logit - variant's logit), by source")
+    ax.set_title(f"{report['dataset']}: what each variant misses of the world's {task} logit")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

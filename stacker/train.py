@@ -63,11 +63,17 @@ def config_key(config: TrainConfig) -> str:
     return hashlib.sha256(repr(config).encode()).hexdigest()[:10]
 
 
+def time_slices(ts: np.ndarray, fractions) -> list[np.ndarray]:
+    """Row positions of consecutive time slices holding the given fractions of rows (ties in ``ts``
+    keep their order)."""
+    order = np.argsort(np.asarray(ts), kind="stable")
+    bounds = np.round(np.cumsum((0,) + tuple(fractions)) / sum(fractions) * len(order)).astype(int)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def split_by_time(df: pd.DataFrame, fractions) -> list[pd.DataFrame]:
     """Cut a table into consecutive time slices of the given fractions of rows."""
-    df = df.sort_values("ts", kind="stable").reset_index(drop=True)
-    bounds = np.round(np.cumsum((0,) + tuple(fractions)) / sum(fractions) * len(df)).astype(int)
-    return [df.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [df.iloc[rows].reset_index(drop=True) for rows in time_slices(df["ts"].to_numpy(), fractions)]
 
 
 def keep_hash(request_ids, post_ids) -> np.ndarray:

@@ -170,3 +170,33 @@ def test_closed_loop_shapes():
     assert oracle > 1.5 * random
     with pytest.raises(ValueError):
         users.engage(req, ["p-not-there"])
+
+
+def test_recovery_finds_what_a_model_misses():
+    """A model blind to the ties recovers none of them and all of everything else; a model that
+    sees half of the post-quality effect recovers half of it; the gap's variance is the ties'."""
+    from feedsim.attribution import recovery
+    df, comps = simulate(60_000, return_components=True)
+    world = get_world()
+    media = df["media_type"].map({m: i for i, m in enumerate(MEDIA_TYPES)}).to_numpy()
+    position = df["position"].to_numpy()
+    click = TASKS.index("click")
+    truth = world.probabilities(comps, media, position)[:, click]
+    assert np.allclose(truth, df[true_column("click")].to_numpy())
+
+    blind = world.probabilities({**comps, "tie": np.zeros(len(df))}, media, position)[:, click]
+    r = recovery(truth, blind, comps)
+    assert abs(r["recovered"]["tie"]) < 0.05
+    for part in ("user", "author", "post", "interest", "recency", "context", "position"):
+        assert r["recovered"][part] == pytest.approx(1.0, abs=0.05), part
+    tie_var = comps["tie"].var() * 0.9 ** 2     # the link's curvature flattens the logit's slopes a little
+    assert r["missed_variance"]["tie"] == pytest.approx(tie_var, rel=0.15)
+    assert r["missed_variance"]["tie"] > 0.8 * r["gap_variance"]
+    parts = sum(r["missed_variance"].values()) + r["other"] + r["noise"]
+    assert parts == pytest.approx(r["gap_variance"], rel=1e-9)
+
+    half = world.probabilities({**comps, "post": 0.5 * comps["post"]}, media, position)[:, click]
+    assert recovery(truth, half, comps)["recovered"]["post"] == pytest.approx(0.5, abs=0.05)
+
+    with pytest.raises(ValueError, match="components missing: tie"):
+        recovery(truth, blind, {k: v for k, v in comps.items() if k != "tie"})

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import xgboost as xgb
 
@@ -14,7 +15,7 @@ from stacker.dnn import DNNConfig, FrozenMLP, fit_mlp, freeze
 from stacker.features import CandidateBatch, FeatureSpec, build_dense
 from stacker.gbdt import GBDTConfig, LeafExtractor, train_gbdt
 from stacker.ranker import StackedRanker
-from stacker.train import TrainConfig, downsample, labels_of, split_by_time, train_bundle
+from stacker.train import TrainConfig, downsample, labels_of, split_by_time, time_slices, train_bundle
 from stacker.vwstack import TaskLearners, VWConfig
 
 SMALL = TrainConfig(gbdt=GBDTConfig(trees=20), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=18))
@@ -159,9 +160,14 @@ def test_downsampled_training_stays_calibrated(tmp_path):
 
 
 def test_time_slices_are_ordered(table):
-    a, b, c = split_by_time(table, (0.4, 0.4, 0.2))
+    shuffled = table.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    a, b, c = split_by_time(shuffled, (0.4, 0.4, 0.2))
     assert len(a) + len(b) + len(c) == len(table)
     assert a.ts.max() <= b.ts.min() and b.ts.max() <= c.ts.min()
+    assert a.ts.is_monotonic_increasing and c.ts.is_monotonic_increasing
+    # the row positions the evaluation uses to line up per-row arrays with the test slice
+    rows = time_slices(shuffled["ts"].to_numpy(), (0.4, 0.4, 0.2))
+    pd.testing.assert_frame_equal(shuffled.iloc[rows[2]].reset_index(drop=True), c)
 
 
 def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
@@ -188,6 +194,22 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
             assert set(m) == {"ne", "auc", "calibration", "positives"}
     assert (tmp_path / "plots" / "ne.png").stat().st_size > 0
     assert (tmp_path / "plots" / "calibration.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "recovery.png").stat().st_size > 0
+    assert "share of each component of the true logit" in run.stdout
+
+    # What each variant recovers of the world's click logit: ids give the stack the users' propensity
+    # the leaves alone miss; ids alone miss the interest match the extractors see.
+    R = report["recovery"]
+    assert set(R) == set(V) - {"base_rate", "oracle"}
+    click = {v: R[v]["click"] for v in R}
+    for r in click.values():
+        assert set(r["recovered"]) == {"user", "author", "post", "interest", "drift", "tie", "nonlinear",
+                                       "recency", "context", "position"}
+        parts = sum(r["missed_variance"].values()) + r["other"] + r["noise"]
+        assert parts == pytest.approx(r["gap_variance"], rel=1e-6)
+    assert click["stack"]["recovered"]["user"] > click["gbdt_lr"]["recovered"]["user"] + 0.1
+    assert click["lr_ids"]["recovered"]["interest"] < click["gbdt"]["recovered"]["interest"] - 0.3
+    assert click["stack_online"]["gap_variance"] < click["lr_ids"]["gap_variance"]
 
     def mean_ne(variant):  # the tasks with thousands of positives in 30k rows
         return np.mean([V[variant][t]["ne"] for t in ("click", "like", "dwell")])

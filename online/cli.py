@@ -74,6 +74,31 @@ def cmd_learn(args) -> int:
         learner.close()
 
 
+def cmd_export(args) -> int:
+    from online.eventlog import CorruptLogError
+    from online.export import export_table
+    from stacker.bundle import BundleError
+    try:
+        out = export_table(args.log, args.bundle, args.out, window_ms=args.window_ms, lateness_ms=args.lateness_ms,
+                           returned_is_viewed=args.returned_is_viewed, include_open=args.include_open,
+                           progress=not args.quiet)
+    except (ValueError, BundleError, CorruptLogError, FileNotFoundError) as e:
+        print(f"feedrank export: {e}", file=sys.stderr)
+        return 2
+    positives = ", ".join(f"{t} {n:,}" for t, n in out["positives"].items())
+    print(f"wrote {out['rows']:,} impressions to {out['out']} ({out['records']:,} log records in "
+          f"{out['seconds']:.1f}s; bundles {', '.join(out['bundles']) or 'none'})")
+    print(f"  positives: {positives}")
+    left = "included" if args.include_open else "left out (labels not final; --include-open keeps them)"
+    print(f"  not exported: {out['never_viewed']:,} never viewed; {out['open_at_end']:,} still in their "
+          f"attribution window at the end of the log, {left}")
+    print(f"  events: {out['duplicate_events']:,} duplicates, {out['late_events']:,} late, "
+          f"{out['unmatched_events']:,} unmatched; {out['duplicate_served']:,} duplicate served records")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_bench_learn(args) -> int:
     from online.bench import bench_learn
     results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir if args.bundle or args.cache_dir != "runs/bench-cache" else "runs/cache"), bundle=args.bundle, progress=not args.quiet,
@@ -150,6 +175,20 @@ def register(sub) -> None:
                    help="featurize and learn in one process (default: a two-process pipeline)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("export", help="served records joined with their events, as an impression table")
+    p.add_argument("--log", required=True, metavar="DIR", help="event-log directory (or one segment file)")
+    p.add_argument("--bundle", required=True, action="append", metavar="DIR",
+                   help="a bundle the records were served with, or a directory of bundles (repeatable)")
+    p.add_argument("--out", required=True, help="impression table to write (.parquet or .jsonl)")
+    p.add_argument("--window-ms", type=int, default=300_000, help="attribution window (default 300000)")
+    p.add_argument("--lateness-ms", type=int, default=5_000, help="allowed event lateness (default 5000)")
+    p.add_argument("--returned-is-viewed", action="store_true", help="treat every returned post as viewed")
+    p.add_argument("--include-open", action="store_true",
+                   help="also export impressions still in their attribution window at the end of the log")
+    p.add_argument("--json", help="write the summary as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     _add_bench_learn(sub)
 

@@ -1,7 +1,8 @@
 """The offline-training format: one row per impression (a post a user was shown).
 
-The same table is written by the simulator, exported from the server's served records and read by
-`feedrank train --data`. Column groups:
+The same table is written by the simulator, exported from the server's served records joined with
+their events (``feedrank export``, :mod:`online.export`) and read by ``feedrank train --data``. Column
+groups:
 
 - keys and time: ``ts`` (int64 ms UTC, when the post was served), ``request_id``, ``user_id``,
   ``post_id``, ``author_id`` (strings), ``position`` (int32, 0 = top), ``media_type`` (one of

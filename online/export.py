@@ -1,0 +1,153 @@
+"""Export what the server served, joined with its engagements, as an impression table.
+
+``feedrank export --log DIR --bundle DIR --out table.parquet`` reads an event log (the server's own, or
+one the learner follows), joins served records with their events on event time exactly as the online
+learner does (:class:`online.joiner.Joiner`: attribution window, allowed lateness, views), and writes
+one row per impression that was viewed, in the offline-training format (``stacker/schema.py``), with
+every task's label. ``feedrank train --data`` retrains the stack from it.
+
+Served records hold their dense inputs in the spec order of the bundle that served them, so the export
+needs that bundle's manifest (``--bundle``, repeatable; a directory of bundles works too). The table's
+feature columns are the union over the bundles seen; a feature one bundle did not have is left empty
+(training fills it with the spec's default).
+
+Nothing is dropped silently: the summary counts impressions never viewed, impressions whose attribution
+window is still open at the end of the log (their labels are not final, so they are left out unless
+``include_open``), and the joiner's duplicates, late and unmatched events. A served record from a bundle
+whose manifest was not given stops the export before anything is written, naming the bundle.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from online.joiner import Joiner
+from online.records import DEFAULT_DWELL_THRESHOLD_MS, ServedRecord
+from online.replay import count_records, read_records
+from stacker import schema
+from stacker.bundle import BundleError, read_manifest
+from stacker.dataset import write_table
+from stacker.features import FeatureSpec
+
+
+def bundle_specs(paths) -> dict[str, FeatureSpec]:
+    """``bundle_id -> FeatureSpec`` from bundle directories, or directories holding bundles."""
+    specs: dict[str, FeatureSpec] = {}
+    for path in map(Path, paths):
+        if (path / "manifest.json").is_file():
+            found = [path]
+        else:
+            found = sorted(p for p in path.iterdir() if (p / "manifest.json").is_file()) if path.is_dir() else []
+            if not found:
+                raise BundleError(f"{path}: neither a bundle directory nor a directory of bundles")
+        for d in found:
+            m = read_manifest(d)
+            specs[m["bundle_id"]] = FeatureSpec.from_dict(m["feature_spec"])
+    return specs
+
+
+class _Rows:
+    """Columns of the exported table, appended one joined impression at a time."""
+
+    def __init__(self, specs: dict[str, FeatureSpec], tasks):
+        self.specs, self.tasks = specs, tuple(tasks)
+        self.names = list(dict.fromkeys(n for s in specs.values() for n in (*s.user_features, *s.post_features)))
+        self.column = {n: j for j, n in enumerate(self.names)}
+        self.keys: list[tuple] = []
+        self.features: list[np.ndarray] = []
+        self.labels: list[tuple[int, ...]] = []
+        self._index: dict[str, tuple[np.ndarray, int]] = {}
+        self.bundles: set[str] = set()
+
+    def add(self, s: ServedRecord, labels: dict[str, int]) -> None:
+        where = self._index.get(s.bundle_id)
+        if where is None:
+            spec = self.specs[s.bundle_id]
+            cols = np.array([self.column[n] for n in (*spec.user_features, *spec.post_features)], np.int64)
+            where = self._index[s.bundle_id] = (cols, len(spec.user_features) + len(spec.post_features))
+        cols, width = where
+        values = s.user_features + s.post_features
+        if len(values) != width:
+            raise ValueError(f"served record ({s.request_id}, {s.post_id}) has {len(values)} feature values; "
+                             f"bundle {s.bundle_id} has {width} features")
+        row = np.full(len(self.names), np.nan, np.float32)
+        row[cols] = values
+        self.features.append(row)
+        self.bundles.add(s.bundle_id)
+        self.keys.append((s.ts, s.request_id, s.user_id, s.post_id, s.author_id, s.position, s.media_type,
+                          s.created_at, s.device, s.surface))
+        self.labels.append(tuple(labels.get(t, 0) for t in self.tasks))
+
+    def frame(self) -> pd.DataFrame:
+        keys = pd.DataFrame(self.keys, columns=[*schema.KEY_COLUMNS, *schema.CONTEXT_COLUMNS])
+        features = np.vstack(self.features) if self.features else np.zeros((0, len(self.names)), np.float32)
+        labels = np.array(self.labels, np.int8).reshape(len(self.labels), len(self.tasks))
+        df = pd.concat([keys,
+                        pd.DataFrame(features, columns=[schema.FEATURE_PREFIX + n for n in self.names]),
+                        pd.DataFrame(labels, columns=[schema.label_column(t) for t in self.tasks])], axis=1)
+        return df.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int = 5_000,
+                 returned_is_viewed: bool = False, dwell_threshold_ms: int = DEFAULT_DWELL_THRESHOLD_MS,
+                 include_open: bool = False, progress: bool = True) -> dict:
+    """Join the log's served records and events and write the impression table ``out`` (.parquet or
+    .jsonl). Returns the summary: rows written, positives per task, and what was left out and why."""
+    from tqdm import tqdm
+    started = time.time()
+    specs = bundle_specs(bundles)
+    if not specs:
+        raise ValueError("give at least one --bundle (the bundles the log's records were served with)")
+    if Path(out).suffix.lower() not in (".parquet", ".jsonl"):
+        raise ValueError(f"{out}: unknown table format {Path(out).suffix!r} (use .parquet or .jsonl)")
+    tasks = schema.TASKS
+    joiner = Joiner(tasks, window_ms, allowed_lateness_ms=lateness_ms, max_open=1 << 62,
+                    returned_is_viewed=returned_is_viewed, dwell_threshold_ms=dwell_threshold_ms)
+    rows = _Rows(specs, tasks)
+    unknown: dict[str, int] = {}
+    records = 0
+    bar = tqdm(total=count_records(log), unit="rec", desc="export", disable=not progress)
+
+    def take(examples) -> None:
+        for x in examples:
+            if x.final:
+                rows.add(x.served, x.labels)
+
+    for offset, rec in read_records(log):
+        records += 1
+        bar.update(1)
+        if isinstance(rec, ServedRecord):
+            if rec.bundle_id not in specs:
+                unknown[rec.bundle_id] = unknown.get(rec.bundle_id, 0) + 1
+                continue
+            take(joiner.add_served(rec, offset))
+        else:
+            take(joiner.add_event(rec, offset))
+    bar.close()
+    if unknown:
+        listed = ", ".join(f"{b} ({n:,} records)" for b, n in sorted(unknown.items()))
+        raise ValueError(f"{log}: records served by bundles whose manifest was not given: {listed}; "
+                         "add their directories with --bundle")
+    last = joiner.flush()
+    open_at_end = sum(1 for x in last if x.final)   # viewed, window still open; unviewed ones count as never viewed
+    if include_open:
+        take(last)
+    df = rows.frame()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
+    write_table(df, partial)
+    os.replace(partial, out)
+    stats = joiner.stats.as_dict()
+    return {"out": str(out), "records": records, "rows": len(df),
+            "positives": {t: int(df[schema.label_column(t)].sum()) for t in tasks},
+            "bundles": sorted(rows.bundles),
+            "served": stats["served"], "never_viewed": stats["expired_unviewed"],
+            "open_at_end": open_at_end, "open_at_end_exported": open_at_end if include_open else 0,
+            "duplicate_served": stats["duplicate_served"], "duplicate_events": stats["duplicates"],
+            "late_events": stats["late"], "unmatched_events": stats["unmatched"],
+            "seconds": round(time.time() - started, 2)}

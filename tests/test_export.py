@@ -1,0 +1,107 @@
+"""`feedrank export`: served records joined with their events, written back as an impression table."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feedsim.simulate import simulate
+from online.eventlog import EventLog
+from online.export import export_table
+from online.records import ServedRecord
+from online.workload import workload
+from stacker import schema
+from stacker.dataset import read_table
+from stacker.features import table_features
+from stacker.ranker import StackedRanker
+
+WINDOW_MS = 5_000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    """3,000 simulated impressions served by the tiny bundle, 80% of them viewed, in a real event log."""
+    ranker = StackedRanker.load(tiny_bundle)
+    df = simulate(3_000, seed=11)
+    records = workload(df, ranker.spec, ranker.bundle_id, WINDOW_MS, seed=2, view_share=0.8)
+    log = tmp_path_factory.mktemp("export") / "log"
+    with EventLog(log, fsync=False) as out:
+        out.append(records)
+    viewed = {(r.request_id, r.post_id) for r in records if not isinstance(r, ServedRecord) and r.kind == "view"}
+    return df, ranker, log, viewed
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_export_gives_back_the_viewed_impressions_with_their_labels_and_features(served, tiny_bundle,
+                                                                                tmp_path, suffix):
+    df, ranker, log, viewed = served
+    out = tmp_path / f"served{suffix}"
+    summary = export_table(log, [tiny_bundle], out, window_ms=WINDOW_MS, include_open=True, progress=False)
+    table = read_table(out)
+    assert summary["rows"] == len(table) == len(viewed)
+    assert summary["never_viewed"] == len(df) - len(viewed)
+    assert summary["bundles"] == [ranker.bundle_id]
+    assert table["ts"].is_monotonic_increasing
+
+    original = df.set_index(["request_id", "post_id"]).loc[list(zip(table["request_id"], table["post_id"]))]
+    for col in ("ts", "user_id", "author_id", "position", "media_type", "created_at", "ctx.device", "ctx.surface"):
+        assert (table[col].to_numpy() == original[col].to_numpy()).all(), col
+    for task in schema.TASKS:
+        col = schema.label_column(task)
+        assert (table[col].to_numpy() == original[col].to_numpy()).all(), task
+        assert summary["positives"][task] == int(table[col].sum())
+    names = [*ranker.spec.user_features, *ranker.spec.post_features]
+    expected = table_features(original.reset_index(), ranker.spec, names)
+    assert np.array_equal(table[[schema.FEATURE_PREFIX + n for n in names]].to_numpy(np.float32), expected)
+    assert not any(c.startswith(schema.TRUE_PREFIX) for c in table.columns)
+
+
+def test_open_windows_are_left_out_unless_asked_and_the_export_retrains(served, tiny_bundle, tmp_path):
+    from stacker.dnn import DNNConfig
+    from stacker.gbdt import GBDTConfig
+    from stacker.progress import Progress
+    from stacker.train import TrainConfig, train_bundle
+    from stacker.vwstack import VWConfig
+    df, ranker, log, viewed = served
+    summary = export_table(log, [tiny_bundle], tmp_path / "t.parquet", window_ms=WINDOW_MS, progress=False)
+    table = read_table(tmp_path / "t.parquet")
+    assert summary["open_at_end"] > 0 and summary["open_at_end_exported"] == 0
+    assert summary["rows"] + summary["open_at_end"] == len(viewed)
+    # what is left out is the latest: impressions whose window had not closed by the end of the log
+    assert table["ts"].max() <= df["ts"].max() - WINDOW_MS
+
+    config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1, batch_size=128), vw=VWConfig(bits=18))
+    bundle = train_bundle(table, tmp_path / "retrained", config, progress=Progress(enabled=False))
+    assert StackedRanker.load(bundle).spec.user_features == ranker.spec.user_features
+
+
+def test_records_of_a_bundle_not_given_stop_the_export_naming_it(served, other_bundle, tmp_path):
+    _, ranker, log, _ = served
+    out = tmp_path / "t.parquet"
+    with pytest.raises(ValueError, match=f"{ranker.bundle_id} \\(3,000 records\\).*--bundle"):
+        export_table(log, [other_bundle], out, window_ms=WINDOW_MS, progress=False)
+    assert not out.exists()
+
+
+def test_export_command(served, tiny_bundle, other_bundle, tmp_path):
+    """The CLI with a directory holding both bundles; a bad output name is refused before any work."""
+    _, ranker, log, viewed = served
+    both = tmp_path / "bundles"
+    both.mkdir()
+    for b in (tiny_bundle, other_bundle):
+        (both / Path(b).name).symlink_to(Path(b).resolve())
+    run = subprocess.run([sys.executable, "-m", "feedrank.cli", "export", "--log", str(log), "--bundle", str(both),
+                          "--out", str(tmp_path / "t.jsonl"), "--window-ms", str(WINDOW_MS), "--include-open",
+                          "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {len(viewed):,} impressions" in run.stdout and ranker.bundle_id in run.stdout
+    assert len(read_table(tmp_path / "t.jsonl")) == len(viewed)
+
+    bad = subprocess.run([sys.executable, "-m", "feedrank.cli", "export", "--log", str(log), "--bundle",
+                          str(tiny_bundle), "--out", str(tmp_path / "t.csv"), "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown table format '.csv'" in bad.stderr

@@ -30,7 +30,7 @@ from online.records import DEFAULT_DWELL_THRESHOLD_MS, ServedRecord
 from online.replay import count_records, read_records
 from stacker import schema
 from stacker.bundle import BundleError, read_manifest
-from stacker.dataset import write_table
+from stacker.dataset import TableWriter
 from stacker.features import FeatureSpec
 
 
@@ -82,21 +82,30 @@ class _Rows:
                           s.created_at, s.device, s.surface))
         self.labels.append(tuple(labels.get(t, 0) for t in self.tasks))
 
-    def frame(self) -> pd.DataFrame:
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self) -> pd.DataFrame:
+        """The rows added since the last call, in time order, as a table chunk."""
         keys = pd.DataFrame(self.keys, columns=[*schema.KEY_COLUMNS, *schema.CONTEXT_COLUMNS])
         features = np.vstack(self.features) if self.features else np.zeros((0, len(self.names)), np.float32)
         labels = np.array(self.labels, np.int8).reshape(len(self.labels), len(self.tasks))
         df = pd.concat([keys,
                         pd.DataFrame(features, columns=[schema.FEATURE_PREFIX + n for n in self.names]),
                         pd.DataFrame(labels, columns=[schema.label_column(t) for t in self.tasks])], axis=1)
+        self.keys, self.features, self.labels = [], [], []
         return df.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
 def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int = 5_000,
                  returned_is_viewed: bool = False, dwell_threshold_ms: int = DEFAULT_DWELL_THRESHOLD_MS,
-                 include_open: bool = False, progress: bool = True) -> dict:
+                 include_open: bool = False, progress: bool = True, chunk_rows: int = 200_000) -> dict:
     """Join the log's served records and events and write the impression table ``out`` (.parquet or
-    .jsonl). Returns the summary: rows written, positives per task, and what was left out and why."""
+    .jsonl). Returns the summary: rows written, positives per task, and what was left out and why.
+
+    Rows are written ``chunk_rows`` at a time, each chunk in time order; impressions are labelled when
+    their window closes, so the table as a whole is in time order up to one attribution window
+    (training sorts by time anyway)."""
     from tqdm import tqdm
     started = time.time()
     specs = bundle_specs(bundles)
@@ -110,41 +119,55 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
     rows = _Rows(specs, tasks)
     unknown: dict[str, int] = {}
     records = 0
+    positives = np.zeros(len(tasks), np.int64)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
+    writer = TableWriter(partial)
     bar = tqdm(total=count_records(log), unit="rec", desc="export", disable=not progress)
+
+    def flush() -> None:
+        chunk = rows.take()
+        positives[:] += chunk[[schema.label_column(t) for t in tasks]].sum().to_numpy()
+        writer.write(chunk)
 
     def take(examples) -> None:
         for x in examples:
             if x.final:
                 rows.add(x.served, x.labels)
+        if len(rows) >= chunk_rows:
+            flush()
 
-    for offset, rec in read_records(log):
-        records += 1
-        bar.update(1)
-        if isinstance(rec, ServedRecord):
-            if rec.bundle_id not in specs:
-                unknown[rec.bundle_id] = unknown.get(rec.bundle_id, 0) + 1
-                continue
-            take(joiner.add_served(rec, offset))
-        else:
-            take(joiner.add_event(rec, offset))
-    bar.close()
-    if unknown:
-        listed = ", ".join(f"{b} ({n:,} records)" for b, n in sorted(unknown.items()))
-        raise ValueError(f"{log}: records served by bundles whose manifest was not given: {listed}; "
-                         "add their directories with --bundle")
-    last = joiner.flush()
-    open_at_end = sum(1 for x in last if x.final)   # viewed, window still open; unviewed ones count as never viewed
-    if include_open:
-        take(last)
-    df = rows.frame()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
-    write_table(df, partial)
-    os.replace(partial, out)
+    try:
+        for offset, rec in read_records(log):
+            records += 1
+            bar.update(1)
+            if isinstance(rec, ServedRecord):
+                if rec.bundle_id not in specs:
+                    unknown[rec.bundle_id] = unknown.get(rec.bundle_id, 0) + 1
+                    continue
+                take(joiner.add_served(rec, offset))
+            else:
+                take(joiner.add_event(rec, offset))
+        bar.close()
+        if unknown:
+            listed = ", ".join(f"{b} ({n:,} records)" for b, n in sorted(unknown.items()))
+            raise ValueError(f"{log}: records served by bundles whose manifest was not given: {listed}; "
+                             "add their directories with --bundle")
+        last = joiner.flush()
+        open_at_end = sum(1 for x in last if x.final)   # viewed, window still open (unviewed: never viewed)
+        if include_open:
+            take(last)
+        if len(rows) or not writer.rows:
+            flush()
+        writer.close()
+        os.replace(partial, out)
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
     stats = joiner.stats.as_dict()
-    return {"out": str(out), "records": records, "rows": len(df),
-            "positives": {t: int(df[schema.label_column(t)].sum()) for t in tasks},
+    return {"out": str(out), "records": records, "rows": writer.rows,
+            "positives": {t: int(n) for t, n in zip(tasks, positives)},
             "bundles": sorted(rows.bundles),
             "served": stats["served"], "never_viewed": stats["expired_unviewed"],
             "open_at_end": open_at_end, "open_at_end_exported": open_at_end if include_open else 0,

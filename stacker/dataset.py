@@ -56,6 +56,54 @@ def write_table(df: pd.DataFrame, path) -> None:
         out.to_json(path, orient="records", lines=True, double_precision=15)
 
 
+class TableWriter:
+    """Write an impression table chunk by chunk, in the format and schema version of
+    :func:`write_table`, so a long export never holds the whole table. Every chunk must have the
+    first chunk's columns."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.suffix = _suffix(self.path)
+        self.rows = 0
+        self._parquet = None
+        self._schema = None
+        self._jsonl = None
+
+    def write(self, df: pd.DataFrame) -> None:
+        df = _fix_dtypes(df.copy())
+        if self.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self._parquet is None:
+                meta = dict(table.schema.metadata or {})
+                meta[META_KEY] = str(SCHEMA_VERSION).encode()
+                self._schema = table.schema.with_metadata(meta)
+                self._parquet = pq.ParquetWriter(self.path, self._schema)
+            elif table.schema.names != self._schema.names:
+                raise ValueError(f"{self.path}: a chunk's columns differ from the first chunk's")
+            self._parquet.write_table(table.cast(self._schema))
+        else:
+            if self._jsonl is None:
+                self._jsonl = open(self.path, "w")
+                self._columns = list(df.columns)
+            elif list(df.columns) != self._columns:
+                raise ValueError(f"{self.path}: a chunk's columns differ from the first chunk's")
+            if len(df):
+                df.insert(0, "schema_version", SCHEMA_VERSION)
+                text = df.to_json(orient="records", lines=True, double_precision=15)
+                self._jsonl.write(text if text.endswith("\n") else text + "\n")
+        self.rows += len(df)
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
 def read_table(path) -> pd.DataFrame:
     """Read a table written by :func:`write_table`, refusing any other schema version."""
     path = Path(path)

@@ -84,7 +84,7 @@ def test_records_of_a_bundle_not_given_stop_the_export_naming_it(served, other_b
     out = tmp_path / "t.parquet"
     with pytest.raises(ValueError, match=f"{ranker.bundle_id} \\(3,000 records\\).*--bundle"):
         export_table(log, [other_bundle], out, window_ms=WINDOW_MS, progress=False)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_export_command(served, tiny_bundle, other_bundle, tmp_path):
@@ -105,3 +105,20 @@ def test_export_command(served, tiny_bundle, other_bundle, tmp_path):
                           str(tiny_bundle), "--out", str(tmp_path / "t.csv"), "--quiet"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown table format '.csv'" in bad.stderr
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_long_export_is_written_in_chunks_with_the_same_rows(served, tiny_bundle, tmp_path, suffix):
+    _, _, log, viewed = served
+    whole = export_table(log, [tiny_bundle], tmp_path / f"whole{suffix}", window_ms=WINDOW_MS,
+                         include_open=True, progress=False)
+    chunked = export_table(log, [tiny_bundle], tmp_path / f"chunked{suffix}", window_ms=WINDOW_MS,
+                           include_open=True, progress=False, chunk_rows=300)
+    a = read_table(tmp_path / f"whole{suffix}")
+    b = read_table(tmp_path / f"chunked{suffix}")
+    assert chunked["rows"] == whole["rows"] == len(b) == len(viewed)
+    assert chunked["positives"] == whole["positives"]
+    key = ["ts", "request_id", "post_id"]
+    a, b = (t.sort_values(key, kind="stable").reset_index(drop=True) for t in (a, b))
+    assert a.equals(b)
+    assert not list(tmp_path.glob(".*partial*"))

@@ -53,8 +53,34 @@ def _add_train_options(p):
                         "models keep their alpha online")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
+    p.add_argument("--served-by", action="append", metavar="DIR",
+                   help="with --data EVENT_LOG_DIR: a bundle the log's records were served with, or a directory "
+                        "of bundles (repeatable); the log is joined and exported as by `feedrank export`")
+    p.add_argument("--window-ms", type=int, default=300_000,
+                   help="with --data EVENT_LOG_DIR: attribution window (default 300000)")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _log_table(args):
+    """An event log's served records joined with their events, as an impression table."""
+    import tempfile
+    from online.eventlog import CorruptLogError
+    from online.export import export_table
+    from stacker.bundle import BundleError
+    from stacker.dataset import read_table
+    if not args.served_by:
+        raise SystemExit(f"feedrank: {args.data} is a directory (an event log?): give the bundles its records "
+                         "were served with, --served-by DIR (repeatable)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            summary = export_table(args.data, args.served_by, Path(tmp) / "served.parquet",
+                                   window_ms=args.window_ms, progress=not args.quiet)
+        except (ValueError, OSError, BundleError, CorruptLogError) as e:
+            raise SystemExit(f"feedrank: {e}")
+        print(f"joined {summary['rows']:,} viewed impressions from {summary['records']:,} log records "
+              f"({summary['open_at_end']:,} still in their attribution window left out)", file=sys.stderr)
+        return read_table(Path(tmp) / "served.parquet")
 
 
 def _load_data(args, components: bool = False):
@@ -62,7 +88,9 @@ def _load_data(args, components: bool = False):
     logit components per row (None for tables and public datasets)."""
     from feedsim.simulate import simulate
     from stacker.dataset import read_table
-    if getattr(args, "data", None):
+    if getattr(args, "data", None) and Path(args.data).is_dir():
+        out = _log_table(args), f"event log {args.data}", None
+    elif getattr(args, "data", None):
         out = read_table(args.data), f"table {args.data}", None
     elif getattr(args, "dataset", None):
         from stacker.movielens import load_movielens_100k
@@ -163,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a bundle from a table or the simulator")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--data", help="impression table (.parquet or .jsonl), or an event-log directory "
+                                    "(with --served-by)")
     src.add_argument("--simulate", type=int, metavar="N", help="train on N simulated impressions")
     p.add_argument("--out", default="bundles/default", help="bundle directory (default bundles/default)")
     _add_train_options(p)

@@ -122,3 +122,18 @@ def test_a_long_export_is_written_in_chunks_with_the_same_rows(served, tiny_bund
     a, b = (t.sort_values(key, kind="stable").reset_index(drop=True) for t in (a, b))
     assert a.equals(b)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_train_reads_an_event_log_directly(served, tiny_bundle, tmp_path):
+    """`feedrank train --data LOG --served-by BUNDLE` joins and exports the log on the way in."""
+    _, _, log, _ = served
+    cmd = [sys.executable, "-m", "feedrank.cli", "train", "--data", str(log), "--out", str(tmp_path / "b"),
+           "--trees", "5", "--epochs", "1", "--bits", "18", "--window-ms", str(WINDOW_MS), "--quiet"]
+    missing = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "--served-by" in missing.stderr and not (tmp_path / "b").exists()
+    run = subprocess.run(cmd + ["--served-by", str(tiny_bundle)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "joined" in run.stderr and f"source: event log {log}" in run.stdout
+    ranker = StackedRanker.load(tmp_path / "b")
+    assert ranker.spec.user_features == StackedRanker.load(tiny_bundle).spec.user_features

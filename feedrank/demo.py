@@ -223,6 +223,9 @@ def run_demo(args) -> int:
         log.close()
         channel.close()
         print(f"server stopped (exit code {proc.returncode}); its log is {workdir / 'serve.log'}")
+    if stats.requests:
+        print(f"retrain from what was served: feedrank train --data {events_dir} --served-by {bundle} "
+              f"--window-ms {args.window_ms} --out bundles/retrained")
     return 0 if stats.requests and not stats.errors else 1
 
 

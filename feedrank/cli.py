@@ -58,6 +58,10 @@ def _add_train_options(p):
                         "of bundles (repeatable); the log is joined and exported as by `feedrank export`")
     p.add_argument("--window-ms", type=int, default=300_000,
                    help="with --data EVENT_LOG_DIR: attribution window (default 300000)")
+    p.add_argument("--lateness-ms", type=int, default=5_000,
+                   help="with --data EVENT_LOG_DIR: allowed event lateness (default 5000)")
+    p.add_argument("--returned-is-viewed", action="store_true",
+                   help="with --data EVENT_LOG_DIR: treat every returned post as viewed")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -75,7 +79,8 @@ def _log_table(args):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             summary = export_table(args.data, args.served_by, Path(tmp) / "served.parquet",
-                                   window_ms=args.window_ms, progress=not args.quiet)
+                                   window_ms=args.window_ms, lateness_ms=args.lateness_ms,
+                                   returned_is_viewed=args.returned_is_viewed, progress=not args.quiet)
         except (ValueError, OSError, BundleError, CorruptLogError) as e:
             raise SystemExit(f"feedrank: {e}")
         print(f"joined {summary['rows']:,} viewed impressions from {summary['records']:,} log records "
@@ -200,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="train every variant and compare them on the latest time slice")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--data", help="impression table (.parquet or .jsonl), or an event-log directory "
+                                    "(with --served-by)")
     src.add_argument("--simulate", type=int, metavar="N", help="evaluate on N simulated impressions")
     src.add_argument("--dataset", choices=["movielens-100k"], help="a public dataset")
     p.add_argument("--json", help="write the results as JSON")

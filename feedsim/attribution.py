@@ -10,8 +10,10 @@ is divided out because the true logit is regressed the same way).
 The gap g between the true and the model's logit splits exactly into parts: g = sum_c (a_c - m_c) c
 + r_true - r_model, where r_true is what the true logit holds beyond a linear sum of components (media
 main effects, the examination curve) and r_model the model's own variation no component explains
-(estimation noise). var(g) is the sum of each part's covariance with g: a missed component adds
-(a_c - m_c) cov(g, c), about (a_c - m_c)^2 var(c) where components are uncorrelated.
+(what it reads from the features' own noise, and estimation error). var(g) is the sum of each part's
+covariance with g: a missed component adds (a_c - m_c) cov(g, c), about (a_c - m_c)^2 var(c) where
+components are uncorrelated; ``other`` adds var(r_true) and ``noise`` var(r_model), each less
+cov(r_true, r_model). A part correlated against the rest of the gap can come out slightly negative.
 """
 from __future__ import annotations
 

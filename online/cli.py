@@ -82,7 +82,9 @@ def cmd_export(args) -> int:
         out = export_table(args.log, args.bundle, args.out, window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                            returned_is_viewed=args.returned_is_viewed, include_open=args.include_open,
                            progress=not args.quiet)
-    except (ValueError, BundleError, CorruptLogError, FileNotFoundError) as e:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    except (ValueError, BundleError, CorruptLogError, OSError) as e:
         print(f"feedrank export: {e}", file=sys.stderr)
         return 2
     positives = ", ".join(f"{t} {n:,}" for t, n in out["positives"].items())
@@ -94,8 +96,6 @@ def cmd_export(args) -> int:
           f"attribution window at the end of the log, {left}")
     print(f"  events: {out['duplicate_events']:,} duplicates, {out['late_events']:,} late, "
           f"{out['unmatched_events']:,} unmatched; {out['duplicate_served']:,} duplicate served records")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

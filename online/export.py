@@ -14,7 +14,8 @@ feature columns are the union over the bundles seen; a feature one bundle did no
 Nothing is dropped silently: the summary counts impressions never viewed, impressions whose attribution
 window is still open at the end of the log (their labels are not final, so they are left out unless
 ``include_open``), and the joiner's duplicates, late and unmatched events. A served record from a bundle
-whose manifest was not given stops the export before anything is written, naming the bundle.
+whose manifest was not given stops the export, naming the bundle, and so does a log with nothing to
+export; either way the output file is not touched.
 """
 from __future__ import annotations
 
@@ -113,11 +114,17 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
         raise ValueError("give at least one --bundle (the bundles the log's records were served with)")
     if Path(out).suffix.lower() not in (".parquet", ".jsonl"):
         raise ValueError(f"{out}: unknown table format {Path(out).suffix!r} (use .parquet or .jsonl)")
+    if Path(out).is_dir():
+        raise ValueError(f"{out}: is a directory; give the table's file name (.parquet or .jsonl)")
+    log = Path(log)
+    if not log.exists():
+        raise ValueError(f"{log}: no such event log")
+    if log.is_dir() and not any(log.glob("seg-*.log")):
+        raise ValueError(f"{log}: not an event log (no seg-*.log segments in it)")
     tasks = schema.TASKS
     joiner = Joiner(tasks, window_ms, allowed_lateness_ms=lateness_ms, max_open=1 << 62,
                     returned_is_viewed=returned_is_viewed, dwell_threshold_ms=dwell_threshold_ms)
     rows = _Rows(specs, tasks)
-    unknown: dict[str, int] = {}
     records = 0
     positives = np.zeros(len(tasks), np.int64)
     out = Path(out)
@@ -144,28 +151,30 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
             bar.update(1)
             if isinstance(rec, ServedRecord):
                 if rec.bundle_id not in specs:
-                    unknown[rec.bundle_id] = unknown.get(rec.bundle_id, 0) + 1
-                    continue
+                    raise ValueError(f"{log}: the record at offset {offset} was served by bundle {rec.bundle_id}, "
+                                     f"whose manifest was not given (known: {', '.join(sorted(specs))}); add its "
+                                     "directory with --bundle. Nothing was written.")
                 take(joiner.add_served(rec, offset))
             else:
                 take(joiner.add_event(rec, offset))
         bar.close()
-        if unknown:
-            listed = ", ".join(f"{b} ({n:,} records)" for b, n in sorted(unknown.items()))
-            raise ValueError(f"{log}: records served by bundles whose manifest was not given: {listed}; "
-                             "add their directories with --bundle")
         last = joiner.flush()
         open_at_end = sum(1 for x in last if x.final)   # viewed, window still open (unviewed: never viewed)
         if include_open:
             take(last)
         if len(rows) or not writer.rows:
             flush()
+        stats = joiner.stats.as_dict()
+        if not writer.rows:
+            raise ValueError(f"{log}: no impression to export ({stats['served']:,} served, "
+                             f"{stats['expired_unviewed']:,} never viewed, {open_at_end:,} still in their "
+                             "attribution window); a backend that sends no views needs --returned-is-viewed, "
+                             "and --include-open exports open windows. Nothing was written.")
         writer.close()
         os.replace(partial, out)
     finally:
         writer.close()
         partial.unlink(missing_ok=True)
-    stats = joiner.stats.as_dict()
     return {"out": str(out), "records": records, "rows": writer.rows,
             "positives": {t: int(n) for t, n in zip(tasks, positives)},
             "bundles": sorted(rows.bundles),

@@ -73,14 +73,17 @@ def recovery_plot(report: dict, path: Path, task: str | None = None) -> Path:
     variants = list(rec)
     parts = list(rec[variants[0]][task]["missed_variance"])
     fig, ax = plt.subplots(figsize=(10.5, 0.45 * len(variants) + 2))
-    left = np.zeros(len(variants))
+    right, left = np.zeros(len(variants)), np.zeros(len(variants))   # positive parts stack right, negative left
     colors = plt.get_cmap("tab20").colors
     grey = {"other": "darkgrey", "noise": "lightgrey"}
     for i, part in enumerate([*parts, "other", "noise"]):
         vals = np.array([rec[v][task][part] if part in grey else rec[v][task]["missed_variance"][part]
                          for v in variants])
-        ax.barh(variants, vals, left=left, color=grey.get(part, colors[i % len(colors)]), label=part)
-        left += vals
+        start = np.where(vals >= 0, right, left + vals)
+        ax.barh(variants, np.abs(vals), left=start, color=grey.get(part, colors[i % len(colors)]), label=part)
+        right += np.maximum(vals, 0)
+        left += np.minimum(vals, 0)
+    ax.axvline(0.0, color="black", lw=0.6)
     ax.invert_yaxis()
     ax.set_xlabel(f"variance of (true {task} logit - variant's logit), by source")
     ax.set_title(f"{report['dataset']}: what each variant misses of the world's {task} logit")

@@ -79,12 +79,71 @@ def test_open_windows_are_left_out_unless_asked_and_the_export_retrains(served, 
     assert StackedRanker.load(bundle).spec.user_features == ranker.spec.user_features
 
 
-def test_records_of_a_bundle_not_given_stop_the_export_naming_it(served, other_bundle, tmp_path):
-    _, ranker, log, _ = served
+def test_records_of_a_bundle_not_given_stop_the_export_naming_it(served, tiny_bundle, other_bundle, tmp_path):
+    """The first record of an unknown bundle stops the export, after chunks were already written to the
+    partial file: the output is never created and the partial file is removed."""
+    df, ranker, log, _ = served
+    other = StackedRanker.load(other_bundle)
+    after_swap = workload(simulate(200, seed=12).assign(ts=lambda d: d["ts"] + int(df["ts"].max())), other.spec,
+                          other.bundle_id, WINDOW_MS)
+    mixed = tmp_path / "mixed"
+    with EventLog(mixed, fsync=False) as out_log:
+        out_log.append(list(read_records_of(log)) + after_swap)
     out = tmp_path / "t.parquet"
-    with pytest.raises(ValueError, match=f"{ranker.bundle_id} \\(3,000 records\\).*--bundle"):
-        export_table(log, [other_bundle], out, window_ms=WINDOW_MS, progress=False)
+    with pytest.raises(ValueError, match=f"served by bundle {other.bundle_id}, whose manifest was not given"):
+        export_table(mixed, [tiny_bundle], out, window_ms=WINDOW_MS, progress=False, chunk_rows=50)
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    both = export_table(mixed, [tiny_bundle, other_bundle], out, window_ms=WINDOW_MS, progress=False,
+                        include_open=True)
+    assert both["bundles"] == sorted([ranker.bundle_id, other.bundle_id])
+
+
+def read_records_of(log):
+    from online.replay import read_records
+    return (rec for _, rec in read_records(log))
+
+
+def test_nothing_to_export_is_an_error_not_an_empty_table(tiny_bundle, tmp_path):
+    ranker = StackedRanker.load(tiny_bundle)
+    unviewed = workload(simulate(300, seed=13), ranker.spec, ranker.bundle_id, WINDOW_MS, view_share=0.0)
+    log = tmp_path / "log"
+    with EventLog(log, fsync=False) as out_log:
+        out_log.append(unviewed)
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(ValueError, match="no impression to export .*300 never viewed.*--returned-is-viewed"):
+        export_table(log, [tiny_bundle], out, window_ms=WINDOW_MS, progress=False)
+    assert not out.exists()
+    assert export_table(log, [tiny_bundle], out, window_ms=WINDOW_MS, progress=False, include_open=True,
+                        returned_is_viewed=True)["rows"] == 300
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an event log"):
+        export_table(tmp_path / "empty", [tiny_bundle], out, progress=False)
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        export_table(log, [tiny_bundle], tmp_path / "dir.parquet", progress=False)
+
+
+def test_duplicate_late_and_unmatched_events_are_counted_and_change_no_label(tiny_bundle, tmp_path):
+    from online.records import Engagement
+    ranker = StackedRanker.load(tiny_bundle)
+    df = simulate(1_000, seed=14)
+    records = workload(df, ranker.spec, ranker.bundle_id, WINDOW_MS)
+    first_click = next(i for i, r in enumerate(records) if getattr(r, "kind", None) == "click")
+    c = records[first_click]
+    first = records[0]
+    like = df.set_index(["request_id", "post_id"]).loc[(first.request_id, first.post_id), "label.like"]
+    records.insert(first_click + 1, Engagement(c.event_id, c.request_id, c.post_id, "click", c.ts + 1))
+    records.insert(first_click + 2, Engagement("stray", "no-such-request", "p0", "click", c.ts + 2))
+    records.append(Engagement("late-like", first.request_id, first.post_id, "like", first.ts + 100))
+    log = tmp_path / "log"
+    with EventLog(log, fsync=False) as out_log:
+        out_log.append(records)
+    summary = export_table(log, [tiny_bundle], tmp_path / "t.parquet", window_ms=WINDOW_MS, progress=False,
+                           include_open=True)
+    assert (summary["duplicate_events"], summary["late_events"], summary["unmatched_events"]) == (1, 1, 1)
+    table = read_table(tmp_path / "t.parquet").set_index(["request_id", "post_id"])
+    assert table.loc[(first.request_id, first.post_id), "label.like"] == like
+    assert summary["positives"]["click"] == int(df["label.click"].sum())
 
 
 def test_export_command(served, tiny_bundle, other_bundle, tmp_path):

@@ -174,7 +174,8 @@ def test_closed_loop_shapes():
 
 def test_recovery_finds_what_a_model_misses():
     """A model blind to the ties recovers none of them and all of everything else; a model that
-    sees half of the post-quality effect recovers half of it; the gap's variance is the ties'."""
+    sees half of the post-quality effect recovers half of it; the gap's variance is the ties'; noise
+    added to a model's logit is counted as its noise."""
     from feedsim.attribution import recovery
     df, comps = simulate(60_000, return_components=True)
     world = get_world()
@@ -192,8 +193,14 @@ def test_recovery_finds_what_a_model_misses():
     tie_var = comps["tie"].var() * 0.9 ** 2     # the link's curvature flattens the logit's slopes a little
     assert r["missed_variance"]["tie"] == pytest.approx(tie_var, rel=0.15)
     assert r["missed_variance"]["tie"] > 0.8 * r["gap_variance"]
-    parts = sum(r["missed_variance"].values()) + r["other"] + r["noise"]
-    assert parts == pytest.approx(r["gap_variance"], rel=1e-9)
+    assert r["noise"] < 0.01                    # its logit is a function of the components alone
+
+    # Noise of its own, independent of the world, shows up as noise and nowhere else.
+    logit = np.log(blind) - np.log1p(-blind) + np.random.default_rng(0).normal(0.0, 0.5, len(df))
+    noisy = recovery(truth, 1.0 / (1.0 + np.exp(-logit)), comps)
+    assert noisy["noise"] == pytest.approx(0.25, abs=0.02)
+    assert noisy["missed_variance"]["tie"] == pytest.approx(r["missed_variance"]["tie"], rel=0.02)
+    assert noisy["recovered"]["user"] == pytest.approx(1.0, abs=0.05)
 
     half = world.probabilities({**comps, "post": 0.5 * comps["post"]}, media, position)[:, click]
     assert recovery(truth, half, comps)["recovered"]["post"] == pytest.approx(0.5, abs=0.05)

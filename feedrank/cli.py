@@ -36,6 +36,7 @@ def _train_config(args):
 
 
 def _add_train_options(p):
+    from online.cli import add_join_options
     p.add_argument("--trees", type=int, default=200, help="GBDT trees (default 200)")
     p.add_argument("--depth", type=int, default=6, help="GBDT depth (default 6)")
     p.add_argument("--epochs", type=int, default=8, help="DNN epochs (default 8)")
@@ -56,12 +57,7 @@ def _add_train_options(p):
     p.add_argument("--served-by", action="append", metavar="DIR",
                    help="with --data EVENT_LOG_DIR: a bundle the log's records were served with, or a directory "
                         "of bundles (repeatable); the log is joined and exported as by `feedrank export`")
-    p.add_argument("--window-ms", type=int, default=300_000,
-                   help="with --data EVENT_LOG_DIR: attribution window (default 300000)")
-    p.add_argument("--lateness-ms", type=int, default=5_000,
-                   help="with --data EVENT_LOG_DIR: allowed event lateness (default 5000)")
-    p.add_argument("--returned-is-viewed", action="store_true",
-                   help="with --data EVENT_LOG_DIR: treat every returned post as viewed")
+    add_join_options(p, when="with --data EVENT_LOG_DIR: ")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -69,9 +65,7 @@ def _add_train_options(p):
 def _log_table(args):
     """An event log's served records joined with their events, as an impression table."""
     import tempfile
-    from online.eventlog import CorruptLogError
-    from online.export import export_table
-    from stacker.bundle import BundleError
+    from online.export import EXPORT_ERRORS, export_table
     from stacker.dataset import read_table
     if not args.served_by:
         raise SystemExit(f"feedrank: {args.data} is a directory (an event log?): give the bundles its records "
@@ -81,7 +75,7 @@ def _log_table(args):
             summary = export_table(args.data, args.served_by, Path(tmp) / "served.parquet",
                                    window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                                    returned_is_viewed=args.returned_is_viewed, progress=not args.quiet)
-        except (ValueError, OSError, BundleError, CorruptLogError) as e:
+        except EXPORT_ERRORS as e:
             raise SystemExit(f"feedrank: {e}")
         print(f"joined {summary['rows']:,} viewed impressions from {summary['records']:,} log records "
               f"({summary['open_at_end']:,} still in their attribution window left out)", file=sys.stderr)

@@ -75,16 +75,14 @@ def cmd_learn(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from online.eventlog import CorruptLogError
-    from online.export import export_table
-    from stacker.bundle import BundleError
+    from online.export import EXPORT_ERRORS, export_table
     try:
         out = export_table(args.log, args.bundle, args.out, window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                            returned_is_viewed=args.returned_is_viewed, include_open=args.include_open,
                            progress=not args.quiet)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
-    except (ValueError, BundleError, CorruptLogError, OSError) as e:
+    except EXPORT_ERRORS as e:
         print(f"feedrank export: {e}", file=sys.stderr)
         return 2
     positives = ", ".join(f"{t} {n:,}" for t, n in out["positives"].items())
@@ -97,6 +95,14 @@ def cmd_export(args) -> int:
     print(f"  events: {out['duplicate_events']:,} duplicates, {out['late_events']:,} late, "
           f"{out['unmatched_events']:,} unmatched; {out['duplicate_served']:,} duplicate served records")
     return 0
+
+
+def add_join_options(p, when: str = "") -> None:
+    """The joiner's options (``--window-ms``, ``--lateness-ms``, ``--returned-is-viewed``), shared by every
+    command that joins served records with events; ``when`` prefixes their help."""
+    p.add_argument("--window-ms", type=int, default=300_000, help=f"{when}attribution window (default 300000)")
+    p.add_argument("--lateness-ms", type=int, default=5_000, help=f"{when}allowed event lateness (default 5000)")
+    p.add_argument("--returned-is-viewed", action="store_true", help=f"{when}treat every returned post as viewed")
 
 
 def cmd_bench_learn(args) -> int:
@@ -157,10 +163,8 @@ def register(sub) -> None:
     p.add_argument("--state", required=True, help="learner state: checkpoints, audit, status.json")
     p.add_argument("--model-dir", help="publish weight updates under MODEL_DIR/updates/<bundle_id>/")
     p.add_argument("--tasks", help="comma-separated tasks to learn (default: all of the bundle's)")
-    p.add_argument("--window-ms", type=int, default=300_000, help="attribution window (default 300000)")
-    p.add_argument("--lateness-ms", type=int, default=5_000, help="allowed event lateness (default 5000)")
+    add_join_options(p)
     p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (1 = off)")
-    p.add_argument("--returned-is-viewed", action="store_true", help="treat every returned post as viewed")
     p.add_argument("--checkpoint-every-s", type=float, default=30.0)
     p.add_argument("--checkpoint-every-examples", type=int, default=None)
     p.add_argument("--publish-every-s", type=float, default=0.2)
@@ -181,9 +185,7 @@ def register(sub) -> None:
     p.add_argument("--bundle", required=True, action="append", metavar="DIR",
                    help="a bundle the records were served with, or a directory of bundles (repeatable)")
     p.add_argument("--out", required=True, help="impression table to write (.parquet or .jsonl)")
-    p.add_argument("--window-ms", type=int, default=300_000, help="attribution window (default 300000)")
-    p.add_argument("--lateness-ms", type=int, default=5_000, help="allowed event lateness (default 5000)")
-    p.add_argument("--returned-is-viewed", action="store_true", help="treat every returned post as viewed")
+    add_join_options(p)
     p.add_argument("--include-open", action="store_true",
                    help="also export impressions still in their attribution window at the end of the log")
     p.add_argument("--json", help="write the summary as JSON")

@@ -26,25 +26,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from online.eventlog import CorruptLogError
 from online.joiner import Joiner
 from online.records import DEFAULT_DWELL_THRESHOLD_MS, ServedRecord
 from online.replay import count_records, read_records
 from stacker import schema
-from stacker.bundle import BundleError, read_manifest
+from stacker.bundle import MANIFEST, BundleError, candidate_bundles, read_manifest
 from stacker.dataset import TableWriter
 from stacker.features import FeatureSpec
+
+
+#: What a bad log, bundle or output path raises; the commands turn these into a one-line message.
+EXPORT_ERRORS = (ValueError, OSError, BundleError, CorruptLogError)
 
 
 def bundle_specs(paths) -> dict[str, FeatureSpec]:
     """``bundle_id -> FeatureSpec`` from bundle directories, or directories holding bundles."""
     specs: dict[str, FeatureSpec] = {}
     for path in map(Path, paths):
-        if (path / "manifest.json").is_file():
-            found = [path]
-        else:
-            found = sorted(p for p in path.iterdir() if (p / "manifest.json").is_file()) if path.is_dir() else []
-            if not found:
-                raise BundleError(f"{path}: neither a bundle directory nor a directory of bundles")
+        found = [path] if (path / MANIFEST).is_file() else candidate_bundles(path)
+        if not found:
+            raise BundleError(f"{path}: neither a bundle directory nor a directory of bundles")
         for d in found:
             m = read_manifest(d)
             specs[m["bundle_id"]] = FeatureSpec.from_dict(m["feature_spec"])

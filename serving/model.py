@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stacker.bundle import BundleError, read_manifest
+from stacker.bundle import BundleError, candidate_bundles
 from stacker.ranker import StackedRanker
 
 from .errors import NotReady, RefusedBundle
@@ -20,18 +20,6 @@ from .errors import NotReady, RefusedBundle
 log = logging.getLogger(__name__)
 NO_MODEL_HINT = ("no model loaded: make a bundle with `feedrank train --simulate 200000 --out bundles/default` "
                  "and serve it with `feedrank serve --bundle bundles/default` (or --model-dir bundles)")
-
-
-def candidate_bundles(model_dir: Path) -> list[Path]:
-    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first."""
-    found = []
-    for p in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
-        if p.is_dir() and not p.name.endswith(".partial"):
-            try:
-                found.append((int(read_manifest(p).get("created_at", 0)), p.stat().st_mtime, p))
-            except BundleError:
-                continue
-    return [p for *_, p in sorted(found, reverse=True)]
 
 
 class LiveModel:

@@ -92,6 +92,18 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
+def candidate_bundles(model_dir) -> list[Path]:
+    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first."""
+    found = []
+    for p in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
+        if p.is_dir() and not p.name.endswith(".partial"):
+            try:
+                found.append((int(read_manifest(p).get("created_at", 0)), p.stat().st_mtime, p))
+            except BundleError:
+                continue
+    return [p for *_, p in sorted(found, reverse=True)]
+
+
 def verify(directory) -> dict:
     """Return the manifest once every listed file exists with the recorded size and checksum."""
     directory = Path(directory)

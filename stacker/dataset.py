@@ -42,24 +42,16 @@ def _version_error(path, found) -> ValueError:
 def write_table(df: pd.DataFrame, path) -> None:
     """Write an impression table: Parquet (schema version in the key-value metadata) or JSON Lines
     (a ``schema_version`` field in every row), chosen by the suffix."""
-    path = Path(path)
-    if _suffix(path) == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        meta = dict(table.schema.metadata or {})
-        meta[META_KEY] = str(SCHEMA_VERSION).encode()
-        pq.write_table(table.replace_schema_metadata(meta), path)
-    else:
-        out = df.copy()
-        out.insert(0, "schema_version", SCHEMA_VERSION)
-        out.to_json(path, orient="records", lines=True, double_precision=15)
+    writer = TableWriter(path)
+    try:
+        writer.write(df)
+    finally:
+        writer.close()
 
 
 class TableWriter:
-    """Write an impression table chunk by chunk, in the format and schema version of
-    :func:`write_table`, so a long export never holds the whole table. Every chunk must have the
-    first chunk's columns."""
+    """Write an impression table chunk by chunk (:func:`write_table` is one chunk), so a long export
+    never holds the whole table. Every chunk must have the first chunk's columns."""
 
     def __init__(self, path):
         self.path = Path(path)

@@ -19,14 +19,17 @@ def _train_config(args):
     from stacker.train import TrainConfig
     from stacker.vwstack import UNIT_VALUES, VWConfig
     interactions = tuple(args.interactions.split(",")) if args.interactions else ()
-    if args.optimizer == "ftrl":
-        vw = VWConfig(bits=args.bits, interactions=interactions,
-                      **({} if args.ftrl_alpha is None else {"ftrl_alpha": args.ftrl_alpha}))
-    else:   # VW's default adaptive update on unit feature values
-        if args.ftrl_alpha is not None:
-            raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
-        vw = VWConfig(bits=args.bits, interactions=interactions, optimizer="adaptive", values=UNIT_VALUES)
+    shared = ({} if args.shared_tasks is None else
+              {"shared_tasks": () if args.shared_tasks in ("", "none") else tuple(args.shared_tasks.split(","))})
+    if args.optimizer != "ftrl" and args.ftrl_alpha is not None:
+        raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
     try:
+        if args.optimizer == "ftrl":
+            vw = VWConfig(bits=args.bits, interactions=interactions, **shared,
+                          **({} if args.ftrl_alpha is None else {"ftrl_alpha": args.ftrl_alpha}))
+        else:   # VW's default adaptive update on unit feature values
+            vw = VWConfig(bits=args.bits, interactions=interactions, **shared, optimizer="adaptive",
+                          values=UNIT_VALUES)
         return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
                            downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
@@ -40,9 +43,15 @@ def _add_train_options(p):
     p.add_argument("--trees", type=int, default=200, help="GBDT trees (default 200)")
     p.add_argument("--depth", type=int, default=6, help="GBDT depth (default 6)")
     p.add_argument("--epochs", type=int, default=8, help="DNN epochs (default 8)")
-    p.add_argument("--bits", type=int, default=24, help="VW -b hash bits (default 24)")
+    p.add_argument("--bits", type=int, default=26,
+                   help="VW -b hash bits of the one workspace every task shares (default 26: 2**23 rows "
+                        "of 8 task slots; 1 GiB of VW state, 256 MiB served)")
     p.add_argument("--interactions", default="ua,up",
-                   help="VW crosses by namespace letters (u user, p post, a author, c context)")
+                   help="id crosses, as pairs of u (user), p (post), a (author) (default ua,up)")
+    p.add_argument("--shared-tasks", default=None,
+                   help="tasks whose user, post, author and id-cross weights are also learned jointly, from "
+                        "all their labels (default click,like,comment,share,dwell; 'none' to learn every "
+                        "task alone)")
     p.add_argument("--optimizer", choices=("ftrl", "adaptive"), default="ftrl",
                    help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
                         "or VW's adaptive update on unit values")

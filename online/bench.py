@@ -87,11 +87,11 @@ def _bare_vw(bundle: Path, records, tasks, batch: int = 1024) -> dict:
     for a in range(0, len(exs), batch):
         part = exs[a:a + batch]
         lines = ranker.features(batch_from_records([x.served for x in part], ranker.spec)).vw_lines()
-        labels = np.array([[x.labels[t] for t in tasks] for x in part], np.int8)
-        mask = np.array([[t in x.tasks for t in tasks] for x in part], bool)
+        labels = np.array([[x.labels.get(t, 0) for t in ranker.tasks] for x in part], np.int8)
+        mask = np.array([[t in tasks and t in x.tasks for t in ranker.tasks] for x in part], bool)
         chunks.append((lines, labels, mask))
-    learners = TaskLearners(tasks, vw_config(ranker.manifest),
-                            {t: bundle / "vw" / f"{t}.model" for t in tasks})
+    from stacker.bundle import VW_MODEL
+    learners = TaskLearners(ranker.tasks, vw_config(ranker.manifest), bundle / VW_MODEL)
     t0 = time.perf_counter()
     for lines, labels, mask in chunks:
         learners.learn(lines, labels, mask)

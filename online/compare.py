@@ -20,6 +20,7 @@ from stacker.evaluate import progressive
 from stacker.features import CandidateBatch
 from stacker.metrics import task_metrics
 from stacker.progress import Progress
+from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
 from stacker.train import TrainConfig, labels_of, split_by_time, train_bundle
 
@@ -39,7 +40,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
         frozen = ranker.predict_features(feats)
         Y = labels_of(stream, tasks)
         online_vw = config.vw.with_rate(online_learning_rate or config.online_rate)
-        online = progressive(tasks, online_vw, {t: bundle / "vw" / f"{t}.model" for t in tasks}, feats.leaves,
+        online = progressive(tasks, online_vw, bundle / bundles.VW_MODEL, feats.leaves,
                              feats.hidden, feats.ids, feats.context, Y, chunk, progress,
                              "online stack: score, then learn")
         wall = time.time() - t0

@@ -1,20 +1,21 @@
 """The online learner: served records + engagement events in, per-task VW updates and published weights out.
 
 Two halves: a :class:`Featurizer` (joiner, filters, downsampling, feature reproduction, VW text; no model)
-cuts :class:`LearnBatch` objects that a :class:`Trainer` (VW workspaces, progressive metrics, publishing,
+cuts :class:`LearnBatch` objects that a :class:`Trainer` (the VW workspace, progressive metrics, publishing,
 checkpoints) learns. :class:`OnlineLearner` runs both in one process; :mod:`online.pipeline` runs them in
 two (the trainer's process and a feeder child), which is what ``feedrank learn`` uses for logs.
 
 Per batch of joined examples: rebuild the served candidates from their records (same bundle, frozen
-extractors, so the features are exactly those served), score them with the current model (progressive
-validation: :meth:`TaskLearners.learn` returns the pre-update probabilities), then learn the tasks each
-example says to learn now. Final all-negative examples are downsampled at ``downsample_rate`` by the
+extractors, so the features are exactly those served), score the whole batch with the current model
+(progressive validation: :func:`~stacker.vwstack.learn_text` scores every example before learning any, so
+no task's score has seen a label of the batch through the weights the tasks share), then learn the tasks
+each example says to learn now. Final all-negative examples are downsampled at ``downsample_rate`` by the
 deterministic (request_id, post_id) coin and carry importance weight ``1 / rate``.
 
-Durability: a checkpoint (``<state_dir>/checkpoints``) holds every task's resumable VW model and the
+Durability: a checkpoint (``<state_dir>/checkpoints``) holds the resumable VW model of every task and the
 state to resume: ``learned_through`` (the last log offset whose examples are all learned), ``replay_from``
 (the joiner's oldest open offset), the joiner's clock and counters, the update sequence and counters. On
-start the learner loads the newest checkpoint (else the bundle's ``vw/<task>.model``) and the caller
+start the learner loads the newest checkpoint (else the bundle's ``vw/lr.model``) and the caller
 replays its source from :attr:`OnlineLearner.replay_from`; the joiner suppresses what was learned before.
 With ``audit=True`` each checkpoint ``N`` is preceded by ``<state_dir>/audit/ckpt-<N>.tsv`` listing what was
 learned since the previous one (offset, request_id, post_id, tasks, weight); on start, files of checkpoints
@@ -25,11 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -44,34 +43,23 @@ from online.reproduce import batch_from_records, fits_spec
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
 from stacker.train import keep_hash
-from stacker.vwstack import UNIT_VALUES, TaskLearners, VWConfig, learn_text
+from stacker.vwstack import TaskLearners, VWConfig, learn_text
 from stacker.vwtext import batch_text
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
+CKPT_MODEL = "lr.model"
 
 
 def vw_config(manifest: dict) -> VWConfig:
-    """The VW settings to continue a bundle online: its own, with the manifest's online rate.
-
-    Bundles that predate the ``optimizer`` field learned with VW's adaptive update and unit feature
-    values; their settings are read back from the recorded arguments."""
+    """The VW settings to continue a bundle online: its own, with the manifest's online rate."""
     vw = manifest["vw"]
-    common = dict(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0))
-    if "optimizer" in vw:
-        config = VWConfig(**common, optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"],
-                          ftrl_beta=vw["ftrl_beta"], learning_rate=vw["learning_rate"], power_t=vw["power_t"],
-                          l2=vw["l2"], values=tuple(sorted(vw["values"].items())))
-        return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
-    args = vw.get("args", "")
-
-    def opt(pattern: str, default: float) -> float:
-        m = re.search(pattern + r"\s+(\S+)", args)
-        return float(m.group(1)) if m else default
-    d = VWConfig(optimizer="adaptive")
-    rate = vw.get("online_learning_rate") or opt(r"(?:^|\s)-l", d.learning_rate)
-    return VWConfig(**common, optimizer="adaptive", learning_rate=rate, power_t=opt("--power_t", d.power_t),
-                    l2=opt("--l2", d.l2), values=UNIT_VALUES)
+    config = VWConfig(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0),
+                      optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"], ftrl_beta=vw["ftrl_beta"],
+                      learning_rate=vw["learning_rate"], power_t=vw["power_t"], l2=vw["l2"],
+                      values=tuple(sorted(vw["values"].items())), shared_tasks=tuple(vw["shared_tasks"]),
+                      shared_value=vw["shared_value"])
+    return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
 
 
 FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "downsampled_out", "nothing_to_learn")
@@ -107,6 +95,9 @@ def load_resume(state_dir, bundle_id: str, tasks) -> tuple[dict, Path] | None:
     resumed = load_latest(Path(state_dir) / "checkpoints")
     if resumed is not None:
         state, path = resumed
+        if state.get("state_version") != STATE_VERSION:
+            raise ValueError(f"{path}: checkpoint state version {state.get('state_version')}, this learner "
+                             f"writes {STATE_VERSION}; use another --state")
         if state["bundle_id"] != bundle_id or tuple(state["tasks"]) != tuple(tasks):
             raise ValueError(f"{path}: checkpoint is for bundle {state['bundle_id']} tasks {state['tasks']}, "
                              f"not {bundle_id} tasks {list(tasks)}; use another --state")
@@ -285,12 +276,9 @@ class Featurizer:
                     if not n:
                         return None
         feats = self.ranker.features(batch_from_records([x.served for x in keep], self.ranker.spec))
-        if len(set(weights.tolist())) == 1:
-            prefixes = [b"1 %g " % weights[0]] * n
-        else:
-            prefixes = [b"1 %g " % w for w in weights.tolist()]
-        text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, prefixes, feats.values)
-        touched = self.ranker.scorer.binary_indices(feats.leaves, feats.ids, feats.context).ravel()
+        text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, feats.values,
+                          interactions=feats.interactions)
+        touched = self.ranker.scorer.touched_rows(feats.leaves, feats.ids, feats.context)
         seen = self._seen_rows
         seen[touched] = True
         rows = np.flatnonzero(seen)
@@ -304,7 +292,7 @@ class Featurizer:
 
 
 class Trainer:
-    """The back half: owns the VW workspaces; learns batches, keeps progressive metrics, publishes weight
+    """The back half: owns the VW workspace; learns batches, keeps progressive metrics, publishes weight
     updates, writes checkpoints and ``status.json``.
 
     A checkpoint records the models together with the ``state`` of the last batch learned, so its offsets
@@ -342,19 +330,17 @@ class Trainer:
         self._since_ckpt = 0
         self._rate_window: list[tuple[float, int]] = []
         self._progressive_cache: tuple[float, dict] | None = None
-        self._dnn_rows = ranker.scorer.dnn_indices(ranker.mlp.hidden_size)
+        self._dnn_rows = ranker.scorer.dnn_rows(ranker.mlp.hidden_size)
         self._dirty = np.zeros(len(ranker.scorer.weights), bool)
         self._has_dirty = False
         self._resumed_state = resumed[0] if resumed is not None else None
         self.timings = dict.fromkeys(("vw", "metrics", "publish", "checkpoint"), 0.0)  # seconds spent
         self._ckpt_child: tuple[int, int, float] | None = None  # background checkpoint in flight
 
-        if resumed is not None:
-            model_paths = {t: resumed[1] / f"{t}.model" for t in self.tasks}
-        else:
-            bundle_dir = Path(ranker.path)
-            model_paths = {t: bundle_dir / "vw" / f"{t}.model" for t in self.tasks}
-        self.learners = TaskLearners(self.tasks, vw_config(ranker.manifest), model_paths)
+        # One workspace holds every task of the bundle (in the bundle's order); the tasks not learned
+        # here are never masked in, so their weights stay the bundle's.
+        model_path = resumed[1] / CKPT_MODEL if resumed is not None else Path(ranker.path) / bundles.VW_MODEL
+        self.learners = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path)
         if pretouch:
             self.learners.pretouch()
         with np.load(Path(ranker.path) / "lr_weights.npz") as z:
@@ -375,8 +361,8 @@ class Trainer:
         self.weighted.update({t: list(v) for t, v in state["weighted"].items()})
         self.stream_state = dict(state.get("stream") or {})
         # Serving mirrors VW: the checkpoint's weights differ from the bundle's numpy copy.
-        w = self.learners.weights()
-        self.ranker.scorer.weights[:, self.task_cols] = w
+        self.ranker.scorer.weights[:] = self.learners.weights()
+        self.ranker.scorer.refresh()
         self.ranker.update_seq = self.update_seq
         if self.publisher is not None:
             self.update_seq = max(self.update_seq, self.publisher.seq)
@@ -403,7 +389,10 @@ class Trainer:
         if n:
             t0 = time.perf_counter()
             tasks, labels, mask, weights = self.tasks, batch.labels, batch.mask, batch.weights
-            preds = learn_text(self.learners, batch.text, labels, mask, weights)
+            full_labels = np.zeros((n, len(self.ranker.tasks)), np.int8)
+            full_mask = np.zeros((n, len(self.ranker.tasks)), bool)
+            full_labels[:, self.task_cols], full_mask[:, self.task_cols] = labels, mask
+            preds = learn_text(self.learners, batch.text, full_labels, full_mask, weights)[:, self.task_cols]
             t1 = time.perf_counter()
             self.timings["vw"] += t1 - t0
             for k, task in enumerate(tasks):
@@ -440,10 +429,8 @@ class Trainer:
         return out
 
     def current_values(self, rows: np.ndarray) -> np.ndarray:
-        """[K, T_bundle] weights: learned tasks from VW, the others as the bundle has them."""
-        values = np.array(self.ranker.scorer.weights[rows], dtype=np.float32)
-        values[:, self.task_cols] = get_weights(self.learners, rows)
-        return values
+        """[K, 8] weights of the rows, from VW."""
+        return self.learners.get_weights(rows)
 
     def publish_due_in(self) -> float | None:
         """Seconds until :meth:`maybe_publish` would publish (None: nothing learned to publish)."""
@@ -465,6 +452,7 @@ class Trainer:
         if rows.size:
             values = self.current_values(rows)
             self.ranker.scorer.weights[rows] = values
+            self.ranker.scorer.refresh()
             if self.publisher is not None:
                 if not self._need_base:
                     seq = self.publisher.publish(rows, values, self.learned_through)
@@ -555,8 +543,7 @@ class Trainer:
                 f.flush()
                 os.fsync(f.fileno())
         state["progressive"] = _jsonable(self.progressive(max_age_s=0.0))
-        files = {f"{t}.model": (lambda p, ws=ws: ws.save(str(p)))
-                 for t, ws in zip(self.tasks, self.learners.workspaces)}
+        files = {CKPT_MODEL: self.learners.save}
         return write_checkpoint(self.ckpt_dir, state, files, keep=self.keep_checkpoints)
 
     def reap_checkpoint(self, block: bool = False) -> None:
@@ -578,7 +565,8 @@ class Trainer:
 
     # -- status ----------------------------------------------------------------------------------
     def vw_weighted_examples(self) -> dict[str, float]:
-        return {t: float(ws.get_weighted_examples()) for t, ws in zip(self.tasks, self.learners.workspaces)}
+        """VW's own count of weighted examples learned (one per task learned of each row)."""
+        return {"all": self.learners.weighted_examples()}
 
     def progressive(self, max_age_s: float = 5.0) -> dict:
         now = time.monotonic()
@@ -784,17 +772,6 @@ class OnlineLearner:
         if self._lock >= 0:
             os.close(self._lock)  # releases the flock
             self._lock = -1
-
-
-def get_weights(learners: TaskLearners, rows: np.ndarray) -> np.ndarray:
-    """:meth:`TaskLearners.get_weights` without the Python wrapper per call ([len(rows), T] float32)."""
-    get = learners._pylibvw.vw.get_weight
-    rl = rows.tolist()
-    n = len(rl)
-    out = np.empty((n, len(learners.workspaces)), np.float32)
-    for k, ws in enumerate(learners.workspaces):
-        out[:, k] = np.fromiter(map(get, repeat(ws, n), rl, repeat(0, n)), np.float32, n)
-    return out
 
 
 def _next_checkpoint_seq(root: Path) -> int:

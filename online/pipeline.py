@@ -5,7 +5,7 @@
   the distinct weight rows each batch touches (:class:`~online.learner.Featurizer`). It sends
   :class:`~online.learner.LearnBatch` objects of ``batch_size`` examples over a socket pair (bounded: a
   small send queue plus the socket buffer, so it blocks when the trainer falls behind).
-- **Trainer** (this process): owns the VW workspaces; parses + learns each batch, progressive metrics,
+- **Trainer** (this process): owns the VW workspace; parses + learns each batch, progressive metrics,
   publishes weight updates and writes checkpoints and ``status.json`` (:class:`~online.learner.Trainer`).
 
 Durability is unchanged: each batch carries the stream state (learned-through offset, the joiner's oldest

@@ -19,31 +19,22 @@ def contributions(ranker: StackedRanker, f: StackFeatures, sel: np.ndarray, prob
     """Top ``top_k`` (name, EV contribution) per selected candidate, largest magnitude first.
 
     ``probs`` [K, T] and ``weights`` [T] are the selected rows' probabilities and EV weights;
-    ``context_tokens`` names the 5 context columns.
+    ``context_tokens`` names the 5 context columns. A block's logit contribution includes what the
+    shared token learned for it (user, post, author and the id crosses of the shared tasks).
     """
     sc = ranker.scorer
     leaves, ids, ctx, hidden = f.leaves[sel], f.ids[sel], f.context[sel], f.hidden[sel]
-    rows = sc.binary_indices(leaves, ids, ctx)                         # [K, F]
-    w = sc.weights[rows].astype(np.float64)                            # [K, F, T]
-    values = sc.binary_values(leaves.shape[1], ctx.shape[1])           # each feature's value, or None
-    if values is not None:
-        w *= values[None, :, None]
-    n_leaves = leaves.shape[1]
-    names = ["leaves", "user", "post", "author"] + [f"context:{t}" for t in context_tokens]
-    blocks = [w[:, :n_leaves].sum(axis=1), w[:, n_leaves], w[:, n_leaves + 1], w[:, n_leaves + 2]]
-    blocks += [w[:, n_leaves + 3 + j] for j in range(ctx.shape[1])]
-    col = n_leaves + 3 + ctx.shape[1]
-    widths = {"l": leaves.shape[1], "u": 1, "p": 1, "a": 1, "c": ctx.shape[1]}
-    for x, y in sc.interactions:
-        width = widths[x] * widths[y]
-        names.append(f"{LETTERS[x]}×{LETTERS[y]}")
-        blocks.append(w[:, col:col + width].sum(axis=1))
-        col += width
-    names.append("constant")
-    blocks.append(w[:, col])
-    dnn_w = sc.weights[sc.dnn_indices(hidden.shape[1])].astype(np.float64)  # [H, T]
+    index, vals, shared_cols = sc.binary_index(ids, ctx)                   # [K, F]
+    w = sc.effective(index, shared_cols) * vals[None, :, None]             # [K, F, T]
+    names = ["user", "post", "author"] + [f"context:{t}" for t in context_tokens]
+    names += [f"{LETTERS[x]}×{LETTERS[y]}" for x, y in sc.interactions]
+    blocks = [w[:, j] for j in range(w.shape[1])]
+    names.append("leaves")
+    blocks.append(sc.values["l"] * sc.leaf_weights(leaves).sum(axis=1, dtype=np.float64))
     names.append("dnn")
-    blocks.append(hidden.astype(np.float64) @ dnn_w)
+    blocks.append(hidden.astype(np.float64) @ sc.dnn_table(hidden.shape[1]))
+    names.append("constant")
+    blocks.append(np.broadcast_to(sc.bias, (len(leaves), len(sc.bias))))
     c = np.stack(blocks, axis=1)                                       # [K, B, T]
     slope = weights[None, :] * probs * (1.0 - probs)                   # [K, T]
     ev_c = (c * slope[:, None, :]).sum(axis=2)                         # [K, B]

@@ -15,7 +15,7 @@ from .errors import NotReady
 def write_snapshot(ranker: StackedRanker, out_root: Path) -> Path:
     """Copy the live bundle with the serving LR weights (online updates included) and a new id.
 
-    The resumable ``vw/<task>.model`` files are the source bundle's: the online learner, not the
+    The resumable ``vw/lr.model`` is the source bundle's: the online learner, not the
     server, owns the VW state.
     """
     if ranker.path is None:

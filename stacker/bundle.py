@@ -7,7 +7,7 @@ Layout::
     gbdt.ubj             XGBoost model (leaf extractor)
     dnn.npz              frozen multi-task MLP (scaler + layers)
     lr_weights.npz       numpy copy of every task's non-zero VW weights (the serving path)
-    vw/<task>.model      resumable VW model per task (the online learner continues from these)
+    vw/lr.model          the resumable VW model of every task's LR (the online learner continues from it)
 
 Loading verifies sizes and checksums and refuses a tampered, truncated or mismatched bundle with a
 message naming the file.
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-# 2: the sparse LR records its optimizer and per-namespace feature values (``vw.optimizer``,
-# ``vw.values``); code that predates them would score such a bundle with unit values, so it must refuse
-# it. Version 1 bundles (adaptive update, unit values) still load.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# 3: every task's LR in one VW workspace (task tokens, a shared token, rows of 8 slots; see
+# stacker.vwstack). Versions 1 and 2 held one VW model per task and are refused.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (3,)
+VW_MODEL = "vw/lr.model"
 MANIFEST = "manifest.json"
 
 
@@ -88,7 +88,8 @@ def read_manifest(directory) -> dict:
         raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
     if manifest.get("format_version") not in SUPPORTED_VERSIONS:
         raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
-                          f"one of the supported {SUPPORTED_VERSIONS}")
+                          f"one of the supported {SUPPORTED_VERSIONS} (bundles before version 3 hold one "
+                          f"VW model per task; retrain them with feedrank train)")
     return manifest
 
 
@@ -112,9 +113,8 @@ def verify(directory) -> dict:
     for required in ("gbdt.ubj", "dnn.npz", "lr_weights.npz"):
         if required not in files:
             raise BundleError(f"{directory / MANIFEST}: lists no {required}")
-    for task in manifest["tasks"]:
-        if f"vw/{task}.model" not in files:
-            raise BundleError(f"{directory / MANIFEST}: lists no vw/{task}.model for task {task!r}")
+    if VW_MODEL not in files:
+        raise BundleError(f"{directory / MANIFEST}: lists no {VW_MODEL}")
     for rel, meta in files.items():
         path = directory / rel
         if not path.is_file():

@@ -28,7 +28,7 @@ from .metrics import task_metrics
 from .progress import Progress
 from .train import (TrainConfig, downsample, labels_of, learn_features, predict_features, split_by_time,
                     stack_features, time_slices, train_extractors)
-from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
+from .vwstack import TaskLearners, VWConfig, learn_text
 from .vwtext import batch_text
 
 LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
@@ -42,25 +42,23 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
         learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        learners.save({t: keep / f"{t}.model" for t in tasks})
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        learners.save(keep)
     learners.close()
     return p
 
 
-def progressive(tasks, vw: VWConfig, model_paths: dict, leaves, hidden, ids, ctx, Y: np.ndarray, chunk: int,
+def progressive(tasks, vw: VWConfig, model_path, leaves, hidden, ids, ctx, Y: np.ndarray, chunk: int,
                 progress, desc: str = "stack_online: score, then learn") -> np.ndarray:
-    """Resume VW models (``model_paths`` per task) under ``vw`` and run rows in time order: score a chunk,
+    """Resume the VW model at ``model_path`` under ``vw`` and run rows in time order: score a chunk,
     then learn it (progressive validation). Returns the pre-update probabilities [N, T]."""
-    learners = TaskLearners(tasks, vw, model_paths=model_paths)
+    learners = TaskLearners(tasks, vw, model_path=model_path)
     out = np.empty((len(Y), len(tasks)))
     with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
-            # One labelled text for both: VW's predict ignores the label, learning needs it on the parse.
-            text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], [b"1 "], vw.values)
-            out[a:b] = predict_text(learners, text)
-            learn_text(learners, text, Y[a:b])
+            text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], vw.values, interactions=vw.interactions)
+            out[a:b] = learn_text(learners, text, Y[a:b])
             bar.update(b - a)
     learners.close()
     return out
@@ -103,13 +101,13 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows = np.flatnonzero(keep)
         lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True), config.vw.values)
         test_feats = stack_features(ex, test, config.vw.values)
-        models = Path(work) / "stack_vw"
+        models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
                                                    weights[rows], test_feats, progress, name,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
-        timed("stack_online", lambda: progressive(tasks, online_vw, {t: models / f"{t}.model" for t in tasks},
+        timed("stack_online", lambda: progressive(tasks, online_vw, models,
                                                   *test_feats[1:], Y_test, online_chunk, progress))
 
         # Baselines see every row the stack saw, extractor and LR slices together.

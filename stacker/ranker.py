@@ -11,7 +11,7 @@ from . import bundle as bundles
 from .dnn import FrozenMLP
 from .features import CandidateBatch, FeatureSpec, build_dense, build_sparse
 from .gbdt import LeafExtractor
-from .vwstack import SparseScorer, example_lines, round_hidden
+from .vwstack import SLOTS, SparseScorer, example_lines, round_hidden
 
 
 @dataclass
@@ -24,9 +24,11 @@ class StackFeatures:
     ids: np.ndarray
     context: np.ndarray
     values: dict | None = None       # each namespace's feature value (the bundle's VW ``values``)
+    interactions: tuple = ()         # the bundle's id crosses
 
     def vw_lines(self) -> list[str]:
-        return example_lines(self.leaves, self.hidden, self.ids, self.context, values=self.values)
+        return example_lines(self.leaves, self.hidden, self.ids, self.context, values=self.values,
+                             interactions=self.interactions)
 
 
 class StackedRanker:
@@ -59,9 +61,9 @@ class StackedRanker:
         except Exception as e:  # a file that passed its checksum but does not parse
             raise bundles.BundleError(f"{path}: cannot load model files ({e})") from e
         vw = manifest["vw"]
-        if weights.shape != (1 << vw["bits"], len(manifest["tasks"])):
+        if weights.shape != (1 << (vw["bits"] - 3), SLOTS):
             raise bundles.BundleError(f"{path / 'lr_weights.npz'}: shape {weights.shape} does not match "
-                                      f"-b {vw['bits']} and {len(manifest['tasks'])} tasks")
+                                      f"-b {vw['bits']} (expected {(1 << (vw['bits'] - 3), SLOTS)})")
         n_dense = len(FeatureSpec.from_dict(manifest["feature_spec"]).dense_names)
         if mlp.mean.shape[0] != n_dense:
             raise bundles.BundleError(f"{path / 'dnn.npz'}: expects {mlp.mean.shape[0]} inputs, the "
@@ -69,8 +71,11 @@ class StackedRanker:
         if extractor.trees != manifest["gbdt"]["trees"]:
             raise bundles.BundleError(f"{path / 'gbdt.ubj'}: has {extractor.trees} trees, manifest "
                                       f"says {manifest['gbdt']['trees']}")
-        scorer = SparseScorer(weights, vw["namespace_hashes"], vw["bits"], vw["interactions"],
-                              leaf_space=extractor.trees * extractor.node_stride, values=vw.get("values"))
+        tasks = manifest["tasks"]
+        scorer = SparseScorer(weights, vw["namespace_hashes"], vw["bits"], vw["interactions"], tasks,
+                              shared=[t in vw["shared_tasks"] for t in tasks],
+                              leaf_space=extractor.trees * extractor.node_stride, values=vw["values"],
+                              shared_value=vw["shared_value"])
         return cls(manifest, extractor, mlp, scorer, path)
 
     @property
@@ -90,7 +95,7 @@ class StackedRanker:
             timings["features"] = timings.get("features", 0.0) + (t1 - t0)
             timings["gbdt"] = timings.get("gbdt", 0.0) + (t2 - t1)
             timings["dnn"] = timings.get("dnn", 0.0) + (t3 - t2)
-        return StackFeatures(dense, leaves, hidden, ids, ctx, self.scorer.values)
+        return StackFeatures(dense, leaves, hidden, ids, ctx, self.scorer.values, self.scorer.interactions)
 
     def predict_features(self, f: StackFeatures, timings: dict | None = None) -> np.ndarray:
         t0 = time.perf_counter()
@@ -110,7 +115,7 @@ class StackedRanker:
 
     def apply_update(self, rows: np.ndarray, values: np.ndarray, update_seq: int,
                      covered_offset: int | None = None) -> None:
-        """Overwrite weight rows [K] with values [K, T] published by the online learner."""
+        """Overwrite weight rows [K] with values [K, 8] published by the online learner."""
         self.scorer.weights[rows] = values
         self.scorer.refresh()
         self.update_seq = update_seq

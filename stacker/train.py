@@ -138,19 +138,20 @@ def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.nda
                    bar, namespaces: str = "ldupac") -> None:
     """One online pass of every task's LR over prepared stack features, ``chunk`` rows at a time."""
     _, leaves, hidden, ids, ctx = feats
+    cfg = learners.config
     for a in range(0, len(Y), chunk):
         b = min(a + chunk, len(Y))
-        prefixes = [b"1 %g " % w for w in weights[a:b].tolist()]
-        text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], prefixes, learners.config.values, namespaces)
-        learn_text(learners, text, Y[a:b], weights=weights[a:b])
+        text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], cfg.values, namespaces, cfg.interactions)
+        learn_text(learners, text, Y[a:b], weights=weights[a:b], score_first=False)
         bar.update(b - a)
 
 
 def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 50_000) -> np.ndarray:
     """Every task's probabilities [N, T] from VW itself for prepared stack features."""
     _, leaves, hidden, ids, ctx = feats
+    cfg = learners.config
     out = [predict_text(learners, batch_text(leaves[a:a + chunk], hidden[a:a + chunk], ids[a:a + chunk],
-                                             ctx[a:a + chunk], None, learners.config.values, namespaces))
+                                             ctx[a:a + chunk], cfg.values, namespaces, cfg.interactions))
            for a in range(0, len(ids), chunk)]
     return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
 
@@ -178,10 +179,11 @@ def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: 
     (tmp / "vw").mkdir(parents=True)
     shutil.copyfile(ex.booster_path, tmp / "gbdt.ubj")
     ex.mlp.save(tmp / "dnn.npz")
-    learners.save({t: tmp / "vw" / f"{t}.model" for t in learners.tasks})
+    learners.save(tmp / bundles.VW_MODEL)
     weights = learners.weights()
     bundles.save_sparse_weights(tmp / "lr_weights.npz", weights)
-    nonzero = int(np.any(weights != 0, axis=1).sum())
+    nonzero = int(np.count_nonzero(weights))
+    used_rows = int(np.any(weights != 0, axis=1).sum())
     manifest = {
         "bundle_id": meta.pop("bundle_id", None) or bundles.new_bundle_id(),
         "created_at": int(time.time() * 1000),
@@ -194,8 +196,9 @@ def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: 
         "vw": {"bits": config.vw.bits, "hash_seed": config.vw.hash_seed, "args": config.vw.args(),
                **config.vw.to_dict(), "online_learning_rate": config.online_rate,
                "interactions": list(config.vw.interactions),
+               "shared_tasks": [t for t, on in zip(learners.tasks, learners.shared) if on],
                "namespace_hashes": learners.namespace_hashes(), "nonzero_weights": nonzero,
-               "expected_collision_rate": collision_rate(nonzero, config.vw.bits)},
+               "rows_used": used_rows, "expected_collision_rate": collision_rate(used_rows, config.vw.bits - 3)},
         "id_hash": HASH_NAME,
         "downsampling": {"rate": config.downsample_rate, "method": "importance weight 1/rate on "
                          "kept all-negative rows, kept by blake2b(request_id, post_id)"},

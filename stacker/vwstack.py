@@ -1,7 +1,26 @@
-"""The sparse logistic regressions on top: one Vowpal Wabbit workspace per task.
+"""The sparse logistic regressions on top: one per task, learned jointly in one Vowpal Wabbit workspace.
 
 Namespaces (first letters distinct, since ``-q`` crosses by first letter): ``l`` tree leaves,
-``d`` DNN last hidden layer, ``u`` user id, ``p`` post id, ``a`` author id, ``c`` context tokens.
+``d`` DNN last hidden layer, ``u`` user id, ``p`` post id, ``a`` author id, ``c`` context tokens, and
+one namespace per id cross (``x`` for the first of ``VWConfig.interactions``, ``y`` for the second, ...)
+holding the pair's own feature (``(16777619 * u) ^ a``, 32 bits), written by us rather than crossed by VW.
+
+**One LR per task, sharing id effects.** Every impression becomes one example per task; a task token
+(namespace ``T``) is crossed with every data namespace (``-q Tl -q Td ...``, linear terms ignored), so
+each task has its own weight for every feature: its own logistic regression. Examples of the tasks in
+the shared group (the positive engagements by default; ``hide`` learns alone) also carry the shared
+token (namespace ``S``), crossed with the id namespaces only: a user's, author's, post's and pair's
+weight under ``S`` is learned from every positive task's labels at once, so rare tasks (comment,
+share) borrow what clicks, likes and dwells say about the same user×author pair. The task tokens'
+own weights are the task biases (``--noconstant``).
+
+**Weight layout.** With ``R = 2**(bits - 3)``, the token of task ``k`` is the feature whose cross with a
+feature at VW index ``i`` lands at ``i ^ (k * R)`` (the shared token uses ``k = 7``): its name is chosen
+through the inverse of VW's FNV multiplier. Viewed as ``[8, R]`` planes, all tasks' weights of one
+feature share a row: serving keeps the transposed copy ``[R, 8]`` (one cache line per feature) and
+reads task ``k`` of a feature at index ``i`` at row ``i % R``, slot ``(i // R) ^ k``. Ids, contexts and
+pairs need one row gather per candidate, as before; leaves and DNN units go through small per-task
+tables rebuilt on every weight update.
 
 The LRs learn with FTRL-proximal (per-coordinate rates alpha / (beta + sqrt(sum g^2)), McMahan et al.):
 unlike VW's default adaptive update, whose first step on a coordinate has the same size for a click
@@ -9,13 +28,14 @@ and a non-click, its first steps follow the gradient, so a user x author pair se
 learns from its clicks. VW has no per-namespace learning rate; each namespace's features carry a fixed
 value instead (``VWConfig.values``, written once on the namespace marker, ``|l:0.05``), and a feature
 of value v learns about v^2 times as fast: the 200 always-active leaves learn slowly, ids fast. DNN
-activations are multiplied by the ``d`` value before they are written.
+activations are multiplied by the ``d`` value before they are written; a pair's value is the product
+of its two namespaces' values.
 
 All feature names are integers, so an example's weight indices are computable outside VW:
-``(name + hash_space(ns)) & 0xFFFFFFFF`` masked to ``-b`` bits; a cross ``-q xy`` of strided indices
-``i_x, i_y`` is ``(16777619 * i_x) ^ i_y``; the constant is ``11650396``. :class:`SparseScorer`
-scores from a numpy copy of the weights with exactly this hashing — the serving path — and the
-bundle tests check it against VW's own predictions.
+``(name + hash_space(ns)) & 0xFFFFFFFF`` masked to ``-b`` bits; a cross ``-q Tx`` of strided indices
+``i_T, i_x`` is ``(16777619 * i_T) ^ i_x``. :class:`SparseScorer` scores from a numpy copy of the
+weights with exactly this hashing (the serving path), and the bundle tests check it against VW's own
+predictions.
 """
 from __future__ import annotations
 
@@ -33,11 +53,16 @@ _M32 = np.uint64(0xFFFFFFFF)
 
 DEFAULT_VALUES = (("l", 0.05), ("d", 0.1), ("u", 1.2), ("p", 1.2), ("a", 1.5), ("c", 1.0))
 UNIT_VALUES = (("l", 1.0), ("d", 1.0), ("u", 1.0), ("p", 1.0), ("a", 1.0), ("c", 1.0))
+TOKEN_NS, SHARED_NS = "T", "S"
+SLOTS, SHARED_SLOT = 8, 7
+MAX_TASKS = SHARED_SLOT                    # slots 0..6 for tasks, 7 for the shared token
+PAIR_LETTERS = "xyzwvk"                    # namespaces of the id crosses, in the order configured
+DEFAULT_SHARED = ("click", "like", "comment", "share", "dwell")
 
 
 @dataclass(frozen=True)
 class VWConfig:
-    bits: int = 24
+    bits: int = 26                        # one workspace for every task: 2**(bits-3) rows of 8 slots
     interactions: tuple[str, ...] = ("ua", "up")
     hash_seed: int = 0
     optimizer: str = "ftrl"               # "ftrl" or VW's default "adaptive"
@@ -47,15 +72,33 @@ class VWConfig:
     power_t: float = 0.5
     l2: float = 0.0
     values: tuple[tuple[str, float], ...] = DEFAULT_VALUES   # value of each namespace's features
+    shared_tasks: tuple[str, ...] = DEFAULT_SHARED           # tasks whose id effects are pooled
+    shared_value: float = 1.0                                # value of the shared token
 
     def __post_init__(self):
         if self.optimizer not in ("ftrl", "adaptive"):
             raise ValueError(f"unknown VW optimizer {self.optimizer!r} (ftrl or adaptive)")
+        if self.bits < 4:
+            raise ValueError(f"-b {self.bits}: at least 4 bits (8 slots per row)")
+        if len(self.interactions) > len(PAIR_LETTERS):
+            raise ValueError(f"at most {len(PAIR_LETTERS)} id crosses, got {len(self.interactions)}")
+        for pair in self.interactions:
+            if len(pair) != 2 or not set(pair) <= set("upa") or pair[0] == pair[1]:
+                raise ValueError(f"id cross {pair!r}: two different letters of u (user), p (post), a (author)")
 
     @property
     def rate(self) -> float:
         """The optimizer's step size: FTRL's alpha, or the adaptive optimizer's -l."""
         return self.ftrl_alpha if self.optimizer == "ftrl" else self.learning_rate
+
+    @property
+    def pair_letters(self) -> str:
+        return PAIR_LETTERS[:len(self.interactions)]
+
+    def shared_mask(self, tasks) -> np.ndarray:
+        """Which of ``tasks`` carry the shared token (none unless at least two of them are shared)."""
+        mask = np.array([t in self.shared_tasks for t in tasks], bool)
+        return mask if mask.sum() >= 2 else np.zeros(len(mask), bool)
 
     def with_rate(self, rate: float) -> "VWConfig":
         """The same settings at another step size, to resume a model with (online learning).
@@ -70,16 +113,39 @@ class VWConfig:
         return self
 
     def args(self) -> str:
-        q = " ".join(f"-q {pair}" for pair in self.interactions)
+        data = "ldupac" + self.pair_letters
+        q = " ".join([f"-q {TOKEN_NS}{ns}" for ns in data]
+                     + [f"-q {SHARED_NS}{ns}" for ns in "upa" + self.pair_letters])
         opt = (f"--ftrl --ftrl_alpha {self.ftrl_alpha:g} --ftrl_beta {self.ftrl_beta:g}"
                if self.optimizer == "ftrl" else f"-l {self.learning_rate:g} --power_t {self.power_t:g}")
         return (f"--quiet -b {self.bits} --loss_function logistic --link logistic --save_resume "
-                f"--hash_seed {self.hash_seed} {opt} --l2 {self.l2:g} {q}").strip()
+                f"--hash_seed {self.hash_seed} {opt} --l2 {self.l2:g} --noconstant --ignore_linear {data} {q}")
 
     def to_dict(self) -> dict:
         return {"optimizer": self.optimizer, "ftrl_alpha": self.ftrl_alpha, "ftrl_beta": self.ftrl_beta,
                 "learning_rate": self.learning_rate, "power_t": self.power_t, "l2": self.l2,
-                "values": dict(self.values)}
+                "values": dict(self.values), "shared_tasks": list(self.shared_tasks),
+                "shared_value": self.shared_value, "layout": "task-slots-v1"}
+
+
+def token_index(slot: int, bits: int) -> int:
+    """VW index (b bits) of the token whose cross with index i lands at ``i ^ (slot * 2**(bits-3))``."""
+    rows = 1 << (bits - 3)
+    return (pow(int(_FNV), -1, 1 << bits) * (slot * rows)) % (1 << bits)
+
+
+def token_name(slot: int, bits: int, ns_hash: int) -> int:
+    """Integer feature name of that token in a namespace hashed to ``ns_hash``."""
+    return (token_index(slot, bits) - int(ns_hash)) % (1 << 32)
+
+
+def pair_names(ids: np.ndarray, interactions) -> np.ndarray:
+    """[N, len(interactions)] 32-bit names of the id pairs (``ids`` columns: user, post, author)."""
+    col = {"u": 0, "p": 1, "a": 2}
+    if not len(interactions):
+        return np.zeros((len(ids), 0), np.uint64)
+    ids = ids.astype(np.uint64)
+    return np.stack([((_FNV * ids[:, col[x]]) ^ ids[:, col[y]]) & _M32 for x, y in interactions], axis=1)
 
 
 def namespace_values(values) -> dict[str, float]:
@@ -99,16 +165,26 @@ def namespace_marker(ns: str, value: float) -> str:
     return f"|{ns}" if value == 1.0 else f"|{ns}:{value:g}"
 
 
+def pair_values(values, interactions) -> dict[str, float]:
+    """The value of each id-cross namespace: the product of its two namespaces' values."""
+    v = namespace_values(values)
+    return {PAIR_LETTERS[j]: v[x] * v[y] for j, (x, y) in enumerate(interactions)}
+
+
 def example_lines(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.ndarray,
-                  namespaces: str = "ldupac", values=None) -> list[str]:
-    """VW text lines (no label) for N rows; ``hidden`` must already be rounded (and scaled).
+                  namespaces: str = "ldupac", values=None, interactions=()) -> list[str]:
+    """VW text lines (no label, no task token) for N rows; ``hidden`` must already be rounded (and scaled).
 
     ``namespaces`` selects the blocks written (letters of :data:`NAMESPACES`), so ablations such as
-    leaves-only or ids-only LRs use the same writer; ``values`` gives each namespace's feature value
-    (written once, on the namespace marker; the DNN block carries its scaled activations instead).
+    leaves-only or ids-only LRs use the same writer; an id cross of ``interactions`` is written when
+    both its namespaces are; ``values`` gives each namespace's feature value (written once, on the
+    namespace marker; the DNN block carries its scaled activations instead).
     """
     v = namespace_values(values)
     m = {k: namespace_marker(k, x) for k, x in v.items() if k != "d"}
+    pv = pair_values(values, interactions)
+    pairs = pair_names(ids, interactions)
+    crossed = [j for j, (x, y) in enumerate(interactions) if x in namespaces and y in namespaces]
     fmt = f"{{}}:{{:.{DNN_DECIMALS}f}}"
     lines = []
     for i in range(len(ids)):
@@ -126,230 +202,321 @@ def example_lines(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: 
             parts.append(f"{m['a']} {ids[i, 2]}")
         if "c" in namespaces:
             parts.append(f"{m['c']} " + " ".join(map(str, ctx[i].tolist())))
+        for j in crossed:
+            letter = PAIR_LETTERS[j]
+            parts.append(f"{namespace_marker(letter, pv[letter])} {pairs[i, j]}")
         lines.append(" ".join(parts))
     return lines
 
 
 class SparseScorer:
-    """Scores examples from a numpy copy of the per-task VW weights (un-strided, [2**bits, T])."""
+    """Scores examples from a numpy copy of the multi-task VW weights (``[2**(bits-3), 8]``, see the
+    module docstring for the layout)."""
 
-    def __init__(self, weights: np.ndarray, ns_hash: dict[str, int], bits: int, interactions,
-                 leaf_space: int | None = None, values=None):
-        self.weights = weights
-        self.values = namespace_values(values)
-        self.ns_hash = {k: np.uint64(v) for k, v in ns_hash.items()}
+    def __init__(self, weights: np.ndarray, ns_hash: dict[str, int], bits: int, interactions, tasks,
+                 shared=None, leaf_space: int | None = None, values=None, shared_value: float = 1.0):
         self.bits = bits
+        self.rows = 1 << (bits - 3)
+        if weights.shape != (self.rows, SLOTS):
+            raise ValueError(f"weights of shape {weights.shape}, expected ({self.rows}, {SLOTS}) for -b {bits}")
+        self.weights = weights
+        self.tasks = tuple(tasks)
+        T = len(self.tasks)
+        self.values = namespace_values(values)
         self.interactions = tuple(interactions)
-        self._mask = np.uint64((1 << bits) - 1)
-        self._smask = np.uint64((1 << (bits + 2)) - 1)
-        self._constant = _CONSTANT & ((1 << bits) - 1)
-        # Leaf features take only trees * 2**(depth+1) values: keep their weights in a compact table
-        # (~0.6 MB, cache-resident) instead of gathering 200 rows per candidate from the full table.
-        self._leaf_rows = None if leaf_space is None else \
-            (self._hashed("l", np.arange(leaf_space)) & self._mask).astype(np.intp)
-        self._leaf_table = None
+        self.pair_letters = PAIR_LETTERS[:len(self.interactions)]
+        self.values.update(pair_values(values, self.interactions))
+        self.shared = np.zeros(T, bool) if shared is None else np.asarray(shared, bool)
+        self.shared_value = float(shared_value)
+        self.ns_hash = {k: np.uint64(v) for k, v in ns_hash.items()}
+        self._bmask = np.uint64((1 << bits) - 1)
+        self._shift = np.uint64(bits - 3)
+        self._rmask = np.uint64(self.rows - 1)
+        self._task_slots = np.arange(T, dtype=np.uint64)
+        self._bias_index = np.array([token_index(k, bits) for k in range(T)], np.uint64)
+        self._shared_index = np.array([token_index(SHARED_SLOT, bits)], np.uint64)
+        # Leaf features take only trees * 2**(depth+1) values: keep their per-task weights in a compact
+        # table (~0.6 MB, cache-resident) instead of gathering 200 rows per candidate.
+        self._leaf_index = None if leaf_space is None else self.index("l", np.arange(leaf_space))
+        self._dnn: tuple[int, np.ndarray] | None = None
         self.refresh()
 
-    def refresh(self) -> None:
-        """Rebuild derived tables after the weights changed (online updates)."""
-        if self._leaf_rows is not None:
-            self._leaf_table = self.weights[self._leaf_rows]
+    # -- indices ---------------------------------------------------------------------------------
+    def index(self, ns: str, names: np.ndarray) -> np.ndarray:
+        """VW index (``-b`` bits) of features of namespace ``ns`` named ``names`` (any shape)."""
+        return ((np.asarray(names).astype(np.uint64) + self.ns_hash[ns]) & _M32) & self._bmask
 
-    def _hashed(self, ns: str, names: np.ndarray) -> np.ndarray:
-        return (names.astype(np.uint64) + self.ns_hash[ns]) & _M32
+    def binary_names(self) -> list[str]:
+        """Names of the columns of :meth:`binary_index` (context columns as ``c``)."""
+        return ["u", "p", "a", "c", *self.pair_letters]
 
-    def namespace_features(self, leaves, ids, ctx) -> dict[str, np.ndarray]:
-        """32-bit hashed indices per namespace letter, each [N, k] (binary features only)."""
-        return {"l": self._hashed("l", leaves), "u": self._hashed("u", ids[:, 0:1]),
-                "p": self._hashed("p", ids[:, 1:2]), "a": self._hashed("a", ids[:, 2:3]),
-                "c": self._hashed("c", ctx)}
-
-    def binary_indices(self, leaves, ids, ctx, include_leaves: bool = True) -> np.ndarray:
-        """Weight-table rows of every binary feature [N, F] (leaves, ids, context, crosses, constant)."""
-        ns = self.namespace_features(leaves, ids, ctx)
-        parts = [ns[k] & self._mask for k in (("l", "u", "p", "a", "c") if include_leaves else ("u", "p", "a", "c"))]
-        for x, y in self.interactions:
-            ix = (ns[x] << np.uint64(2))[:, :, None]
-            iy = (ns[y] << np.uint64(2))[:, None, :]
-            cross = (((_FNV * ix) ^ iy) & self._smask) >> np.uint64(2)
-            parts.append(cross.reshape(len(leaves), -1))
-        parts.append(np.full((len(leaves), 1), self._constant, np.uint64))
-        return np.concatenate(parts, axis=1).astype(np.intp)
-
-    def binary_values(self, n_leaves: int, n_ctx: int, include_leaves: bool = True) -> np.ndarray | None:
-        """The feature value of each column of :meth:`binary_indices` (``None`` when all are 1)."""
+    def binary_index(self, ids, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """VW indices [N, F] of the binary features other than leaves (user, post, author, the context
+        tokens, the id pairs), their values [F], and whether the shared token crosses them [F]."""
+        pairs = pair_names(ids, self.interactions)
+        parts = [self.index("u", ids[:, 0:1]), self.index("p", ids[:, 1:2]), self.index("a", ids[:, 2:3]),
+                 self.index("c", ctx)]
+        parts += [self.index(letter, pairs[:, j:j + 1]) for j, letter in enumerate(self.pair_letters)]
         v = self.values
-        width = {"l": n_leaves, "u": 1, "p": 1, "a": 1, "c": n_ctx}
-        cols = [np.full(width[k], v[k]) for k in (("l", "u", "p", "a", "c") if include_leaves else ("u", "p", "a", "c"))]
-        cols += [np.full(width[x] * width[y], v[x] * v[y]) for x, y in self.interactions]
-        cols.append(np.ones(1))
-        out = np.concatenate(cols)
-        return None if np.all(out == 1.0) else out
+        vals = np.concatenate([[v["u"], v["p"], v["a"]], np.full(ctx.shape[1], v["c"]),
+                               [v[letter] for letter in self.pair_letters]])
+        shared = np.concatenate([[True] * 3, np.zeros(ctx.shape[1], bool), [True] * len(self.pair_letters)])
+        return np.concatenate(parts, axis=1), vals, shared
 
-    def dnn_indices(self, hidden_size: int) -> np.ndarray:
-        return (self._hashed("d", np.arange(hidden_size)) & self._mask).astype(np.intp)
+    def rows_of(self, index: np.ndarray) -> np.ndarray:
+        return (index & self._rmask).astype(np.intp)
 
+    def slot_weights(self, index: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-task weights [..., T] and shared-token weights [...] of features at VW indices ``index``."""
+        w = self.weights if weights is None else weights
+        block = np.take(w, self.rows_of(index), axis=0)                       # [..., 8]
+        plane = (index >> self._shift)[..., None]
+        task = np.take_along_axis(block, (plane ^ self._task_slots).astype(np.intp), axis=-1)
+        shared = np.take_along_axis(block, (plane ^ np.uint64(SHARED_SLOT)).astype(np.intp), axis=-1)[..., 0]
+        return task, shared
+
+    def effective(self, index: np.ndarray, shared_cols: np.ndarray) -> np.ndarray:
+        """Each task's weight [..., T] of features at ``index`` (task slot plus, for the shared tasks
+        and the shared columns, the shared slot times the shared token's value); values not applied."""
+        task, shared = self.slot_weights(index)
+        s = shared * (np.asarray(shared_cols, float) * self.shared_value)
+        return task + s[..., None] * self.shared
+
+    def touched_rows(self, leaves, ids, ctx) -> np.ndarray:
+        """Every weight row the examples' features (and the biases) read: what learning them changes."""
+        index, _, _ = self.binary_index(ids, ctx)
+        parts = [self.rows_of(index).ravel(), self.rows_of(self.index("l", leaves)).ravel(),
+                 self.rows_of(self._bias_index), self.rows_of(self._shared_index)]
+        if self._dnn is not None:
+            parts.append(self.rows_of(self._dnn_index(self._dnn[0])))
+        return np.concatenate(parts)
+
+    def bias_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, slot) of every task's bias weight."""
+        return self.rows_of(self._bias_index), (self._bias_index >> self._shift).astype(np.intp)
+
+    def _dnn_index(self, hidden_size: int) -> np.ndarray:
+        return self.index("d", np.arange(hidden_size))
+
+    def dnn_rows(self, hidden_size: int) -> np.ndarray:
+        return self.rows_of(self._dnn_index(hidden_size))
+
+    # -- tables ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rebuild the derived tables (leaves, DNN units, biases) after the weights changed."""
+        T = len(self.tasks)
+        self._leaf_table = None if self._leaf_index is None else \
+            np.ascontiguousarray(self.slot_weights(self._leaf_index)[0])          # [leaf_space, T]
+        if self._dnn is not None:
+            self._dnn = (self._dnn[0], self._dnn_weights(self._dnn[0]))
+        # A token's own (linear) weight is its task's bias; the shared token's adds to the shared tasks'.
+        flat = lambda i: float(self.weights[int(i) % self.rows, int(i) // self.rows])   # noqa: E731
+        self.bias = np.array([flat(i) for i in self._bias_index], np.float64).reshape(T)
+        self.bias += self.shared * self.shared_value * flat(self._shared_index[0])
+
+    def _dnn_weights(self, hidden_size: int) -> np.ndarray:
+        return np.ascontiguousarray(self.slot_weights(self._dnn_index(hidden_size))[0]).astype(np.float64)
+
+    def dnn_table(self, hidden_size: int) -> np.ndarray:
+        """Per-task weights [H, T] of the DNN units."""
+        if self._dnn is None or self._dnn[0] != hidden_size:
+            self._dnn = (hidden_size, self._dnn_weights(hidden_size))
+        return self._dnn[1]
+
+    def leaf_weights(self, leaves: np.ndarray) -> np.ndarray:
+        """Per-task weights [N, L, T] of the leaves (values not applied)."""
+        if self._leaf_table is not None:
+            return np.take(self._leaf_table, leaves, axis=0)
+        return self.slot_weights(self.index("l", leaves))[0]
+
+    # -- scoring ---------------------------------------------------------------------------------
     def logits(self, leaves, hidden, ids, ctx) -> np.ndarray:
         """Raw scores [N, T]; ``hidden`` must be rounded like the text VW learned from."""
-        table = self._leaf_table
-        rows = self.binary_indices(leaves, ids, ctx, include_leaves=table is None)
-        # Gather [N, F, T], then sum over a contiguous last axis: ~3x faster than summing axis 1.
-        gathered = np.ascontiguousarray(np.take(self.weights, rows, axis=0).transpose(0, 2, 1))
-        values = self.binary_values(leaves.shape[1], ctx.shape[1], include_leaves=table is None)
-        z = gathered.sum(axis=2, dtype=np.float64) if values is None else gathered.astype(np.float64) @ values
-        if table is not None:
-            leaf = np.ascontiguousarray(np.take(table, leaves, axis=0).transpose(0, 2, 1))
-            z += self.values["l"] * leaf.sum(axis=2, dtype=np.float64)
-        z += hidden.astype(np.float64) @ self.weights[self.dnn_indices(hidden.shape[1])]
-        return z
+        index, vals, shared_cols = self.binary_index(ids, ctx)
+        task, shared = self.slot_weights(index)                                    # [N, F, T], [N, F]
+        z = np.einsum("nft,f->nt", task.astype(np.float64), vals)
+        if self.shared.any():
+            z += (shared.astype(np.float64) @ (vals * shared_cols * self.shared_value))[:, None] * self.shared
+        leaf = np.ascontiguousarray(self.leaf_weights(leaves).transpose(0, 2, 1))  # [N, T, L]
+        z += self.values["l"] * leaf.sum(axis=2, dtype=np.float64)
+        z += hidden.astype(np.float64) @ self.dnn_table(hidden.shape[1])
+        return z + self.bias
 
     def predict(self, leaves, hidden, ids, ctx) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logits(leaves, hidden, ids, ctx)))
 
 
 def workspace_weights(workspace, bits: int) -> np.ndarray:
-    """Dense float32 copy (un-strided) of a workspace's non-zero weights."""
+    """Dense float32 copy of a workspace's non-zero weights, as rows of 8 slots ``[2**(bits-3), 8]``."""
     entries = json.loads(workspace.json_weights())["weights"]
-    out = np.zeros(1 << bits, dtype=np.float32)
+    flat = np.zeros(1 << bits, dtype=np.float32)
     if entries:
         idx = np.fromiter((e["index"] for e in entries), dtype=np.int64, count=len(entries))
         val = np.fromiter((e["value"] for e in entries), dtype=np.float32, count=len(entries))
-        out[idx] = val
-    return out
+        flat[idx] = val
+    return np.ascontiguousarray(flat.reshape(SLOTS, -1).T)
 
 
-def namespace_hashes(workspace) -> dict[str, int]:
-    return {ns: int(workspace.hash_space(ns)) for ns in NAMESPACES.values()}
+def namespace_hashes(workspace, interactions=()) -> dict[str, int]:
+    letters = list(NAMESPACES.values()) + list(PAIR_LETTERS[:len(interactions)]) + [TOKEN_NS, SHARED_NS]
+    return {ns: int(workspace.hash_space(ns)) for ns in letters}
 
 
 class TaskLearners:
-    """One VW workspace per task, learning from one parsed example per row.
+    """Every task's LR in one VW workspace (see the module docstring): a row becomes one example per
+    task it is learned for, carrying that task's token (and the shared token for the shared tasks).
 
-    Rows are parsed once (by the first workspace) and learned by every task's workspace with that
-    task's label; VW leaves the pre-update prediction on the example, which is what progressive
-    validation needs. Importance weights carry negative downsampling (1 / rate on kept negatives).
+    Importance weights carry negative downsampling (1 / rate on kept negatives).
     """
 
-    def __init__(self, tasks, config: VWConfig, model_paths: dict | None = None):
+    def __init__(self, tasks, config: VWConfig, model_path=None):
         import pylibvw  # noqa: F401  (import here: the serving path never needs pylibvw)
         from vowpalwabbit import pyvw
 
         self._pylibvw = pylibvw
         self.tasks = tuple(tasks)
+        if len(self.tasks) > MAX_TASKS:
+            raise ValueError(f"{len(self.tasks)} tasks: one workspace holds at most {MAX_TASKS}")
         self.config = config
-        self.workspaces = []
-        for task in self.tasks:
-            args = config.args()
-            if model_paths and task in model_paths:
-                args += f" -i {model_paths[task]}"
-            self.workspaces.append(pyvw.Workspace(args))
+        args = config.args()
+        if model_path is not None:
+            args += f" -i {model_path}"
+        self.workspace = pyvw.Workspace(args)
+        self.rows = 1 << (config.bits - 3)
+        self.shared = config.shared_mask(self.tasks)
+        ht, hs = self.workspace.hash_space(TOKEN_NS), self.workspace.hash_space(SHARED_NS)
+        sv = config.shared_value
+        shared_token = (b"|%s %d " % (namespace_marker(SHARED_NS, sv).encode(),
+                                      token_name(SHARED_SLOT, config.bits, hs)))
+        self._tokens = [b"|%s %d " % (TOKEN_NS.encode(), token_name(k, config.bits, ht))
+                        + (shared_token if self.shared[k] else b"") for k in range(len(self.tasks))]
 
     def pretouch(self) -> None:
         """Touch one weight per page so the first updates do not pay for page faults."""
-        step = 4096 // 16
-        for ws in self.workspaces:
-            for i in range(0, 1 << self.config.bits, step):
-                ws.set_weight(i, 0, ws.get_weight(i))
+        ws, step = self.workspace, 4096 // 16
+        for i in range(0, 1 << self.config.bits, step):
+            ws.set_weight(i, 0, ws.get_weight(i))
+
+    def task_text(self, lines: list[bytes], labels: np.ndarray | None = None, mask: np.ndarray | None = None,
+                  weights: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
+        """One example per (row, task) of ``mask`` (all when ``None``): ``[label weight] |T token [|S token] line``.
+        Returns the text and the [n_examples, 2] (row, task) of each example."""
+        T = len(self.tasks)
+        n = len(lines)
+        mask = np.ones((n, T), bool) if mask is None else np.asarray(mask, bool)
+        rows, cols = np.nonzero(mask)
+        tokens = self._tokens
+        if labels is None:
+            parts = [tokens[k] + lines[i] + b"\n" for i, k in zip(rows.tolist(), cols.tolist())]
+        else:
+            w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+            heads: dict[tuple[int, float], bytes] = {}
+            parts = []
+            lab = labels.tolist()
+            wl = w.tolist()
+            for i, k in zip(rows.tolist(), cols.tolist()):
+                key = (1 if lab[i][k] else -1, wl[i])
+                head = heads.get(key)
+                if head is None:
+                    head = heads[key] = b"%d %g " % key
+                parts.append(head + tokens[k] + lines[i] + b"\n")
+        return b"".join(parts), np.stack([rows, cols], axis=1)
 
     def learn(self, lines: list[str], labels: np.ndarray, learn_mask: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> np.ndarray:
-        """Learn rows (labels [N, T] in 0/1); returns the pre-update probabilities [N, T]."""
-        lib, first = self._pylibvw, self.workspaces[0]
-        n, t = labels.shape
-        preds = np.full((n, t), np.nan)
-        w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-        # Parsing sets the example up; it must carry a label then, or VW marks it test-only.
-        text = "\n".join(f"1 {w[i]:g} {line}" for i, line in enumerate(lines))
-        examples = first._parse(text) if lines else []
-        for i, ex in enumerate(examples):
-            for k, ws in enumerate(self.workspaces):
-                if learn_mask is not None and not learn_mask[i, k]:
-                    continue
-                lib.example.set_label_string(ex, ws, f"{1 if labels[i, k] else -1} {w[i]:g}", 0)
-                lib.vw.learn(ws, ex)
-                preds[i, k] = lib.example.get_simplelabel_prediction(ex)
-            lib.vw._finish_example(first, ex)
-        return preds
+        """Learn rows (labels [N, T] in 0/1); returns the probabilities [N, T] every task had for the
+        batch before it was learned (NaN where not learned)."""
+        return learn_text(self, "\n".join(lines).encode(), labels, learn_mask, weights)
 
     def predict(self, lines: list[str]) -> np.ndarray:
         """Probabilities [N, T] from VW itself for text lines (reference path, used by tests)."""
         return predict_text(self, "\n".join(lines).encode())
 
     def weights(self) -> np.ndarray:
-        """Numpy copy [2**bits, T] of every task's weights."""
-        return np.stack([workspace_weights(ws, self.config.bits) for ws in self.workspaces], axis=1)
+        """Numpy copy ``[2**(bits-3), 8]`` of the weights (rows of slots, see the module docstring)."""
+        return workspace_weights(self.workspace, self.config.bits)
 
     def get_weights(self, rows: np.ndarray) -> np.ndarray:
-        """Current weights [len(rows), T] at the given un-strided indices."""
-        out = np.empty((len(rows), len(self.workspaces)), np.float32)
-        for k, ws in enumerate(self.workspaces):
-            get = ws.get_weight
-            out[:, k] = [get(int(r)) for r in rows]
+        """Current weights [len(rows), 8] of the given rows."""
+        get, ws, R = self._pylibvw.vw.get_weight, self.workspace, self.rows
+        rl = np.asarray(rows, np.int64)
+        out = np.empty((len(rl), SLOTS), np.float32)
+        for s in range(SLOTS):
+            idx = (rl + s * R).tolist()
+            out[:, s] = np.fromiter((get(ws, i, 0) for i in idx), np.float32, len(idx))
         return out
 
-    def save(self, paths: dict) -> None:
-        for task, ws in zip(self.tasks, self.workspaces):
-            ws.save(str(paths[task]))
+    def save(self, path) -> None:
+        self.workspace.save(str(path))
 
     def namespace_hashes(self) -> dict[str, int]:
-        return namespace_hashes(self.workspaces[0])
+        return namespace_hashes(self.workspace, self.config.interactions)
+
+    def weighted_examples(self) -> float:
+        return float(self.workspace.get_weighted_examples())
 
     def close(self) -> None:
-        for ws in self.workspaces:
-            ws.finish()
-        self.workspaces = []
+        if self.workspace is not None:
+            self.workspace.finish()
+            self.workspace = None
+
+
+def _split_lines(text: bytes) -> list[bytes]:
+    lines = text.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np.ndarray | None = None,
-               weights: np.ndarray | None = None) -> np.ndarray:
-    """:meth:`TaskLearners.learn` over prebuilt batch text (see :mod:`stacker.vwtext`); pre-update probabilities.
+               weights: np.ndarray | None = None, score_first: bool = True) -> np.ndarray:
+    """Learn batch text (rows without labels, see :mod:`stacker.vwtext`) for every task of ``mask``.
 
-    Same calls in the same order as :meth:`TaskLearners.learn` (so the same models), minus the per-call
-    numpy indexing and string formatting.
+    With ``score_first`` every example of the batch is scored before any is learned, so no task's
+    probability has seen the batch's labels (progressive validation; the shared id weights would
+    otherwise carry one task's label into another's score); returns those probabilities [N, T] (NaN
+    where not learned). Without it (offline training) nothing is returned but NaN.
     """
-    lib, first, wss = learners._pylibvw, learners.workspaces[0], learners.workspaces
+    lib, ws = learners._pylibvw, learners.workspace
     preds = np.full(labels.shape, np.nan)
-    mask = np.ones(labels.shape, bool) if mask is None else mask
-    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
     if not len(labels):
         return preds
-    examples = first._parse(text)  # bytes: pybind11 reads them as std::string without a decode copy
-    if len(examples) != len(labels):
-        raise ValueError(f"VW parsed {len(examples)} examples from a batch of {len(labels)}")
-    set_label, learn, get_pred = lib.example.set_label_string, lib.vw.learn, lib.example.get_simplelabel_prediction
-    finish = lib.vw._finish_example
-    out: list[float] = []
-    push = out.append
-    strings: dict[float, tuple[str, str]] = {}
-    task_idx = range(labels.shape[1])
-    for ex, mrow, lrow, w in zip(examples, mask.tolist(), labels.tolist(), weights.tolist()):
-        lab = strings.get(w)
-        if lab is None:
-            lab = strings[w] = (f"-1 {w:g}", f"1 {w:g}")
-        cur = 1  # the text's own label prefix is "1 <w>"; learning leaves the label as it is
-        for k in task_idx:
-            if mrow[k]:
-                ws = wss[k]
-                y = 1 if lrow[k] else 0
-                if y != cur:  # re-parsing an identical label string changes nothing
-                    set_label(ex, ws, lab[y], 0)
-                    cur = y
-                learn(ws, ex)
-                push(get_pred(ex))
-        finish(first, ex)
-    preds[mask] = out
+    lines = _split_lines(text)
+    if len(lines) != len(labels):
+        raise ValueError(f"{len(lines)} rows of text for a batch of {len(labels)}")
+    multi, where = learners.task_text(lines, labels, mask, weights)
+    if not len(where):
+        return preds
+    examples = ws._parse(multi)  # bytes: pybind11 reads them as std::string without a decode copy
+    if len(examples) != len(where):
+        raise ValueError(f"VW parsed {len(examples)} examples from {len(where)} (row, task) pairs")
+    learn, finish = lib.vw.learn, lib.vw._finish_example
+    if score_first:
+        predict, get_pred = lib.vw.predict, lib.example.get_simplelabel_prediction
+        out = np.empty(len(examples))
+        for j, ex in enumerate(examples):
+            predict(ws, ex)
+            out[j] = get_pred(ex)
+        preds[where[:, 0], where[:, 1]] = out
+    for ex in examples:
+        learn(ws, ex)
+        finish(ws, ex)
     return preds
 
 
 def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
-    """Probabilities [N, T] for prebuilt batch text (labels, if the text has them, are ignored)."""
-    lib, first = learners._pylibvw, learners.workspaces[0]
-    examples = first._parse(text) if text else []
+    """Probabilities [N, T] for batch text (rows without labels)."""
+    lib, ws = learners._pylibvw, learners.workspace
+    lines = _split_lines(text) if text else []
+    T = len(learners.tasks)
+    if not lines:
+        return np.empty((0, T))
+    multi, _ = learners.task_text(lines)
+    examples = ws._parse(multi)
     predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example
-    out = np.empty((len(examples), len(learners.workspaces)))
-    for i, ex in enumerate(examples):
-        for k, ws in enumerate(learners.workspaces):
-            predict(ws, ex)
-            out[i, k] = get_pred(ex)
-        finish(first, ex)
-    return out
+    out = np.empty(len(examples))
+    for j, ex in enumerate(examples):
+        predict(ws, ex)
+        out[j] = get_pred(ex)
+        finish(ws, ex)
+    return out.reshape(len(lines), T)

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from stacker.vwstack import DNN_DECIMALS, namespace_marker, namespace_values
+from stacker.vwstack import DNN_DECIMALS, PAIR_LETTERS, namespace_marker, namespace_values, pair_names, pair_values
 
 _ZERO = ord("0")
 _SPACE = ord(" ")
@@ -43,13 +43,14 @@ def _cells(buf: np.ndarray, start: int, k: int, cell: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _layout(prefix: bytes, n_leaves: int, lw: int, units: int, uw: int, iw: int, n_ctx: int,
-            markers: tuple[tuple[str, bytes], ...] = (), namespaces: str = "ldupac"):
+def _layout(n_leaves: int, lw: int, units: int, uw: int, iw: int, n_ctx: int,
+            markers: tuple[tuple[str, bytes], ...] = (), namespaces: str = "ldupac", pairs: str = ""):
     """Template row and column offsets of one layout; ``markers`` holds each namespace's marker
-    with its value (``|l:0.05 ``; ``|l `` for value 1); ``namespaces`` the blocks written."""
+    with its value (``|l:0.05 ``; ``|l `` for value 1); ``namespaces`` the blocks written, ``pairs``
+    the id-cross namespaces written after them."""
     mk = {ns: b"|%s " % ns.encode() for ns in "lupac"}
     mk.update(dict(markers))
-    parts: list[bytes] = [prefix]
+    parts: list[bytes] = []
     offs = {}
 
     def block(ns: str, marker: bytes, body: bytes) -> None:
@@ -68,17 +69,19 @@ def _layout(prefix: bytes, n_leaves: int, lw: int, units: int, uw: int, iw: int,
             block(ns, mk[ns], b"0" * 10 + b" ")
     if "c" in namespaces:
         block("c", mk["c"], (b"0" * 10 + b" ") * n_ctx)
+    for ns in pairs:
+        block(ns, mk[ns], b"0" * 10 + b" ")
     parts.append(b"\n")
     row = b"".join(parts)
     return np.frombuffer(row, np.uint8), offs, dcell
 
 
 def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.ndarray,
-               prefixes: list[bytes] | None = None, values=None, namespaces: str = "ldupac") -> bytes:
-    """Newline-separated examples ``<prefix>|l ... |d ... |u . |p . |a . |c ...`` for N rows;
-    ``prefixes`` (label and weight, ``b"1 4 "``) default to none, for prediction; ``values`` gives each
-    namespace's feature value (``hidden`` is already scaled by its ``d``); ``namespaces`` selects the
-    blocks written, as in :func:`stacker.vwstack.example_lines`."""
+               values=None, namespaces: str = "ldupac", interactions=()) -> bytes:
+    """Newline-separated rows ``|l ... |d ... |u . |p . |a . |c ... |x .`` for N rows, without label or
+    task token (:func:`stacker.vwstack.learn_text` adds them); ``values`` gives each namespace's feature
+    value (``hidden`` is already scaled by its ``d``); ``namespaces`` selects the blocks written and
+    ``interactions`` the id crosses, as in :func:`stacker.vwstack.example_lines`."""
     n = len(ids)
     if n == 0:
         return b""
@@ -90,13 +93,11 @@ def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.
     iw = max(1, len(str(int(h.max() // scale)))) if h.size else 1
     units = hidden.shape[1]
     uw = len(str(max(units - 1, 0)))
-    prefixes = [b""] if prefixes is None else prefixes
-    first = prefixes[0]
-    same = all(p == first for p in prefixes)
-    markers = tuple((k, namespace_marker(k, v).encode() + b" ") for k, v in sorted(namespace_values(values).items())
-                    if k != "d")
-    row, offs, dcell = _layout(first if same else b"", leaves.shape[1], lw, units, uw, iw, ctx.shape[1], markers,
-                               namespaces)
+    crossed = [j for j, (x, y) in enumerate(interactions) if x in namespaces and y in namespaces]
+    pairs = "".join(PAIR_LETTERS[j] for j in crossed)
+    all_values = {**namespace_values(values), **pair_values(values, interactions)}
+    markers = tuple((k, namespace_marker(k, v).encode() + b" ") for k, v in sorted(all_values.items()) if k != "d")
+    row, offs, dcell = _layout(leaves.shape[1], lw, units, uw, iw, ctx.shape[1], markers, namespaces, pairs)
     width = len(row)
     buf = np.empty((n, width), np.uint8)
     buf[:] = row
@@ -112,7 +113,9 @@ def batch_text(leaves: np.ndarray, hidden: np.ndarray, ids: np.ndarray, ctx: np.
             buf[:, offs[ns]:offs[ns] + 10] = _digits(ids[:, k], 10)
     if "c" in offs and ctx.shape[1]:
         _cells(buf, offs["c"], ctx.shape[1], 11)[:, :, :10] = _digits(ctx, 10)
-    if same:
-        return buf.tobytes()
-    raw = buf.tobytes()
-    return b"".join(p + raw[i * width:(i + 1) * width] for i, p in enumerate(prefixes))
+    if pairs:
+        names = pair_names(ids, interactions)
+        for j in crossed:
+            ns = PAIR_LETTERS[j]
+            buf[:, offs[ns]:offs[ns] + 10] = _digits(names[:, j], 10)
+    return buf.tobytes()

@@ -11,6 +11,7 @@ from online.publish import UpdateWatcher
 from online.records import ServedRecord
 from online.replay import replay
 from online.reproduce import batch_from_records
+from stacker.bundle import VW_MODEL
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
 from tests.conftest_online import WINDOW_MS, event_log, redis_url, tiny_records  # noqa: F401
@@ -57,7 +58,7 @@ def test_log_to_learner_to_published_weights(tmp_path, tiny_bundle, event_log, t
     r0.close()
     after = learner.vw_weighted_examples()
     assert learner.task_learned == dict.fromkeys(learner.tasks, 3_000)
-    assert after[learner.tasks[0]] - before[learner.tasks[0]] == out["learned_examples"]
+    assert after["all"] - before["all"] == sum(learner.task_learned.values())  # one example per task learned
     updates = UpdateWatcher(tmp_path / "models", learner.bundle_id).poll()
     assert updates and [u.seq for u in updates] == list(range(1, len(updates) + 1))
     status = json.loads((tmp_path / "state" / "status.json").read_text())
@@ -128,10 +129,10 @@ def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny
     labels = (rng.uniform(size=(len(served), len(r.tasks))) < 0.2).astype(np.int8)
     mask = rng.uniform(size=labels.shape) < 0.8
     weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
-    paths = {t: tiny_bundle / "vw" / f"{t}.model" for t in r.tasks}
-    a, b = TaskLearners(r.tasks, vw_config(r.manifest), paths), TaskLearners(r.tasks, vw_config(r.manifest), paths)
+    path = tiny_bundle / VW_MODEL
+    a, b = TaskLearners(r.tasks, vw_config(r.manifest), path), TaskLearners(r.tasks, vw_config(r.manifest), path)
     pa = a.learn(f.vw_lines(), labels, mask, weights)
-    pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, [b"1 %g " % w for w in weights], f.values),
+    pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, interactions=f.interactions),
                     labels, mask, weights)
     np.testing.assert_array_equal(pa, pb)
     np.testing.assert_array_equal(a.weights(), b.weights())
@@ -176,9 +177,9 @@ def test_fast_batch_text_subsets_predict_like_example_lines(tiny_bundle, tiny_re
     r = StackedRanker.load(tiny_bundle)
     served = [x for x in tiny_records if isinstance(x, ServedRecord)][:300]
     f = r.features(batch_from_records(served, r.spec))
-    learners = TaskLearners(r.tasks, vw_config(r.manifest), {t: tiny_bundle / "vw" / f"{t}.model" for t in r.tasks})
-    slow = learners.predict(example_lines(f.leaves, f.hidden, f.ids, f.context, namespaces, f.values))
-    fast = predict_text(learners, batch_text(f.leaves, f.hidden, f.ids, f.context, None, f.values, namespaces))
+    learners = TaskLearners(r.tasks, vw_config(r.manifest), tiny_bundle / VW_MODEL)
+    slow = learners.predict(example_lines(f.leaves, f.hidden, f.ids, f.context, namespaces, f.values, f.interactions))
+    fast = predict_text(learners, batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, namespaces, f.interactions))
     learners.close()
     np.testing.assert_array_equal(slow, fast)
     assert fast.shape == (len(served), len(r.tasks)) and np.ptp(fast[:, 0]) > 0

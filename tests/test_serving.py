@@ -75,8 +75,10 @@ def test_rank_returns_ranked_posts_with_version_and_probabilities(live, feeds):
 
 
 def test_served_probabilities_equal_vw_predictions(live, feeds, tiny_bundle):
+    from online.learner import vw_config
     from serving.convert import rank_input
-    from stacker.vwstack import TaskLearners, VWConfig
+    from stacker.bundle import VW_MODEL
+    from stacker.vwstack import TaskLearners
 
     rs, stub, _, _ = live
     req = rank_request(feeds[1], limit=60, request_id="")
@@ -85,8 +87,7 @@ def test_served_probabilities_equal_vw_predictions(live, feeds, tiny_bundle):
     batch, _ = rs.handler.build_batch(rank_input(req), ranker, int(time.time() * 1000))
     lines = ranker.features(batch).vw_lines()
     tasks = ranker.tasks
-    vw = TaskLearners(tasks, VWConfig(bits=ranker.manifest["vw"]["bits"]),
-                      model_paths={t: tiny_bundle / "vw" / f"{t}.model" for t in tasks})
+    vw = TaskLearners(tasks, vw_config(ranker.manifest), model_path=tiny_bundle / VW_MODEL)
     try:
         expected = vw.predict(lines)
     finally:
@@ -276,7 +277,7 @@ def test_explained_blocks_add_up_to_the_served_logit(tiny_bundle):
     from stacker.features import CandidateBatch
     from stacker.ranker import StackedRanker
     ranker = StackedRanker.load(tiny_bundle)
-    assert ranker.scorer.binary_values(3, 5) is not None       # the default values are not all 1
+    assert ranker.scorer.values["l"] != 1.0                    # the default values are not all 1
     f = ranker.features(CandidateBatch.from_table(simulate(2_000, seed=5).head(40), ranker.spec))
     z = ranker.scorer.logits(f.leaves, f.hidden, f.ids, f.context)                # [K, T]
     p = 1.0 / (1.0 + np.exp(-z))
@@ -600,6 +601,15 @@ def test_tls(serving_server, tiny_bundle, tmp_path, feeds):
             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _raised_biases(ranker, delta: float):
+    """Weight rows holding every task's bias, and their values with each bias raised by ``delta``."""
+    at, slot = ranker.scorer.bias_slots()
+    rows, where = np.unique(at, return_inverse=True)
+    values = ranker.scorer.weights[rows].copy()
+    values[where, slot] += delta
+    return rows, values
+
+
 def test_published_weight_updates_change_scores_and_version(tiny_bundle, feeds):
     from serving.convert import rank_input
     from serving.handler import RankingHandler
@@ -611,11 +621,10 @@ def test_published_weight_updates_change_scores_and_version(tiny_bundle, feeds):
     handler = RankingHandler(LiveModel(), load_settings(eventlog_dir=None))
     batch, _ = handler.build_batch(rank_input(rank_request(feeds[0])), ranker, int(time.time() * 1000))
     before = ranker.predict(batch)
-    rows = ranker.scorer.binary_indices(*(lambda f: (f.leaves, f.ids, f.context))(ranker.features(batch)))[:, -1][:1]
-    values = np.full((1, len(ranker.tasks)), 0.5, np.float32)
+    rows, values = _raised_biases(ranker, 0.5)
     ranker.apply_update(rows, values, update_seq=3)
     after = ranker.predict(batch)
-    assert np.all(after > before)  # the constant's weight rose for every task
+    assert np.all(after > before)  # every task's bias rose
     assert ranker.version.endswith("+3")
 
 
@@ -645,9 +654,8 @@ def test_published_online_updates_are_applied(serving_server, tiny_bundle, tmp_p
     req = rank_request(feeds[0], request_id="", limit=5)
     before = stub.Rank(req)
     ranker = rs.model.current()
-    constant = np.array([ranker.scorer._constant])
-    values = np.full((1, len(ranker.tasks)), 3.0, np.float32)  # every logit up by ~3
-    UpdatePublisher(models, ranker.bundle_id).publish(constant, values, covered_offset=0)
+    rows, values = _raised_biases(ranker, 3.0)                 # every logit up by 3
+    UpdatePublisher(models, ranker.bundle_id).publish(rows, values, covered_offset=0)
     deadline = time.time() + 10
     while rs.model.current().update_seq == 0 and time.time() < deadline:
         time.sleep(0.02)

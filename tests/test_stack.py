@@ -67,10 +67,10 @@ def test_leaf_features_match_xgboost_pred_leaf(tmp_path, table, dense):
 
 
 def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
+    from online.learner import vw_config
+    from stacker.bundle import VW_MODEL
     ranker = StackedRanker.load(bundle_dir)
-    manifest = ranker.manifest
-    paths = {t: bundle_dir / "vw" / f"{t}.model" for t in ranker.tasks}
-    vw = TaskLearners(ranker.tasks, VWConfig(bits=manifest["vw"]["bits"]), model_paths=paths)
+    vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path=bundle_dir / VW_MODEL)
     rows = table.iloc[-500:].reset_index(drop=True)
     feats = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
     served = ranker.predict_features(feats)
@@ -138,22 +138,48 @@ def test_downsampling_drops_only_all_negative_rows_deterministically(table):
     np.testing.assert_array_equal(keep, again)
 
 
-def test_downsampled_training_stays_calibrated(tmp_path):
-    """Importance-weighted downsampling keeps the calibration that training on every row has."""
+def _calibrations(bundle, rows, online: bool) -> tuple[dict, dict]:
+    """Calibration and positives per task of a bundle on ``rows``: frozen, or continued online over them
+    in arrival order (score each 1,000-row chunk, then learn it: how the served stack runs)."""
+    from online.learner import vw_config
+    from stacker.bundle import VW_MODEL
+    from stacker.evaluate import progressive
+    from stacker.progress import Progress
+    ranker = StackedRanker.load(bundle)
+    f = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+    Y = labels_of(rows, ranker.tasks)
+    p = (progressive(ranker.tasks, vw_config(ranker.manifest), bundle / VW_MODEL, f.leaves, f.hidden, f.ids,
+                     f.context, Y, 1000, Progress()) if online else ranker.predict_features(f))
+    return ({t: p[:, k].mean() / Y[:, k].mean() for k, t in enumerate(ranker.tasks)},
+            {t: int(Y[:, k].sum()) for k, t in enumerate(ranker.tasks)})
+
+
+@pytest.mark.parametrize("shared, online", [((), False), (VWConfig().shared_tasks, True)])
+def test_downsampled_training_stays_calibrated(tmp_path, shared, online):
+    """Importance-weighted downsampling keeps the calibration that training on every row has.
+
+    Per-task LRs keep it frozen. With id weights shared across tasks, FTRL's first steps on a fresh
+    shared coordinate saturate under large importance weights (a weight-10 negative moves it less than
+    ten negatives would), so a frozen downsampled bundle over-predicts the shared tasks by a few percent;
+    served, the stack learns online from every row and is calibrated as if trained on every row."""
     df = simulate(120_000, seed=11)
-    base = dict(gbdt=GBDTConfig(trees=30), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=20))
+    base = dict(gbdt=GBDTConfig(trees=30), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=20, shared_tasks=shared))
     full = train_bundle(df, tmp_path / "full", TrainConfig(**base, downsample_rate=1.0))
     sampled = train_bundle(df, tmp_path / "ds", TrainConfig(**base, downsample_rate=0.1))
-    m_full = json.loads((full / "manifest.json").read_text())
     m_ds = json.loads((sampled / "manifest.json").read_text())
     kept = m_ds["training"]["rows_per_slice"]["lr_kept_after_downsampling"]
     assert kept < 0.4 * m_ds["training"]["rows_per_slice"]["lr"]
+    test = split_by_time(df, (0.2, 0.6, 0.2))[2]
+    cal_full, positives = _calibrations(full, test, online)
+    cal_ds, _ = _calibrations(sampled, test, online)
     checked = 0
-    for task, m in m_ds["offline_metrics"]["tasks"].items():
-        if m["positives"] < 300:
+    for task, pos in positives.items():
+        if pos < 300:
             continue
-        bound = max(0.05, 3 / np.sqrt(m["positives"]))
-        assert abs(m["calibration"] - m_full["offline_metrics"]["tasks"][task]["calibration"]) <= bound, task
+        bound = max(0.05, 3 / np.sqrt(pos))
+        assert abs(cal_ds[task] - cal_full[task]) <= bound, (task, cal_ds[task], cal_full[task])
+        if online:
+            assert abs(cal_ds[task] - 1) <= bound, (task, cal_ds[task])
         checked += 1
     assert checked >= 3
 
@@ -236,11 +262,11 @@ def _tie_recovery(config: VWConfig) -> float:
     leaves, hidden = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     from stacker.vwstack import example_lines
     learners = TaskLearners(("click",), config)
-    learners.learn(example_lines(leaves, hidden, ids, ctx, "uac", config.values), y[:, None])
+    learners.learn(example_lines(leaves, hidden, ids, ctx, "uac", config.values, config.interactions), y[:, None])
     probe = np.stack([np.arange(pairs) // 20, np.arange(pairs) + 100_000, np.arange(pairs) % 20 + 1000], axis=1)
     p = learners.predict(example_lines(np.zeros((pairs, 0), np.int64), np.zeros((pairs, 0), np.float32),
                                        probe.astype(np.uint64), np.zeros((pairs, 1), np.uint64), "uac",
-                                       config.values))[:, 0]
+                                       config.values, config.interactions))[:, 0]
     learners.close()
     return float(np.corrcoef(np.log(p / (1 - p)), tie)[0, 1])
 
@@ -253,46 +279,85 @@ def test_ftrl_learns_rare_user_author_ties_the_adaptive_update_misses():
     assert ftrl > adaptive + 0.05
 
 
-def test_ftrl_keeps_its_alpha_online_and_old_bundles_resume_adaptive():
+def test_ftrl_keeps_its_alpha_online_and_settings_round_trip():
     from online.learner import vw_config
-    from stacker.vwstack import UNIT_VALUES
     with pytest.raises(ValueError, match="own alpha"):
         VWConfig(ftrl_alpha=0.1).with_rate(0.3)
     with pytest.raises(ValueError, match="own alpha"):
         TrainConfig(online_learning_rate=0.3)
     assert VWConfig(optimizer="adaptive").with_rate(0.2).learning_rate == 0.2
-    # A manifest written before the optimizer was recorded: VW's adaptive update on unit values.
-    old = {"bits": 18, "interactions": ["ua", "up"], "hash_seed": 0, "online_learning_rate": 0.15,
-           "args": "--quiet -b 18 --loss_function logistic --link logistic --save_resume --hash_seed 0 "
-                   "-l 0.05 --power_t 0.5 --l2 0.0 -q ua -q up"}
-    config = vw_config({"vw": old})
-    assert (config.optimizer, config.learning_rate, config.values) == ("adaptive", 0.15, UNIT_VALUES)
-    assert "--ftrl" not in config.args() and "-l 0.15" in config.args()
-    new = vw_config({"vw": {**old, **VWConfig(bits=18).to_dict(), "online_learning_rate": 0.1}})
-    assert new.optimizer == "ftrl" and "--ftrl_alpha 0.1" in new.args()
+    config = VWConfig(bits=18, shared_tasks=("click", "like"), shared_value=0.5)
+    back = vw_config({"vw": {"bits": 18, "interactions": ["ua", "up"], "hash_seed": 0, **config.to_dict()}})
+    assert back.to_dict() == config.to_dict() and back.args() == config.args()
+    assert "--ftrl_alpha 0.1" in back.args() and "-q Su" in back.args() and "-q Tl" in back.args()
+    with pytest.raises(ValueError, match="id cross 'uc'"):
+        VWConfig(interactions=("uc",))
 
 
-def test_a_format_1_bundle_still_loads_and_scores_like_vw(tmp_path, table):
-    """Bundles from before the optimizer and feature values were recorded (format 1: VW's adaptive
-    update, unit values) load, and the numpy scorer still equals VW on them."""
+def test_shared_ids_carry_one_tasks_labels_to_the_other_shared_tasks():
+    """A pair clicked often raises the pair's like probability through the shared token (like never
+    saw a label of that pair); hide, outside the shared group, does not move at all. Without sharing,
+    like does not move either."""
+    from stacker.vwstack import example_lines
+    probs = {}
+    for shared in (("click", "like"), ()):
+        config = VWConfig(bits=18, interactions=("ua",), shared_tasks=shared)
+        learners = TaskLearners(("click", "like", "hide"), config)
+        rng = np.random.default_rng(0)
+        n = 3000
+        users, authors = rng.integers(0, 50, n), rng.integers(1000, 1020, n)
+        hot = rng.uniform(size=n) < 0.1                                   # ~300 impressions of one pair
+        users[hot], authors[hot] = 7, 1003
+        hot |= (users == 7) & (authors == 1003)
+        y = np.zeros((n, 3), np.int8)
+        y[:, 0] = rng.uniform(size=n) < np.where(hot, 0.9, 0.05)
+        y[:, 1] = rng.uniform(size=n) < 0.03                              # like: base rate only
+        mask = np.ones((n, 3), bool)
+        mask[hot, 1:] = False                                             # like, hide: no label of the hot pair
+        ids = np.stack([users, np.arange(n) + 10_000, authors], axis=1).astype(np.uint64)
+        empty = lambda k: (np.zeros((k, 0), np.int64), np.zeros((k, 0), np.float32))   # noqa: E731
+        learners.learn(example_lines(*empty(n), ids, np.zeros((n, 1), np.uint64), "uac", config.values,
+                                     config.interactions), y, mask)
+        probe = np.array([[7, 99_999, 1003], [8, 99_998, 1004]], np.uint64)      # the hot pair, a cold one
+        probs[shared] = learners.predict(example_lines(*empty(2), probe, np.zeros((2, 1), np.uint64), "uac",
+                                                       config.values, config.interactions))
+        learners.close()
+    p, alone = probs[("click", "like")], probs[()]
+    assert p[0, 0] > 0.5 > p[1, 0] and alone[0, 0] > 0.5 > alone[1, 0]   # click learned the pair
+    assert p[0, 1] > 3 * p[1, 1]                                          # like borrowed it
+    assert alone[0, 1] < 1.5 * alone[1, 1]                                # not without sharing
+    assert abs(p[0, 2] - p[1, 2]) < 0.002                                 # hide: only its own base rate
+
+
+def test_bundles_of_an_older_format_are_refused_with_a_reason(bundle_dir, tmp_path):
+    from stacker.bundle import BundleError, copy_bundle
+    old = copy_bundle(bundle_dir, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = 2
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format_version 2 .* retrain"):
+        StackedRanker.load(old)
+
+
+def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
+    """The layout does not depend on the optimizer: a bundle learned with VW's adaptive update on unit
+    values loads, and the numpy scorer equals VW on it."""
     from online.learner import vw_config
+    from stacker.bundle import VW_MODEL
     from stacker.vwstack import UNIT_VALUES
     config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1),
                          vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES), online_learning_rate=0.15)
-    path = train_bundle(table.head(6000), tmp_path / "v1", config)
-    m = json.loads((path / "manifest.json").read_text())
-    for key in ("optimizer", "ftrl_alpha", "ftrl_beta", "learning_rate", "power_t", "l2", "values"):
-        del m["vw"][key]
-    m["format_version"] = 1
-    (path / "manifest.json").write_text(json.dumps(m))
+    path = train_bundle(table.head(6000), tmp_path / "adaptive", config)
     ranker = StackedRanker.load(path)
     f = ranker.features(CandidateBatch.from_table(table.tail(300), ranker.spec))
-    vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest),
-                      model_paths={t: path / "vw" / f"{t}.model" for t in ranker.tasks})
+    vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path=path / VW_MODEL)
+    assert "-l 0.15" in vw.config.args()
     np.testing.assert_allclose(ranker.predict_features(f), vw.predict(f.vw_lines()), atol=1e-6)
     vw.close()
 
 
-def test_new_bundles_are_format_2(bundle_dir):
+def test_new_bundles_are_format_3(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
+    assert m["format_version"] == 3 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
+    assert m["vw"]["layout"] == "task-slots-v1" and "vw/lr.model" in m["files"]
+    assert m["vw"]["shared_tasks"] == [t for t in m["tasks"] if t != "hide"]

@@ -146,7 +146,7 @@ def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.nda
         bar.update(b - a)
 
 
-def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 50_000) -> np.ndarray:
+def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 8192) -> np.ndarray:
     """Every task's probabilities [N, T] from VW itself for prepared stack features."""
     _, leaves, hidden, ids, ctx = feats
     cfg = learners.config
@@ -165,7 +165,7 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
     rows = np.flatnonzero(keep)
     sub = df.iloc[rows].reset_index(drop=True)
-    with progress.task("sparse LR (VW, per task)", len(rows)) as bar:
+    with progress.task("sparse LR (VW, every task)", len(rows)) as bar:
         learn_features(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config.chunk, bar)
     return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate}
 

@@ -58,6 +58,7 @@ SLOTS, SHARED_SLOT = 8, 7
 MAX_TASKS = SHARED_SLOT                    # slots 0..6 for tasks, 7 for the shared token
 PAIR_LETTERS = "xyzwvk"                    # namespaces of the id crosses, in the order configured
 DEFAULT_SHARED = ("click", "like", "comment", "share", "dwell")
+PARSE_LINES = 1024
 
 
 @dataclass(frozen=True)
@@ -397,10 +398,10 @@ class TaskLearners:
         for i in range(0, 1 << self.config.bits, step):
             ws.set_weight(i, 0, ws.get_weight(i))
 
-    def task_text(self, lines: list[bytes], labels: np.ndarray | None = None, mask: np.ndarray | None = None,
-                  weights: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
+    def task_lines(self, lines: list[bytes], labels: np.ndarray | None = None, mask: np.ndarray | None = None,
+                   weights: np.ndarray | None = None) -> tuple[list[bytes], np.ndarray]:
         """One example per (row, task) of ``mask`` (all when ``None``): ``[label weight] |T token [|S token] line``.
-        Returns the text and the [n_examples, 2] (row, task) of each example."""
+        Returns the lines (newline-terminated) and the [n_examples, 2] (row, task) of each example."""
         T = len(self.tasks)
         n = len(lines)
         mask = np.ones((n, T), bool) if mask is None else np.asarray(mask, bool)
@@ -420,7 +421,16 @@ class TaskLearners:
                 if head is None:
                     head = heads[key] = b"%d %g " % key
                 parts.append(head + tokens[k] + lines[i] + b"\n")
-        return b"".join(parts), np.stack([rows, cols], axis=1)
+        return parts, np.stack([rows, cols], axis=1)
+
+    def parse(self, lines: list[bytes]) -> list:
+        """VW examples of newline-terminated lines, parsed ``PARSE_LINES`` at a time (one large text parses
+        several times slower per line than the same lines in pieces)."""
+        parse = self.workspace._parse
+        out: list = []
+        for a in range(0, len(lines), PARSE_LINES):
+            out.extend(parse(b"".join(lines[a:a + PARSE_LINES])))
+        return out
 
     def learn(self, lines: list[str], labels: np.ndarray, learn_mask: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> np.ndarray:
@@ -484,10 +494,10 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     lines = _split_lines(text)
     if len(lines) != len(labels):
         raise ValueError(f"{len(lines)} rows of text for a batch of {len(labels)}")
-    multi, where = learners.task_text(lines, labels, mask, weights)
+    multi, where = learners.task_lines(lines, labels, mask, weights)
     if not len(where):
         return preds
-    examples = ws._parse(multi)  # bytes: pybind11 reads them as std::string without a decode copy
+    examples = learners.parse(multi)
     if len(examples) != len(where):
         raise ValueError(f"VW parsed {len(examples)} examples from {len(where)} (row, task) pairs")
     learn, finish = lib.vw.learn, lib.vw._finish_example
@@ -511,8 +521,7 @@ def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
     T = len(learners.tasks)
     if not lines:
         return np.empty((0, T))
-    multi, _ = learners.task_text(lines)
-    examples = ws._parse(multi)
+    examples = learners.parse(learners.task_lines(lines)[0])
     predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example
     out = np.empty(len(examples))
     for j, ex in enumerate(examples):

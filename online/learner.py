@@ -565,7 +565,7 @@ class Trainer:
 
     # -- status ----------------------------------------------------------------------------------
     def vw_weighted_examples(self) -> dict[str, float]:
-        """VW's own count of weighted examples learned (one per task learned of each row)."""
+        """VW's own count of weighted examples (one per parsed row, whichever tasks it learned)."""
         return {"all": self.learners.weighted_examples()}
 
     def progressive(self, max_age_s: float = 5.0) -> dict:

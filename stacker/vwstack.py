@@ -391,6 +391,29 @@ class TaskLearners:
                                       token_name(SHARED_SLOT, config.bits, hs)))
         self._tokens = [b"|%s %d " % (TOKEN_NS.encode(), token_name(k, config.bits, ht))
                         + (shared_token if self.shared[k] else b"") for k in range(len(self.tasks))]
+        # Each task's token features as VW stores them, to switch a parsed example from task to task
+        # in place (one parse per row instead of one per row and task).
+        lib, ws = self._pylibvw, self.workspace
+        shift = int(lib.vw.get_stride(ws)).bit_length() - 1
+        self._token_features = []
+        for k in range(len(self.tasks)):
+            ex = ws._parse(self._tokens[k])[0]
+            self._token_features.append(
+                [(ns, [(ex.feature(ns, j) >> shift, ex.feature_weight(ns, j)) for j in range(ex.num_features_in(ns))])
+                 for ns in (ord(TOKEN_NS), ord(SHARED_NS))])
+            lib.vw._finish_example(ws, ex)
+
+    def retoken(self, ex, k: int) -> None:
+        """Make a parsed example (carrying some task's tokens) the example of task ``k``."""
+        lib, ws = self._pylibvw, self.workspace
+        lib.vw.unsetup_example(ws, ex)
+        for ns, feats in self._token_features[k]:
+            while ex.pop_feature(ns):
+                pass
+            ex.ensure_namespace_exists(ns)
+            for h, v in feats:
+                ex.push_hashed_feature(ns, h, v)
+        lib.vw.setup_example(ws, ex)
 
     def pretouch(self) -> None:
         """Touch one weight per page so the first updates do not pay for page faults."""
@@ -482,7 +505,8 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
                weights: np.ndarray | None = None, score_first: bool = True) -> np.ndarray:
     """Learn batch text (rows without labels, see :mod:`stacker.vwtext`) for every task of ``mask``.
 
-    With ``score_first`` every example of the batch is scored before any is learned, so no task's
+    Each row is parsed once and switched from task to task in place (:meth:`TaskLearners.retoken`).
+    With ``score_first`` every (row, task) of the batch is scored before any is learned, so no task's
     probability has seen the batch's labels (progressive validation; the shared id weights would
     otherwise carry one task's label into another's score); returns those probabilities [N, T] (NaN
     where not learned). Without it (offline training) nothing is returned but NaN.
@@ -494,38 +518,59 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     lines = _split_lines(text)
     if len(lines) != len(labels):
         raise ValueError(f"{len(lines)} rows of text for a batch of {len(labels)}")
-    multi, where = learners.task_lines(lines, labels, mask, weights)
-    if not len(where):
-        return preds
-    examples = learners.parse(multi)
-    if len(examples) != len(where):
-        raise ValueError(f"VW parsed {len(examples)} examples from {len(where)} (row, task) pairs")
-    learn, finish = lib.vw.learn, lib.vw._finish_example
+    mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    first = learners._tokens[0]
+    # The parse sets the importance weight (a label string set later changes only the label's sign).
+    examples = learners.parse([b"1 %g " % wi + first + line + b"\n" for wi, line in zip(w.tolist(), lines)])
+    if len(examples) != len(lines):
+        raise ValueError(f"VW parsed {len(examples)} examples from {len(lines)} rows")
+    retoken, learn, finish = learners.retoken, lib.vw.learn, lib.vw._finish_example
+    set_label = lib.example.set_label_string
+    todo = [np.flatnonzero(m).tolist() for m in mask]
+    current = [0] * len(examples)
     if score_first:
         predict, get_pred = lib.vw.predict, lib.example.get_simplelabel_prediction
-        out = np.empty(len(examples))
-        for j, ex in enumerate(examples):
-            predict(ws, ex)
-            out[j] = get_pred(ex)
-        preds[where[:, 0], where[:, 1]] = out
-    for ex in examples:
-        learn(ws, ex)
+        for i, ex in enumerate(examples):
+            for k in todo[i]:
+                if current[i] != k:
+                    retoken(ex, k)
+                    current[i] = k
+                predict(ws, ex)
+                preds[i, k] = get_pred(ex)
+    strings: dict[tuple[int, float], str] = {}
+    lab = labels.tolist()
+    for i, (ex, wi) in enumerate(zip(examples, w.tolist())):
+        for k in todo[i]:
+            if current[i] != k:
+                retoken(ex, k)
+                current[i] = k
+            key = (1 if lab[i][k] else -1, wi)
+            label = strings.get(key)
+            if label is None:
+                label = strings[key] = "%d %g" % key
+            set_label(ex, ws, label, 0)
+            learn(ws, ex)
         finish(ws, ex)
     return preds
 
 
 def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
-    """Probabilities [N, T] for batch text (rows without labels)."""
+    """Probabilities [N, T] for batch text (rows without labels); each row is parsed once."""
     lib, ws = learners._pylibvw, learners.workspace
     lines = _split_lines(text) if text else []
     T = len(learners.tasks)
     if not lines:
         return np.empty((0, T))
-    examples = learners.parse(learners.task_lines(lines)[0])
+    examples = learners.parse([learners._tokens[0] + line + b"\n" for line in lines])
     predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example
-    out = np.empty(len(examples))
-    for j, ex in enumerate(examples):
-        predict(ws, ex)
-        out[j] = get_pred(ex)
+    retoken = learners.retoken
+    out = np.empty((len(examples), T))
+    for i, ex in enumerate(examples):
+        for k in range(T):
+            if k:
+                retoken(ex, k)
+            predict(ws, ex)
+            out[i, k] = get_pred(ex)
         finish(ws, ex)
-    return out.reshape(len(lines), T)
+    return out

@@ -58,7 +58,7 @@ def test_log_to_learner_to_published_weights(tmp_path, tiny_bundle, event_log, t
     r0.close()
     after = learner.vw_weighted_examples()
     assert learner.task_learned == dict.fromkeys(learner.tasks, 3_000)
-    assert after["all"] - before["all"] == sum(learner.task_learned.values())  # one example per task learned
+    assert after["all"] - before["all"] == out["learned_examples"]  # one parsed example per row, every task
     updates = UpdateWatcher(tmp_path / "models", learner.bundle_id).poll()
     assert updates and [u.seq for u in updates] == list(range(1, len(updates) + 1))
     status = json.loads((tmp_path / "state" / "status.json").read_text())

@@ -364,8 +364,9 @@ def namespace_hashes(workspace, interactions=()) -> dict[str, int]:
 
 
 class TaskLearners:
-    """Every task's LR in one VW workspace (see the module docstring): a row becomes one example per
-    task it is learned for, carrying that task's token (and the shared token for the shared tasks).
+    """Every task's LR in one VW workspace (see the module docstring): a row is parsed once and learned
+    as one example per task, switched in place to carry that task's token (and the shared token for the
+    shared tasks).
 
     Importance weights carry negative downsampling (1 / rate on kept negatives).
     """
@@ -420,31 +421,6 @@ class TaskLearners:
         ws, step = self.workspace, 4096 // 16
         for i in range(0, 1 << self.config.bits, step):
             ws.set_weight(i, 0, ws.get_weight(i))
-
-    def task_lines(self, lines: list[bytes], labels: np.ndarray | None = None, mask: np.ndarray | None = None,
-                   weights: np.ndarray | None = None) -> tuple[list[bytes], np.ndarray]:
-        """One example per (row, task) of ``mask`` (all when ``None``): ``[label weight] |T token [|S token] line``.
-        Returns the lines (newline-terminated) and the [n_examples, 2] (row, task) of each example."""
-        T = len(self.tasks)
-        n = len(lines)
-        mask = np.ones((n, T), bool) if mask is None else np.asarray(mask, bool)
-        rows, cols = np.nonzero(mask)
-        tokens = self._tokens
-        if labels is None:
-            parts = [tokens[k] + lines[i] + b"\n" for i, k in zip(rows.tolist(), cols.tolist())]
-        else:
-            w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-            heads: dict[tuple[int, float], bytes] = {}
-            parts = []
-            lab = labels.tolist()
-            wl = w.tolist()
-            for i, k in zip(rows.tolist(), cols.tolist()):
-                key = (1 if lab[i][k] else -1, wl[i])
-                head = heads.get(key)
-                if head is None:
-                    head = heads[key] = b"%d %g " % key
-                parts.append(head + tokens[k] + lines[i] + b"\n")
-        return parts, np.stack([rows, cols], axis=1)
 
     def parse(self, lines: list[bytes]) -> list:
         """VW examples of newline-terminated lines, parsed ``PARSE_LINES`` at a time (one large text parses

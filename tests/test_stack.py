@@ -340,13 +340,14 @@ def test_bundles_of_an_older_format_are_refused_with_a_reason(bundle_dir, tmp_pa
 
 
 def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
-    """The layout does not depend on the optimizer: a bundle learned with VW's adaptive update on unit
-    values loads, and the numpy scorer equals VW on it."""
+    """The layout does not depend on the optimizer or the shared token's value: a bundle learned with
+    VW's adaptive update on unit values, shared value 0.5, loads, and the numpy scorer equals VW on it."""
     from online.learner import vw_config
     from stacker.bundle import VW_MODEL
     from stacker.vwstack import UNIT_VALUES
     config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1),
-                         vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES), online_learning_rate=0.15)
+                         vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES, shared_value=0.5),
+                         online_learning_rate=0.15)
     path = train_bundle(table.head(6000), tmp_path / "adaptive", config)
     ranker = StackedRanker.load(path)
     f = ranker.features(CandidateBatch.from_table(table.tail(300), ranker.spec))

@@ -21,6 +21,8 @@ def _train_config(args):
     interactions = tuple(args.interactions.split(",")) if args.interactions else ()
     shared = ({} if args.shared_tasks is None else
               {"shared_tasks": () if args.shared_tasks in ("", "none") else tuple(args.shared_tasks.split(","))})
+    if args.shared_ids is not None:
+        shared["shared_ids"] = args.shared_ids
     if args.optimizer != "ftrl" and args.ftrl_alpha is not None:
         raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
     try:
@@ -49,9 +51,12 @@ def _add_train_options(p):
     p.add_argument("--interactions", default="ua,up",
                    help="id crosses, as pairs of u (user), p (post), a (author) (default ua,up)")
     p.add_argument("--shared-tasks", default=None,
-                   help="tasks whose user, post, author and id-cross weights are also learned jointly, from "
-                        "all their labels (default click,like,comment,share,dwell; 'none' to learn every "
-                        "task alone)")
+                   help="tasks whose id-cross (user×author, user×post) weights are also learned jointly, "
+                        "from all their labels (default click,like,comment,share,dwell; 'none' to learn "
+                        "every task alone)")
+    p.add_argument("--shared-ids", default=None,
+                   help="ids whose weights the shared tasks also learn jointly, beside the id crosses: letters "
+                        "of u (user), p (post), a (author) (default none)")
     p.add_argument("--optimizer", choices=("ftrl", "adaptive"), default="ftrl",
                    help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
                         "or VW's adaptive update on unit values")

@@ -46,7 +46,7 @@ def _bundle(workdir: Path, impressions: int, trees: int, quiet: bool) -> Path:
     print(f"training a bundle on {impressions:,} simulated impressions ({trees} trees) ...")
     t0 = time.time()
     df = simulate(impressions, progress=not quiet)
-    config = TrainConfig(gbdt=GBDTConfig(trees=trees), dnn=DNNConfig(epochs=4), vw=VWConfig(bits=22))
+    config = TrainConfig(gbdt=GBDTConfig(trees=trees), dnn=DNNConfig(epochs=4), vw=VWConfig(bits=25))
     train_bundle(df, path, config, progress=Progress(not quiet))
     print(f"bundle ready in {time.time() - t0:.0f}s")
     return path

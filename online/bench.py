@@ -22,7 +22,7 @@ WINDOW_MS = 10_000
 def ensure_bench_bundle(cache_dir: Path, progress: bool = True) -> Path:
     from stacker.train import TrainConfig, config_key
     from stacker.vwstack import VWConfig
-    config = TrainConfig(vw=VWConfig(bits=22))
+    config = TrainConfig(vw=VWConfig(bits=25))
     path = Path(cache_dir) / f"bench-bundle-{config_key(config)}"     # retrained when the defaults change
     if (path / "manifest.json").is_file():
         return path

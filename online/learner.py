@@ -58,7 +58,7 @@ def vw_config(manifest: dict) -> VWConfig:
                       optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"], ftrl_beta=vw["ftrl_beta"],
                       learning_rate=vw["learning_rate"], power_t=vw["power_t"], l2=vw["l2"],
                       values=tuple(sorted(vw["values"].items())), shared_tasks=tuple(vw["shared_tasks"]),
-                      shared_value=vw["shared_value"])
+                      shared_value=vw["shared_value"], shared_ids=vw["shared_ids"])
     return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
 
 

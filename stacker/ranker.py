@@ -75,7 +75,7 @@ class StackedRanker:
         scorer = SparseScorer(weights, vw["namespace_hashes"], vw["bits"], vw["interactions"], tasks,
                               shared=[t in vw["shared_tasks"] for t in tasks],
                               leaf_space=extractor.trees * extractor.node_stride, values=vw["values"],
-                              shared_value=vw["shared_value"])
+                              shared_value=vw["shared_value"], shared_ids=vw["shared_ids"])
         return cls(manifest, extractor, mlp, scorer, path)
 
     @property

@@ -286,10 +286,13 @@ def test_ftrl_keeps_its_alpha_online_and_settings_round_trip():
     with pytest.raises(ValueError, match="own alpha"):
         TrainConfig(online_learning_rate=0.3)
     assert VWConfig(optimizer="adaptive").with_rate(0.2).learning_rate == 0.2
-    config = VWConfig(bits=18, shared_tasks=("click", "like"), shared_value=0.5)
+    config = VWConfig(bits=18, shared_tasks=("click", "like"), shared_value=0.5, shared_ids="u")
     back = vw_config({"vw": {"bits": 18, "interactions": ["ua", "up"], "hash_seed": 0, **config.to_dict()}})
     assert back.to_dict() == config.to_dict() and back.args() == config.args()
     assert "--ftrl_alpha 0.1" in back.args() and "-q Su" in back.args() and "-q Tl" in back.args()
+    assert "-q Sp" not in back.args() and "-q Sx" in VWConfig().args() and "-q Su" not in VWConfig().args()
+    with pytest.raises(ValueError, match="shared ids 'c'"):
+        VWConfig(shared_ids="c")
     with pytest.raises(ValueError, match="id cross 'uc'"):
         VWConfig(interactions=("uc",))
 
@@ -340,13 +343,15 @@ def test_bundles_of_an_older_format_are_refused_with_a_reason(bundle_dir, tmp_pa
 
 
 def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
-    """The layout does not depend on the optimizer or the shared token's value: a bundle learned with
-    VW's adaptive update on unit values, shared value 0.5, loads, and the numpy scorer equals VW on it."""
+    """The layout does not depend on the optimizer or on what is shared: a bundle learned with VW's
+    adaptive update on unit values, shared value 0.5, user and author ids shared too, loads, and the
+    numpy scorer equals VW on it."""
     from online.learner import vw_config
     from stacker.bundle import VW_MODEL
     from stacker.vwstack import UNIT_VALUES
     config = TrainConfig(gbdt=GBDTConfig(trees=10), dnn=DNNConfig(epochs=1),
-                         vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES, shared_value=0.5),
+                         vw=VWConfig(bits=18, optimizer="adaptive", values=UNIT_VALUES, shared_value=0.5,
+                                     shared_ids="ua"),
                          online_learning_rate=0.15)
     path = train_bundle(table.head(6000), tmp_path / "adaptive", config)
     ranker = StackedRanker.load(path)

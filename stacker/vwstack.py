@@ -5,7 +5,8 @@ Namespaces (first letters distinct, since ``-q`` crosses by first letter): ``l``
 one namespace per id cross (``x`` for the first of ``VWConfig.interactions``, ``y`` for the second, ...)
 holding the pair's own feature (``(16777619 * u) ^ a``, 32 bits), written by us rather than crossed by VW.
 
-**One LR per task, sharing id effects.** Every impression becomes one example per task; a task token
+**One LR per task, sharing id effects.** Every impression is learned as one example per task (parsed
+once, then switched from task to task in place, :meth:`TaskLearners.retoken`); a task token
 (namespace ``T``) is crossed with every data namespace (``-q Tl -q Td ...``, linear terms ignored), so
 each task has its own weight for every feature: its own logistic regression. Examples of the tasks in
 the shared group (the positive engagements by default; ``hide`` learns alone) also carry the shared
@@ -13,7 +14,8 @@ token (namespace ``S``), crossed with the id crosses (and the ids of ``VWConfig.
 default): a user×author pair's weight under ``S`` is learned from every positive task's labels at
 once, so rare tasks (comment, share) borrow what clicks, likes and dwells say about the same pair.
 Sharing the user, post and author weights too lowers offline NE a little more but ranks worse in
-the closed loop (``feedrank demo``: 66% of the oracle's clicks against 73%), so it is off. The task tokens'
+the closed loop (``feedrank demo``: 65–67% of the oracle's expected clicks against 72–73%), so it
+is off. The task tokens'
 own weights are the task biases (``--noconstant``).
 
 **Weight layout.** With ``R = 2**(bits - 3)``, the token of task ``k`` is the feature whose cross with a

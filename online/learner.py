@@ -54,11 +54,7 @@ CKPT_MODEL = "lr.model"
 def vw_config(manifest: dict) -> VWConfig:
     """The VW settings to continue a bundle online: its own, with the manifest's online rate."""
     vw = manifest["vw"]
-    config = VWConfig(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0),
-                      optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"], ftrl_beta=vw["ftrl_beta"],
-                      learning_rate=vw["learning_rate"], power_t=vw["power_t"], l2=vw["l2"],
-                      values=tuple(sorted(vw["values"].items())), shared_tasks=tuple(vw["shared_tasks"]),
-                      shared_value=vw["shared_value"], shared_ids=vw["shared_ids"])
+    config = VWConfig.from_dict(vw)
     return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
 
 
@@ -451,8 +447,7 @@ class Trainer:
         seq = None
         if rows.size:
             values = self.current_values(rows)
-            self.ranker.scorer.weights[rows] = values
-            self.ranker.scorer.refresh()
+            self.ranker.scorer.weights[rows] = values  # the copy snapshot() publishes bases from; nothing scores here
             if self.publisher is not None:
                 if not self._need_base:
                     seq = self.publisher.publish(rows, values, self.learned_through)

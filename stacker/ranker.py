@@ -11,7 +11,7 @@ from . import bundle as bundles
 from .dnn import FrozenMLP
 from .features import CandidateBatch, FeatureSpec, build_dense, build_sparse
 from .gbdt import LeafExtractor
-from .vwstack import SLOTS, SparseScorer, example_lines, round_hidden
+from .vwstack import SLOTS, SparseScorer, VWConfig, example_lines, round_hidden
 
 
 @dataclass
@@ -71,11 +71,8 @@ class StackedRanker:
         if extractor.trees != manifest["gbdt"]["trees"]:
             raise bundles.BundleError(f"{path / 'gbdt.ubj'}: has {extractor.trees} trees, manifest "
                                       f"says {manifest['gbdt']['trees']}")
-        tasks = manifest["tasks"]
-        scorer = SparseScorer(weights, vw["namespace_hashes"], vw["bits"], vw["interactions"], tasks,
-                              shared=[t in vw["shared_tasks"] for t in tasks],
-                              leaf_space=extractor.trees * extractor.node_stride, values=vw["values"],
-                              shared_value=vw["shared_value"], shared_ids=vw["shared_ids"])
+        scorer = SparseScorer(weights, vw["namespace_hashes"], VWConfig.from_dict(vw), manifest["tasks"],
+                              leaf_space=extractor.trees * extractor.node_stride)
         return cls(manifest, extractor, mlp, scorer, path)
 
     @property

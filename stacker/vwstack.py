@@ -50,7 +50,6 @@ import numpy as np
 
 NAMESPACES = {"leaves": "l", "dnn": "d", "user": "u", "post": "p", "author": "a", "context": "c"}
 DNN_DECIMALS = 4
-_CONSTANT = 11650396
 _FNV = np.uint64(16777619)
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -133,6 +132,15 @@ class VWConfig:
                if self.optimizer == "ftrl" else f"-l {self.learning_rate:g} --power_t {self.power_t:g}")
         return (f"--quiet -b {self.bits} --loss_function logistic --link logistic --save_resume "
                 f"--hash_seed {self.hash_seed} {opt} --l2 {self.l2:g} --noconstant --ignore_linear {data} {q}")
+
+    @classmethod
+    def from_dict(cls, vw: dict) -> "VWConfig":
+        """The settings a bundle manifest's ``vw`` section records."""
+        return cls(bits=vw["bits"], interactions=tuple(vw["interactions"]), hash_seed=vw.get("hash_seed", 0),
+                   optimizer=vw["optimizer"], ftrl_alpha=vw["ftrl_alpha"], ftrl_beta=vw["ftrl_beta"],
+                   learning_rate=vw["learning_rate"], power_t=vw["power_t"], l2=vw["l2"],
+                   values=tuple(sorted(vw["values"].items())), shared_tasks=tuple(vw["shared_tasks"]),
+                   shared_value=vw["shared_value"], shared_ids=vw["shared_ids"])
 
     def to_dict(self) -> dict:
         return {"optimizer": self.optimizer, "ftrl_alpha": self.ftrl_alpha, "ftrl_beta": self.ftrl_beta,
@@ -226,23 +234,23 @@ class SparseScorer:
     """Scores examples from a numpy copy of the multi-task VW weights (``[2**(bits-3), 8]``, see the
     module docstring for the layout)."""
 
-    def __init__(self, weights: np.ndarray, ns_hash: dict[str, int], bits: int, interactions, tasks,
-                 shared=None, leaf_space: int | None = None, values=None, shared_value: float = 1.0,
-                 shared_ids: str = ""):
-        self.bits = bits
+    def __init__(self, weights: np.ndarray, ns_hash: dict[str, int], config: VWConfig, tasks,
+                 leaf_space: int | None = None):
+        bits = self.bits = config.bits
         self.rows = 1 << (bits - 3)
         if weights.shape != (self.rows, SLOTS):
             raise ValueError(f"weights of shape {weights.shape}, expected ({self.rows}, {SLOTS}) for -b {bits}")
         self.weights = weights
         self.tasks = tuple(tasks)
         T = len(self.tasks)
-        self.values = namespace_values(values)
-        self.interactions = tuple(interactions)
-        self.pair_letters = PAIR_LETTERS[:len(self.interactions)]
-        self.values.update(pair_values(values, self.interactions))
-        self.shared = np.zeros(T, bool) if shared is None else np.asarray(shared, bool)
-        self.shared_value = float(shared_value)
-        self.shared_ids = shared_ids
+        self.interactions = config.interactions
+        self.pair_letters = config.pair_letters
+        self.values = {**namespace_values(config.values), **pair_values(config.values, self.interactions)}
+        self.shared = config.shared_mask(self.tasks)
+        self.shared_value = float(config.shared_value)
+        # Whether the shared token crosses each id column (u, p, a) and each id cross.
+        self._shared_ids = np.array([ns in config.shared_namespaces for ns in "upa"], bool)
+        self._shared_pairs = np.array([ns in config.shared_namespaces for ns in self.pair_letters], bool)
         self.ns_hash = {k: np.uint64(v) for k, v in ns_hash.items()}
         self._bmask = np.uint64((1 << bits) - 1)
         self._shift = np.uint64(bits - 3)
@@ -261,10 +269,6 @@ class SparseScorer:
         """VW index (``-b`` bits) of features of namespace ``ns`` named ``names`` (any shape)."""
         return ((np.asarray(names).astype(np.uint64) + self.ns_hash[ns]) & _M32) & self._bmask
 
-    def binary_names(self) -> list[str]:
-        """Names of the columns of :meth:`binary_index` (context columns as ``c``)."""
-        return ["u", "p", "a", "c", *self.pair_letters]
-
     def binary_index(self, ids, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """VW indices [N, F] of the binary features other than leaves (user, post, author, the context
         tokens, the id pairs), their values [F], and whether the shared token crosses them [F]."""
@@ -275,17 +279,15 @@ class SparseScorer:
         v = self.values
         vals = np.concatenate([[v["u"], v["p"], v["a"]], np.full(ctx.shape[1], v["c"]),
                                [v[letter] for letter in self.pair_letters]])
-        shared = np.concatenate([[ns in self.shared_ids for ns in "upa"], np.zeros(ctx.shape[1], bool),
-                                 [True] * len(self.pair_letters)])
+        shared = np.concatenate([self._shared_ids, np.zeros(ctx.shape[1], bool), self._shared_pairs])
         return np.concatenate(parts, axis=1), vals, shared
 
     def rows_of(self, index: np.ndarray) -> np.ndarray:
         return (index & self._rmask).astype(np.intp)
 
-    def slot_weights(self, index: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def slot_weights(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-task weights [..., T] and shared-token weights [...] of features at VW indices ``index``."""
-        w = self.weights if weights is None else weights
-        block = np.take(w, self.rows_of(index), axis=0)                       # [..., 8]
+        block = np.take(self.weights, self.rows_of(index), axis=0)            # [..., 8]
         plane = (index >> self._shift)[..., None]
         task = np.take_along_axis(block, (plane ^ self._task_slots).astype(np.intp), axis=-1)
         shared = np.take_along_axis(block, (plane ^ np.uint64(SHARED_SLOT)).astype(np.intp), axis=-1)[..., 0]
@@ -299,17 +301,16 @@ class SparseScorer:
         return task + s[..., None] * self.shared
 
     def touched_rows(self, leaves, ids, ctx) -> np.ndarray:
-        """Every weight row the examples' features (and the biases) read: what learning them changes."""
+        """Every weight row the examples' binary features (and the biases) read: what learning them
+        changes, beside the DNN units' rows (:meth:`dnn_rows`)."""
         index, _, _ = self.binary_index(ids, ctx)
-        parts = [self.rows_of(index).ravel(), self.rows_of(self.index("l", leaves)).ravel(),
-                 self.rows_of(self._bias_index), self.rows_of(self._shared_index)]
-        if self._dnn is not None:
-            parts.append(self.rows_of(self._dnn_index(self._dnn[0])))
-        return np.concatenate(parts)
+        return np.concatenate([self.rows_of(index).ravel(), self.rows_of(self.index("l", leaves)).ravel(),
+                               self.rows_of(self._bias_index), self.rows_of(self._shared_index)])
 
-    def bias_slots(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row, slot) of every task's bias weight."""
-        return self.rows_of(self._bias_index), (self._bias_index >> self._shift).astype(np.intp)
+    def bias_slots(self, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(row, slot) of every task's bias weight (or of the tokens at ``index``)."""
+        index = self._bias_index if index is None else index
+        return self.rows_of(index), (index >> self._shift).astype(np.intp)
 
     def _dnn_index(self, hidden_size: int) -> np.ndarray:
         return self.index("d", np.arange(hidden_size))
@@ -320,15 +321,13 @@ class SparseScorer:
     # -- tables ----------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Rebuild the derived tables (leaves, DNN units, biases) after the weights changed."""
-        T = len(self.tasks)
         self._leaf_table = None if self._leaf_index is None else \
             np.ascontiguousarray(self.slot_weights(self._leaf_index)[0])          # [leaf_space, T]
         if self._dnn is not None:
             self._dnn = (self._dnn[0], self._dnn_weights(self._dnn[0]))
         # A token's own (linear) weight is its task's bias; the shared token's adds to the shared tasks'.
-        flat = lambda i: float(self.weights[int(i) % self.rows, int(i) // self.rows])   # noqa: E731
-        self.bias = np.array([flat(i) for i in self._bias_index], np.float64).reshape(T)
-        self.bias += self.shared * self.shared_value * flat(self._shared_index[0])
+        self.bias = self.weights[self.bias_slots()].astype(np.float64)
+        self.bias += self.shared * self.shared_value * float(self.weights[self.bias_slots(self._shared_index)][0])
 
     def _dnn_weights(self, hidden_size: int) -> np.ndarray:
         return np.ascontiguousarray(self.slot_weights(self._dnn_index(hidden_size))[0]).astype(np.float64)
@@ -373,8 +372,8 @@ def workspace_weights(workspace, bits: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(SLOTS, -1).T)
 
 
-def namespace_hashes(workspace, interactions=()) -> dict[str, int]:
-    letters = list(NAMESPACES.values()) + list(PAIR_LETTERS[:len(interactions)]) + [TOKEN_NS, SHARED_NS]
+def namespace_hashes(workspace, pair_letters: str = "") -> dict[str, int]:
+    letters = list(NAMESPACES.values()) + list(pair_letters) + [TOKEN_NS, SHARED_NS]
     return {ns: int(workspace.hash_space(ns)) for ns in letters}
 
 
@@ -474,7 +473,7 @@ class TaskLearners:
         self.workspace.save(str(path))
 
     def namespace_hashes(self) -> dict[str, int]:
-        return namespace_hashes(self.workspace, self.config.interactions)
+        return namespace_hashes(self.workspace, self.config.pair_letters)
 
     def weighted_examples(self) -> float:
         return float(self.workspace.get_weighted_examples())

@@ -6,10 +6,10 @@ checkpoints) learns. :class:`OnlineLearner` runs both in one process; :mod:`onli
 two (the trainer's process and a feeder child), which is what ``feedrank learn`` uses for logs.
 
 Per batch of joined examples: rebuild the served candidates from their records (same bundle, frozen
-extractors, so the features are exactly those served), score the whole batch with the current model
-(progressive validation: :func:`~stacker.vwstack.learn_text` scores every example before learning any, so
-no task's score has seen a label of the batch through the weights the tasks share), then learn the tasks
-each example says to learn now. Final all-negative examples are downsampled at ``downsample_rate`` by the
+extractors, so the features are exactly those served), then learn the tasks each example says to learn
+now, scoring each example first with the weights of the examples before it (progressive validation:
+:func:`~stacker.vwstack.learn_text` scores a row's shared tasks before it learns any of them, so no task's
+score has seen a label of its own row through the weights the tasks share). Final all-negative examples are downsampled at ``downsample_rate`` by the
 deterministic (request_id, post_id) coin and carry importance weight ``1 / rate``.
 
 Durability: a checkpoint (``<state_dir>/checkpoints``) holds the resumable VW model of every task and the
@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,9 @@ class LearnBatch:
     """What the front half hands the back half: N featurized examples and the stream state they complete.
 
     ``text`` is VW text (one line per example, label prefix ``1 <weight>``), ``labels``/``mask`` [N, T],
-    ``weights`` [N], ``rows`` the distinct binary weight rows the examples touch (for publishing),
-    ``audit`` the audit lines (``audit=True`` only) and ``state`` the front's :meth:`Featurizer.state`
+    ``weights`` [N], ``rows`` the distinct weight rows of the examples' ids, contexts and biases and
+    ``leaf_rows`` those of their GBDT leaves (for publishing: leaf rows move slowly and are published
+    less often), ``audit`` the audit lines (``audit=True`` only) and ``state`` the front's :meth:`Featurizer.state`
     once these examples are learned (log offsets, joiner clock and counters). ``end`` marks the last batch
     of a finite source.
     """
@@ -81,6 +82,7 @@ class LearnBatch:
     audit: list[str]
     state: dict
     end: bool = False
+    leaf_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -274,17 +276,19 @@ class Featurizer:
         feats = self.ranker.features(batch_from_records([x.served for x in keep], self.ranker.spec))
         text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, feats.values,
                           interactions=feats.interactions)
-        touched = self.ranker.scorer.touched_rows(feats.leaves, feats.ids, feats.context)
-        seen = self._seen_rows
-        seen[touched] = True
-        rows = np.flatnonzero(seen)
-        seen[rows] = False
+        scorer, seen = self.ranker.scorer, self._seen_rows
+        rows, leaf_rows = [], []
+        for touched, out in ((scorer.touched_rows(None, feats.ids, feats.context), rows),
+                             (scorer.touched_rows(feats.leaves, None, None), leaf_rows)):
+            seen[touched] = True
+            out.append(np.flatnonzero(seen))
+            seen[out[0]] = False
         audit = []
         if self.audit:
             audit = [f"{x.offset}\t{x.served.request_id}\t{x.served.post_id}\t"
                      f"{','.join(k for k, on in zip(tasks, mask[i]) if on)}\t{weights[i]:g}"
                      for i, x in enumerate(keep)]
-        return LearnBatch(text, labels, mask, weights, rows, audit, {})
+        return LearnBatch(text, labels, mask, weights, rows[0], audit, {}, leaf_rows=leaf_rows[0])
 
 
 class Trainer:
@@ -298,7 +302,8 @@ class Trainer:
     def __init__(self, ranker: StackedRanker, state_dir, tasks, resumed: tuple[dict, Path] | None = None,
                  checkpoint_every_s: float = 30.0, publish_every_s: float = 0.2, pretouch: bool = False,
                  model_dir=None, checkpoint_every_examples: int | None = None, audit: bool = False,
-                 base_every: int = 200, keep_checkpoints: int = 3, counters: dict | None = None):
+                 base_every: int = 200, keep_checkpoints: int = 3, counters: dict | None = None,
+                 leaves_every_s: float = 2.0):
         self.ranker = ranker
         self.bundle_id = ranker.bundle_id
         self.tasks = tuple(tasks)
@@ -309,6 +314,7 @@ class Trainer:
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_examples = checkpoint_every_examples
         self.publish_every_s = publish_every_s
+        self.leaves_every_s = leaves_every_s
         self.audit = audit
         self.keep_checkpoints = keep_checkpoints
         self.metrics = ProgressiveMetrics(self.tasks)
@@ -328,7 +334,8 @@ class Trainer:
         self._progressive_cache: tuple[float, dict] | None = None
         self._dnn_rows = ranker.scorer.dnn_rows(ranker.mlp.hidden_size)
         self._dirty = np.zeros(len(ranker.scorer.weights), bool)
-        self._has_dirty = False
+        self._dirty_leaves = np.zeros(len(ranker.scorer.weights), bool)
+        self._has_dirty = self._has_dirty_leaves = False
         self._resumed_state = resumed[0] if resumed is not None else None
         self.timings = dict.fromkeys(("vw", "metrics", "publish", "checkpoint"), 0.0)  # seconds spent
         self._ckpt_child: tuple[int, int, float] | None = None  # background checkpoint in flight
@@ -345,7 +352,7 @@ class Trainer:
         self._need_base = False
         if resumed is not None:
             self._resume(resumed[0])
-        self._last_publish = self._last_ckpt = time.monotonic()
+        self._last_publish = self._last_ckpt = self._last_leaves = time.monotonic()
         self._publish_cost = 0.0
         self._clean_audit()
 
@@ -402,7 +409,9 @@ class Trainer:
                     self.weighted[task][1] += float(w @ y)
                     self.task_learned[task] += c
             self._dirty[batch.rows] = True
+            self._dirty_leaves[batch.leaf_rows] = True
             self._has_dirty = True
+            self._has_dirty_leaves = self._has_dirty_leaves or len(batch.leaf_rows) > 0
             self.counters["learned_examples"] += n
             self._since_ckpt += n
             if self.audit:
@@ -414,15 +423,23 @@ class Trainer:
         return n
 
     # -- publishing ------------------------------------------------------------------------------
-    def touched_rows(self) -> np.ndarray:
-        """Weight rows changed since the last publish (binary features of learned rows + DNN rows)."""
-        if not self._has_dirty:
+    def touched_rows(self, leaves: bool = True) -> np.ndarray:
+        """Weight rows changed since the last publish: the ids', contexts' and biases' rows of the examples
+        learned, the DNN units' rows, and (``leaves``) the rows of their GBDT leaves."""
+        parts = []
+        if self._has_dirty:
+            self._dirty[self._dnn_rows] = True
+            parts.append(np.flatnonzero(self._dirty))
+            self._dirty[parts[-1]] = False
+            self._has_dirty = False
+        if leaves and self._has_dirty_leaves:
+            parts.append(np.flatnonzero(self._dirty_leaves))
+            self._dirty_leaves[parts[-1]] = False
+            self._has_dirty_leaves = False
+            self._last_leaves = time.monotonic()
+        if not parts:
             return np.empty(0, np.intp)
-        self._dirty[self._dnn_rows] = True
-        out = np.flatnonzero(self._dirty)
-        self._dirty[out] = False
-        self._has_dirty = False
-        return out
+        return parts[0] if len(parts) == 1 else np.union1d(*parts)
 
     def current_values(self, rows: np.ndarray) -> np.ndarray:
         """[K, 8] weights of the rows, from VW."""
@@ -430,20 +447,25 @@ class Trainer:
 
     def publish_due_in(self) -> float | None:
         """Seconds until :meth:`maybe_publish` would publish (None: nothing learned to publish)."""
-        if not self._has_dirty:
+        if not (self._has_dirty or self._has_dirty_leaves):
             return None
         gap = max(self.publish_every_s, 10 * self._publish_cost)
         return max(0.0, self._last_publish + gap - time.monotonic())
 
     def maybe_publish(self) -> None:
-        # Under load, publishing (one get_weight call per row and task) is kept to ~10% of the time.
-        if time.monotonic() - self._last_publish >= max(self.publish_every_s, 10 * self._publish_cost):
-            self.publish()
+        """Publish when due. Under load, publishing (one get_weight call per row and slot) is kept to ~10%
+        of the time (its cost is smoothed over publishes). The rows of GBDT leaves, which every example
+        touches but which learn slowly (value 0.05), go out every ``leaves_every_s``: reading them is
+        most of a publish's cost, and an engagement's effect on Rank is in its ids' rows."""
+        now = time.monotonic()
+        if now - self._last_publish >= max(self.publish_every_s, 10 * self._publish_cost):
+            self.publish(leaves=now - self._last_leaves >= self.leaves_every_s)
 
-    def publish(self) -> int | None:
-        """Ship the changed rows (or a base when due) and write ``status.json``; return the sequence."""
+    def publish(self, leaves: bool = True) -> int | None:
+        """Ship the changed rows (all of them, or all but the leaves' with ``leaves=False``; or a base
+        when due) and write ``status.json``; return the sequence."""
         t0 = time.monotonic()
-        rows = self.touched_rows()
+        rows = self.touched_rows(leaves=leaves)
         seq = None
         if rows.size:
             values = self.current_values(rows)
@@ -452,6 +474,9 @@ class Trainer:
                 if not self._need_base:
                     seq = self.publisher.publish(rows, values, self.learned_through)
         if self.publisher is not None and (self._need_base or self.publisher.base_due):
+            held = self.touched_rows(leaves=True)  # leaf rows held back: a base holds every row learned
+            if held.size:
+                self.ranker.scorer.weights[held] = self.current_values(held)
             base_rows, base_values = self.snapshot()
             seq = self.publisher.publish_base(base_rows, base_values, self.learned_through, new_seq=self._need_base)
             self._need_base = False
@@ -461,8 +486,9 @@ class Trainer:
             self.counters["updates"] += 1
         self.write_status()
         self._last_publish = time.monotonic()
-        self._publish_cost = self._last_publish - t0
-        self.timings["publish"] += self._publish_cost
+        cost = self._last_publish - t0
+        self._publish_cost += 0.25 * (cost - self._publish_cost)
+        self.timings["publish"] += cost
         return seq
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
@@ -586,7 +612,9 @@ class Trainer:
                 "open_impressions": joiner.get("open", 0), "join": joiner.get("stats") or {},
                 "counters": dict(self.counters), "task_learned": dict(self.task_learned),
                 "weighted_calibration": {t: (p / y if y else None) for t, (p, y) in self.weighted.items()},
-                "progressive": _jsonable(self.progressive()), "written_at": int(time.time() * 1000)}
+                "progressive": _jsonable(self.progressive()),
+                "seconds": {k: round(v, 3) for k, v in self.timings.items()},  # spent learning, publishing, ...
+                "written_at": int(time.time() * 1000)}
 
     def write_status(self) -> None:
         tmp = self.state_dir / ".status.json.tmp"

@@ -113,13 +113,17 @@ def _run(args, bundle: Path, mode: str) -> dict:
                       f"events {(feeder.sent - sent0) / max(1e-9, time.time() - t_start):,.0f}/s", flush=True)
         elapsed = time.time() - t_start
         events_per_s = (feeder.sent - sent0) / elapsed
+        learner = _learner_status(server)
         stop.set()
         load.join(timeout=30)
         rank_per_s = len(background.get("client", [])) / max(background.get("wall", 1e-9), 1e-9)
         print(f"  load during the samples: {rank_per_s:.0f} background Rank requests/s (plus the samples' "
               f"own), {events_per_s:,.0f} events/s")
+        if learner:
+            print(f"  learner: {learner['learned']:,} examples learned, {learner['updates']:,} updates published, "
+                  f"{learner['publish_ms']:.0f} ms per publish, learning {learner['learn_ms']:.0f} ms per update")
         arr = np.array(times)
-        out = {"mode": mode, "p50_s": float(np.percentile(arr, 50)) if len(arr) else float("nan"),
+        out = {"mode": mode, "learner": learner, "p50_s": float(np.percentile(arr, 50)) if len(arr) else float("nan"),
                "p99_s": float(np.percentile(arr, 99)) if len(arr) else float("nan"),
                "samples": len(arr), "missed": missed, "times": arr.tolist(),
                "rank_per_s": rank_per_s, "events_per_s": events_per_s}
@@ -137,6 +141,19 @@ def _run(args, bundle: Path, mode: str) -> dict:
         server.stop()
         if redis is not None:
             redis.__exit__(None, None, None)
+
+
+def _learner_status(server) -> dict | None:
+    """What the server's learner says it spent its time on (``status.json``), for the report."""
+    try:
+        st = json.loads(Path(server.tmp, "learner", "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    updates = max(1, st["counters"].get("updates", 0))
+    sec = st.get("seconds") or {}
+    return {"learned": st["counters"].get("learned_examples", 0), "updates": st["counters"].get("updates", 0),
+            "publish_ms": 1e3 * sec.get("publish", 0.0) / updates, "learn_ms": 1e3 * sec.get("vw", 0.0) / updates,
+            "seconds": sec}
 
 
 def _plot(results: list[dict], path: Path) -> None:

@@ -5,8 +5,9 @@ Variants: ``base_rate``; ``lr_ids`` (VW on ids and context only); ``gbdt`` (XGBo
 slices) so no variant wins by seeing fresher data; ``gbdt_lr`` and ``dnn_lr`` (one extractor under
 the LR); ``stack`` (frozen at the end of its LR slice); ``stack_online`` (the same stack, resumed
 with the bundle's online settings (FTRL: its own alpha), scoring the test slice in arrival order and learning each
-chunk of ``online_chunk`` rows only after it has been scored: progressive validation, which is how the
-served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
+chunk of ``online_chunk`` rows only after all of it has been scored: progressive validation, which is
+how the served stack runs, with labels that reach the learner late, as an impression's do once its
+attribution window closes; 1,000 simulated rows are about 20 minutes of traffic); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
 On simulated data, given the world's logit components, the report also says what each variant
 recovers of each component (``recovery``; :mod:`feedsim.attribution`).
 """
@@ -28,7 +29,7 @@ from .metrics import task_metrics
 from .progress import Progress
 from .train import (TrainConfig, downsample, labels_of, learn_features, predict_features, split_by_time,
                     stack_features, time_slices, train_extractors)
-from .vwstack import TaskLearners, VWConfig, learn_text
+from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
 LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
@@ -58,7 +59,8 @@ def progressive(tasks, vw: VWConfig, model_path, leaves, hidden, ids, ctx, Y: np
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
             text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], vw.values, interactions=vw.interactions)
-            out[a:b] = learn_text(learners, text, Y[a:b])
+            out[a:b] = predict_text(learners, text)  # the whole chunk before any of it is learned,
+            learn_text(learners, text, Y[a:b], score_first=False)  # as labels reach the learner late
             bar.update(b - a)
     learners.close()
     return out

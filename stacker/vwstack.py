@@ -302,10 +302,15 @@ class SparseScorer:
 
     def touched_rows(self, leaves, ids, ctx) -> np.ndarray:
         """Every weight row the examples' binary features (and the biases) read: what learning them
-        changes, beside the DNN units' rows (:meth:`dnn_rows`)."""
-        index, _, _ = self.binary_index(ids, ctx)
-        return np.concatenate([self.rows_of(index).ravel(), self.rows_of(self.index("l", leaves)).ravel(),
-                               self.rows_of(self._bias_index), self.rows_of(self._shared_index)])
+        changes, beside the DNN units' rows (:meth:`dnn_rows`). ``leaves=None``: the ids', contexts' and
+        biases' rows only; ``ids=None``: the leaves' only."""
+        parts = []
+        if ids is not None:
+            index, _, _ = self.binary_index(ids, ctx)
+            parts += [self.rows_of(index).ravel(), self.rows_of(self._bias_index), self.rows_of(self._shared_index)]
+        if leaves is not None:
+            parts.append(self.rows_of(self.index("l", leaves)).ravel())
+        return np.concatenate(parts) if parts else np.empty(0, np.intp)
 
     def bias_slots(self, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row, slot) of every task's bias weight (or of the tokens at ``index``)."""
@@ -406,29 +411,36 @@ class TaskLearners:
                                       token_name(SHARED_SLOT, config.bits, hs)))
         self._tokens = [b"|%s %d " % (TOKEN_NS.encode(), token_name(k, config.bits, ht))
                         + (shared_token if self.shared[k] else b"") for k in range(len(self.tasks))]
-        # Each task's token features as VW stores them, to switch a parsed example from task to task
-        # in place (one parse per row instead of one per row and task).
+        # Each task's token features as VW stores them in a parsed (set-up) example, to switch a parsed
+        # example from task to task in place: one parse per row instead of one per row and task.
         lib, ws = self._pylibvw, self.workspace
-        shift = int(lib.vw.get_stride(ws)).bit_length() - 1
+        self._t_ns, self._s_ns = ord(TOKEN_NS), ord(SHARED_NS)
         self._token_features = []
         for k in range(len(self.tasks)):
             ex = ws._parse(self._tokens[k])[0]
-            self._token_features.append(
-                [(ns, [(ex.feature(ns, j) >> shift, ex.feature_weight(ns, j)) for j in range(ex.num_features_in(ns))])
-                 for ns in (ord(TOKEN_NS), ord(SHARED_NS))])
+            self._token_features.append(tuple(
+                tuple((ex.feature(ns, j), ex.feature_weight(ns, j)) for j in range(ex.num_features_in(ns)))
+                for ns in (self._t_ns, self._s_ns)))
             lib.vw._finish_example(ws, ex)
+        if any(len(t) != 1 for t, _ in self._token_features) or \
+                any(len(s) != int(on) for (_, s), on in zip(self._token_features, self.shared)):
+            raise RuntimeError("VW parsed the task tokens into an unexpected number of features")
 
-    def retoken(self, ex, k: int) -> None:
-        """Make a parsed example (carrying some task's tokens) the example of task ``k``."""
-        lib, ws = self._pylibvw, self.workspace
-        lib.vw.unsetup_example(ws, ex)
-        for ns, feats in self._token_features[k]:
-            while ex.pop_feature(ns):
-                pass
-            ex.ensure_namespace_exists(ns)
-            for h, v in feats:
-                ex.push_hashed_feature(ns, h, v)
-        lib.vw.setup_example(ws, ex)
+    def retoken(self, ex, src: int, dst: int) -> None:
+        """Make a parsed example of task ``src`` the example of task ``dst``.
+
+        The example stays set up: one token feature is popped and the other pushed with its stored
+        (strided) index, which keeps VW's feature count and sums right since both have the same value;
+        the shared token comes or goes where exactly one of the two tasks is shared."""
+        (t_dst, s_dst), has_s = self._token_features[dst], self.shared[src]
+        ex.pop_feature(self._t_ns)
+        ex.push_hashed_feature(self._t_ns, *t_dst[0])
+        if has_s != self.shared[dst]:
+            if has_s:
+                ex.pop_feature(self._s_ns)
+            else:
+                ex.ensure_namespace_exists(self._s_ns)
+                ex.push_hashed_feature(self._s_ns, *s_dst[0])
 
     def pretouch(self) -> None:
         """Touch one weight per page so the first updates do not pay for page faults."""
@@ -496,10 +508,10 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     """Learn batch text (rows without labels, see :mod:`stacker.vwtext`) for every task of ``mask``.
 
     Each row is parsed once and switched from task to task in place (:meth:`TaskLearners.retoken`).
-    With ``score_first`` every (row, task) of the batch is scored before any is learned, so no task's
-    probability has seen the batch's labels (progressive validation; the shared id weights would
-    otherwise carry one task's label into another's score); returns those probabilities [N, T] (NaN
-    where not learned). Without it (offline training) nothing is returned but NaN.
+    With ``score_first`` every (row, task) learned is scored with the weights learned from the rows
+    before it and none of its own row's labels (progressive validation: the shared id weights would
+    otherwise carry one task's label into another's score within a row); returns those probabilities
+    [N, T] (NaN where not learned). Without it (offline training) nothing is returned but NaN.
     """
     lib, ws = learners._pylibvw, learners.workspace
     preds = np.full(labels.shape, np.nan)
@@ -516,33 +528,41 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     if len(examples) != len(lines):
         raise ValueError(f"VW parsed {len(examples)} examples from {len(lines)} rows")
     retoken, learn, finish = learners.retoken, lib.vw.learn, lib.vw._finish_example
-    set_label = lib.example.set_label_string
-    todo = [np.flatnonzero(m).tolist() for m in mask]
-    current = [0] * len(examples)
-    if score_first:
-        predict, get_pred = lib.vw.predict, lib.example.get_simplelabel_prediction
-        for i, ex in enumerate(examples):
-            for k in todo[i]:
-                if current[i] != k:
-                    retoken(ex, k)
-                    current[i] = k
-                predict(ws, ex)
-                preds[i, k] = get_pred(ex)
+    set_label, predict, get_pred = lib.example.set_label_string, lib.vw.predict, lib.example.get_simplelabel_prediction
+    shared = learners.shared.tolist()
     strings: dict[tuple[int, float], str] = {}
     lab = labels.tolist()
-    for i, (ex, wi) in enumerate(zip(examples, w.tolist())):
-        for k in todo[i]:
-            if current[i] != k:
-                retoken(ex, k)
-                current[i] = k
+    out = preds.tolist() if score_first else None
+    for i, (ex, wi, ks) in enumerate(zip(examples, w.tolist(), mask.tolist())):
+        todo = [k for k, on in enumerate(ks) if on]
+        cur, first = 0, -1  # the parse carries task 0's tokens
+        if score_first:
+            # VW's learn scores an example before updating it, so a task's learn-time prediction is
+            # progressive, except that a row's shared tasks see the updates its earlier shared tasks
+            # made to the shared weights: those after the first are scored before the row is learned.
+            group = [k for k in todo if shared[k]]
+            if len(group) > 1:
+                first = group[0]
+                for k in group[1:]:
+                    if cur != k:
+                        retoken(ex, cur, k)
+                        cur = k
+                    predict(ws, ex)
+                    out[i][k] = get_pred(ex)
+        for k in todo:
+            if cur != k:
+                retoken(ex, cur, k)
+                cur = k
             key = (1 if lab[i][k] else -1, wi)
             label = strings.get(key)
             if label is None:
                 label = strings[key] = "%d %g" % key
             set_label(ex, ws, label, 0)
             learn(ws, ex)
+            if score_first and (k == first or first < 0 or not shared[k]):
+                out[i][k] = get_pred(ex)
         finish(ws, ex)
-    return preds
+    return preds if out is None else np.array(out, np.float64)
 
 
 def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
@@ -559,7 +579,7 @@ def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
     for i, ex in enumerate(examples):
         for k in range(T):
             if k:
-                retoken(ex, k)
+                retoken(ex, k - 1, k)
             predict(ws, ex)
             out[i, k] = get_pred(ex)
         finish(ws, ex)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from online.learner import OnlineLearner
-from online.publish import UpdateWatcher
+from online.publish import UpdateWatcher, read_update
 from online.records import ServedRecord
-from online.replay import replay
+from online.replay import read_records, replay
 from online.reproduce import batch_from_records
 from stacker.bundle import VW_MODEL
 from stacker.features import CandidateBatch
@@ -65,6 +65,44 @@ def test_log_to_learner_to_published_weights(tmp_path, tiny_bundle, event_log, t
     assert status["update_seq"] == learner.update_seq == updates[-1].seq
     assert status["lag"] == 0 and status["join"]["examples"] == out["learned_examples"]
     assert status["progressive"]["click"]["overall"]["count"] == 3_000
+    learner.close()
+
+
+def test_leaf_rows_go_out_on_their_own_cadence_and_every_base_holds_them(tmp_path, tiny_bundle, event_log):
+    """Publishing holds the GBDT leaves' rows back for ``leaves_every_s`` (ids' rows go out at once); an
+    explicit publish ships them, and a base written while some are held back includes them."""
+    learner = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS,
+                            model_dir=tmp_path / "models", publish_every_s=0.0)
+    tr = learner.trainer
+    tr.leaves_every_s = 3600.0
+    r = learner.ranker
+    records = list(read_records(event_log))
+    learner.process(records[:1500])
+    assert tr._has_dirty_leaves and not tr._has_dirty  # process() published all but the leaves
+    watcher = UpdateWatcher(tmp_path / "models", learner.bundle_id)
+    shipped = np.concatenate([u.rows for u in watcher.poll()])
+    sample = next(iter(r.features(batch_from_records([records[0][1]], r.spec)).leaves))
+    leaf_rows = np.unique(r.scorer.rows_of(r.scorer.index("l", sample[None, :])))
+    held = np.flatnonzero(tr._dirty_leaves)
+    assert len(held) > 0 and set(leaf_rows) <= set(held)
+    only_leaves = np.setdiff1d(held, shipped)  # (the tiny bundle's few bits make some rows shared)
+    assert len(only_leaves) > len(held) // 2
+    assert not np.array_equal(r.scorer.weights[only_leaves], tr.learners.get_weights(only_leaves))
+
+    # More publishes until a base is due: the base holds the rows held back, as VW has them.
+    learner.process(records[1500:])
+    updates = tr.publisher.dir
+    assert not list(updates.glob("base-*.npz"))
+    tr.publisher.base_every = 1
+    tr._has_dirty = True  # as if an example had been learned: a delta without the leaves, then a base
+    tr.publish(leaves=False)
+    base = read_update(sorted(updates.glob("base-*.npz"))[-1])
+    assert not tr._dirty_leaves.any()
+    vw = tr.learners.get_weights(held)
+    np.testing.assert_array_equal(r.scorer.weights[held], vw)
+    in_base = np.searchsorted(base.rows, held)
+    np.testing.assert_array_equal(base.rows[in_base], held)
+    np.testing.assert_array_equal(base.values[in_base], vw)
     learner.close()
 
 

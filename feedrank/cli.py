@@ -166,7 +166,8 @@ def cmd_eval(args):
         name = args.dataset
     elif args.data:
         name = str(args.data)
-    report = evaluate(df, config, dataset=name, peers=peers, progress=_progress(args), components=comps)
+    report = evaluate(df, config, dataset=name, peers=peers, progress=_progress(args), components=comps,
+                      label_delay_ms=int(round(args.label_delay_s * 1000)))
     print(format_table(report))
     out_dir = Path(args.plots) if args.plots else None
     for path in write_outputs(report, Path(args.json) if args.json else None, out_dir):
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", choices=["movielens-100k"], help="a public dataset")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plots", default="runs/eval", help="directory for PNG plots (default runs/eval)")
+    p.add_argument("--label-delay-s", type=float, default=300.0,
+                   help="stack_online learns each test row this long after its time, as the online learner "
+                        "learns an impression when its attribution window closes (default 300)")
     _add_train_options(p)
     p.set_defaults(func=cmd_eval)
 

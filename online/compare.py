@@ -1,9 +1,9 @@
 """Online against frozen: the same bundle scored on a later stream, once frozen and once learning.
 
 The stream after the bundle's training window is replayed in time order. The frozen stack scores
-every impression with the bundle's weights; the online stack scores each chunk with its current
-weights first and then learns it (progressive validation), as the online learner does once labels
-have arrived. Metrics are per task over the last third of the stream, where drift, new posts and new
+every impression with the bundle's weights; the online stack scores each impression with what it
+has learned so far and learns it 5 minutes after its time (progressive validation), as the online
+learner does when an impression's attribution window closes. Metrics are per task over the last third of the stream, where drift, new posts and new
 authors have had the longest to accumulate.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from stacker.ranker import StackedRanker
 from stacker.train import TrainConfig, labels_of, split_by_time, train_bundle
 
 
-def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 1000,
+def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100,
             progress: Progress | None = None, online_learning_rate: float | None = None) -> dict:
     progress = progress or Progress()
     head, stream = split_by_time(df, (bundle_share, 1 - bundle_share))
@@ -42,7 +42,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
         online_vw = config.vw.with_rate(online_learning_rate or config.online_rate)
         online = progressive(tasks, online_vw, bundle / bundles.VW_MODEL, feats.leaves,
                              feats.hidden, feats.ids, feats.context, Y, chunk, progress,
-                             "online stack: score, then learn")
+                             "online stack: score, then learn", ts=stream["ts"].to_numpy(np.int64))
         wall = time.time() - t0
     base = labels_of(head, tasks).mean(axis=0)
     last = slice(len(stream) - len(stream) // 3, len(stream))

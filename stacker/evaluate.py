@@ -4,10 +4,10 @@ Variants: ``base_rate``; ``lr_ids`` (VW on ids and context only); ``gbdt`` (XGBo
 ``dnn`` (the multi-task MLP), both trained on all rows the stack uses in total (extractor + LR
 slices) so no variant wins by seeing fresher data; ``gbdt_lr`` and ``dnn_lr`` (one extractor under
 the LR); ``stack`` (frozen at the end of its LR slice); ``stack_online`` (the same stack, resumed
-with the bundle's online settings (FTRL: its own alpha), scoring the test slice in arrival order and learning each
-chunk of ``online_chunk`` rows only after all of it has been scored: progressive validation, which is
-how the served stack runs, with labels that reach the learner late, as an impression's do once its
-attribution window closes; 1,000 simulated rows are about 20 minutes of traffic); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
+with the bundle's online settings (FTRL: its own alpha), scoring the test slice in arrival order and
+learning each row ``label_delay_ms`` after its time (default 5 minutes, the online learner's default
+attribution window: an impression is learned when its window closes): progressive validation, the
+way the served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
 On simulated data, given the world's logit components, the report also says what each variant
 recovers of each component (``recovery``; :mod:`feedsim.attribution`).
 """
@@ -49,18 +49,40 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
     return p
 
 
+LABEL_DELAY_MS = 300_000  # the online learner's default attribution window: an impression is learned once it closes
+
+
 def progressive(tasks, vw: VWConfig, model_path, leaves, hidden, ids, ctx, Y: np.ndarray, chunk: int,
-                progress, desc: str = "stack_online: score, then learn") -> np.ndarray:
-    """Resume the VW model at ``model_path`` under ``vw`` and run rows in time order: score a chunk,
-    then learn it (progressive validation). Returns the pre-update probabilities [N, T]."""
+                progress, desc: str = "stack_online: score, then learn", ts: np.ndarray | None = None,
+                label_delay_ms: int = LABEL_DELAY_MS) -> np.ndarray:
+    """Resume the VW model at ``model_path`` under ``vw`` and run rows in time order, scoring each with
+    the weights learned from the rows whose labels it could have had (progressive validation). Returns
+    the pre-update probabilities [N, T].
+
+    With ``ts`` (row times in ms, non-decreasing), a row's labels are learned ``label_delay_ms`` after
+    its time, as the served learner learns an impression when its attribution window closes, and rows
+    are scored ``chunk`` at a time with everything learned before the chunk's first row's labels
+    were due. Without it, each chunk is scored, then learned."""
     learners = TaskLearners(tasks, vw, model_path=model_path)
     out = np.empty((len(Y), len(tasks)))
+
+    def text(a, b):
+        return batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], vw.values, interactions=vw.interactions)
+
+    if ts is not None and np.any(np.diff(ts) < 0):
+        raise ValueError("progressive: rows must be in time order")
+    learned = 0
     with progress.task(desc, len(Y)) as bar:
         for a in range(0, len(Y), chunk):
             b = min(a + chunk, len(Y))
-            text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], vw.values, interactions=vw.interactions)
-            out[a:b] = predict_text(learners, text)  # the whole chunk before any of it is learned,
-            learn_text(learners, text, Y[a:b], score_first=False)  # as labels reach the learner late
+            if ts is not None:
+                due = int(np.searchsorted(ts, ts[a] - label_delay_ms, side="left"))
+                if due > learned:
+                    learn_text(learners, text(learned, due), Y[learned:due], score_first=False)
+                    learned = due
+            out[a:b] = predict_text(learners, text(a, b))  # the whole chunk before any of it is learned
+            if ts is None:
+                learn_text(learners, text(a, b), Y[a:b], score_first=False)
             bar.update(b - a)
     learners.close()
     return out
@@ -68,7 +90,8 @@ def progressive(tasks, vw: VWConfig, model_path, leaves, hidden, ids, ctx, Y: np
 
 def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str = "simulated",
              tasks=None, peers: dict | None = None, progress: Progress | None = None,
-             online_chunk: int = 1000, components: dict | None = None) -> dict:
+             online_chunk: int = 100, components: dict | None = None,
+             label_delay_ms: int = LABEL_DELAY_MS) -> dict:
     """Train every variant and evaluate all of them on the latest time slice.
 
     ``peers`` maps a variant name to ``f(train_df, test_df) -> probs [N_test, T]``. ``components``
@@ -109,8 +132,10 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
                                                    weights[rows], test_feats, progress, name,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
-        timed("stack_online", lambda: progressive(tasks, online_vw, models,
-                                                  *test_feats[1:], Y_test, online_chunk, progress))
+        test_ts = test["ts"].to_numpy(np.int64)
+        timed("stack_online", lambda: progressive(tasks, online_vw, models, *test_feats[1:], Y_test,
+                                                  online_chunk, progress, ts=test_ts,
+                                                  label_delay_ms=label_delay_ms))
 
         # Baselines see every row the stack saw, extractor and LR slices together.
         X_all = build_dense(ex.spec, CandidateBatch.from_table(train_all, ex.spec))
@@ -148,6 +173,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     report = {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
               "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
                                                    "lr_kept": int(len(rows))},
+              "stack_online_label_delay_ms": int(label_delay_ms),
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),
               "_predictions": {"y": Y_test, **preds}}
     if components is not None and "oracle" in preds:

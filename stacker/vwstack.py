@@ -549,15 +549,19 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
                         cur = k
                     predict(ws, ex)
                     out[i][k] = get_pred(ex)
+        last = (1, wi)  # the label the example carries: the parse's, then the last set (most rows are
+        # negative for every task)
         for k in todo:
             if cur != k:
                 retoken(ex, cur, k)
                 cur = k
             key = (1 if lab[i][k] else -1, wi)
-            label = strings.get(key)
-            if label is None:
-                label = strings[key] = "%d %g" % key
-            set_label(ex, ws, label, 0)
+            if key != last:
+                label = strings.get(key)
+                if label is None:
+                    label = strings[key] = "%d %g" % key
+                set_label(ex, ws, label, 0)
+                last = key
             learn(ws, ex)
             if score_first and (k == first or first < 0 or not shared[k]):
                 out[i][k] = get_pred(ex)

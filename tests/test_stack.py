@@ -79,6 +79,42 @@ def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
     assert served.std(axis=0).min() > 0  # not a constant model
 
 
+def test_stack_online_learns_each_row_only_once_its_labels_are_due(bundle_dir, table):
+    """``progressive`` with row times scores a chunk with exactly the rows whose labels were due (time
+    at most the chunk's first row's minus the delay) learned, in time order."""
+    from online.learner import vw_config
+    from stacker.bundle import VW_MODEL
+    from stacker.evaluate import progressive
+    from stacker.progress import Progress
+    from stacker.train import labels_of
+    from stacker.vwstack import learn_text, predict_text
+    from stacker.vwtext import batch_text
+    ranker = StackedRanker.load(bundle_dir)
+    vw = vw_config(ranker.manifest)
+    rows = table.sort_values("ts", kind="stable").iloc[-3000:].reset_index(drop=True)
+    f = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+    Y, ts = labels_of(rows, ranker.tasks), rows["ts"].to_numpy(np.int64)
+    delay = 600_000
+    got = progressive(ranker.tasks, vw, bundle_dir / VW_MODEL, f.leaves, f.hidden, f.ids, f.context, Y, 100,
+                      Progress(enabled=False), ts=ts, label_delay_ms=delay)
+    a = 2000
+    due = int(np.sum(ts < ts[a] - delay))
+    assert 0 < due < a
+    ref = TaskLearners(ranker.tasks, vw, model_path=bundle_dir / VW_MODEL)
+
+    def text(i, j):
+        return batch_text(f.leaves[i:j], f.hidden[i:j], f.ids[i:j], f.context[i:j], vw.values,
+                          interactions=vw.interactions)
+    frozen = predict_text(ref, text(a, a + 100))
+    learn_text(ref, text(0, due), Y[:due], score_first=False)
+    np.testing.assert_allclose(got[a:a + 100], predict_text(ref, text(a, a + 100)), atol=1e-6)
+    assert np.abs(got[a:a + 100] - frozen).max() > 1e-3  # it did learn
+    ref.close()
+    with pytest.raises(ValueError, match="time order"):
+        progressive(ranker.tasks, vw, bundle_dir / VW_MODEL, f.leaves, f.hidden, f.ids, f.context, Y, 100,
+                    Progress(enabled=False), ts=ts[::-1].copy())
+
+
 def test_bundle_round_trip_and_manifest(bundle_dir):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     for key in ("format_version", "bundle_id", "feature_spec", "tasks", "ev_weights", "vw", "id_hash",

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from online.learner import OnlineLearner
+from online.learner import OnlineLearner, nonzero_rows
 from online.publish import UpdateWatcher, read_update
 from online.records import ServedRecord
 from online.replay import read_records, replay
@@ -103,6 +103,11 @@ def test_leaf_rows_go_out_on_their_own_cadence_and_every_base_holds_them(tmp_pat
     in_base = np.searchsorted(base.rows, held)
     np.testing.assert_array_equal(base.rows[in_base], held)
     np.testing.assert_array_equal(base.values[in_base], vw)
+    # The base holds every row that differs from zero in the served copy (and the bundle's rows).
+    w = r.scorer.weights
+    assert set(np.flatnonzero(np.any(w != 0, axis=1))) <= set(base.rows)
+    np.testing.assert_array_equal(base.values, w[base.rows])
+    np.testing.assert_array_equal(nonzero_rows(w), np.any(w != 0, axis=1))
     learner.close()
 
 

@@ -3,8 +3,8 @@
 The stream after the bundle's training window is replayed in time order. The frozen stack scores
 every impression with the bundle's weights; the online stack scores each impression with what it
 has learned so far and learns it 5 minutes after its time (progressive validation), as the online
-learner does when an impression's attribution window closes. Metrics are per task over the last third of the stream, where drift, new posts and new
-authors have had the longest to accumulate.
+learner does when an impression's attribution window closes. Metrics are per task over the last
+third of the stream, where drift, new posts and new authors have had the longest to accumulate.
 """
 from __future__ import annotations
 

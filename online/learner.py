@@ -8,9 +8,10 @@ two (the trainer's process and a feeder child), which is what ``feedrank learn``
 Per batch of joined examples: rebuild the served candidates from their records (same bundle, frozen
 extractors, so the features are exactly those served), then learn the tasks each example says to learn
 now, scoring each example first with the weights of the examples before it (progressive validation:
-:func:`~stacker.vwstack.learn_text` scores a row's shared tasks before it learns any of them, so no task's
-score has seen a label of its own row through the weights the tasks share). Final all-negative examples are downsampled at ``downsample_rate`` by the
-deterministic (request_id, post_id) coin and carry importance weight ``1 / rate``.
+:func:`~stacker.vwstack.learn_text` scores a row's shared tasks before it learns any of them, so no
+task's score has seen a label of its own row through the weights the tasks share). Final all-negative
+examples are downsampled at ``downsample_rate`` by the deterministic (request_id, post_id) coin and
+carry importance weight ``1 / rate``.
 
 Durability: a checkpoint (``<state_dir>/checkpoints``) holds the resumable VW model of every task and the
 state to resume: ``learned_through`` (the last log offset whose examples are all learned), ``replay_from``
@@ -276,19 +277,20 @@ class Featurizer:
         feats = self.ranker.features(batch_from_records([x.served for x in keep], self.ranker.spec))
         text = batch_text(feats.leaves, feats.hidden, feats.ids, feats.context, feats.values,
                           interactions=feats.interactions)
-        scorer, seen = self.ranker.scorer, self._seen_rows
-        rows, leaf_rows = [], []
-        for touched, out in ((scorer.touched_rows(None, feats.ids, feats.context), rows),
-                             (scorer.touched_rows(feats.leaves, None, None), leaf_rows)):
-            seen[touched] = True
-            out.append(np.flatnonzero(seen))
-            seen[out[0]] = False
+        scorer = self.ranker.scorer
+        rows = self._distinct(scorer.binary_rows(feats.ids, feats.context))
+        leaf_rows = self._distinct(scorer.leaf_rows(feats.leaves))
         audit = []
         if self.audit:
             audit = [f"{x.offset}\t{x.served.request_id}\t{x.served.post_id}\t"
                      f"{','.join(k for k, on in zip(tasks, mask[i]) if on)}\t{weights[i]:g}"
                      for i, x in enumerate(keep)]
-        return LearnBatch(text, labels, mask, weights, rows[0], audit, {}, leaf_rows=leaf_rows[0])
+        return LearnBatch(text, labels, mask, weights, rows, audit, {}, leaf_rows=leaf_rows)
+
+    def _distinct(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct rows, sorted (through a reusable mask: cheaper than sorting with repeats)."""
+        self._seen_rows[rows] = True
+        return _drain(self._seen_rows)
 
 
 class Trainer:
@@ -433,12 +435,10 @@ class Trainer:
         parts = []
         if self._has_dirty:
             self._dirty[self._dnn_rows] = True
-            parts.append(np.flatnonzero(self._dirty))
-            self._dirty[parts[-1]] = False
+            parts.append(_drain(self._dirty))
             self._has_dirty = False
         if leaves and self._has_dirty_leaves:
-            parts.append(np.flatnonzero(self._dirty_leaves))
-            self._dirty_leaves[parts[-1]] = False
+            parts.append(_drain(self._dirty_leaves))
             self._has_dirty_leaves = False
             self._last_leaves = time.monotonic()
         if not parts:
@@ -472,9 +472,7 @@ class Trainer:
         rows = self.touched_rows(leaves=leaves)
         seq = None
         if rows.size:
-            values = self.current_values(rows)
-            self.ranker.scorer.weights[rows] = values  # the copy snapshot() publishes bases from; nothing scores here
-            self._base_rows[rows] = True
+            values = self._mirror(rows)
             if self.publisher is not None:
                 if not self._need_base:
                     seq = self.publisher.publish(rows, values, self.learned_through)
@@ -482,8 +480,7 @@ class Trainer:
         if self.publisher is not None and (self._need_base or self.publisher.base_due):
             held = self.touched_rows(leaves=True)  # leaf rows held back: a base holds every row learned
             if held.size:
-                self.ranker.scorer.weights[held] = self.current_values(held)
-                self._base_rows[held] = True
+                self._mirror(held)
             base_rows, base_values = self.snapshot()
             seq = self.publisher.publish_base(base_rows, base_values, self.learned_through, new_seq=self._need_base)
             self._need_base = False
@@ -499,6 +496,14 @@ class Trainer:
         self._publish_cost += 0.25 * (cost - t_base - self._publish_cost)
         self.timings["publish"] += cost
         return seq
+
+    def _mirror(self, rows: np.ndarray) -> np.ndarray:
+        """Copy the rows' current values from VW into the served copy (which bases are published
+        from; nothing scores with it here) and mark them for bases; return the values."""
+        values = self.current_values(rows)
+        self.ranker.scorer.weights[rows] = values
+        self._base_rows[rows] = True
+        return values
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row that may differ from the bundle's: the bundle's non-zero rows and every row published
@@ -804,6 +809,13 @@ class OnlineLearner:
         if self._lock >= 0:
             os.close(self._lock)  # releases the flock
             self._lock = -1
+
+
+def _drain(mask: np.ndarray) -> np.ndarray:
+    """The indices set in ``mask``, which is cleared."""
+    out = np.flatnonzero(mask)
+    mask[out] = False
+    return out
 
 
 def nonzero_rows(weights: np.ndarray) -> np.ndarray:

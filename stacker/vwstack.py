@@ -300,17 +300,17 @@ class SparseScorer:
         s = shared * (np.asarray(shared_cols, float) * self.shared_value)
         return task + s[..., None] * self.shared
 
-    def touched_rows(self, leaves, ids, ctx) -> np.ndarray:
-        """Every weight row the examples' binary features (and the biases) read: what learning them
-        changes, beside the DNN units' rows (:meth:`dnn_rows`). ``leaves=None``: the ids', contexts' and
-        biases' rows only; ``ids=None``: the leaves' only."""
-        parts = []
-        if ids is not None:
-            index, _, _ = self.binary_index(ids, ctx)
-            parts += [self.rows_of(index).ravel(), self.rows_of(self._bias_index), self.rows_of(self._shared_index)]
-        if leaves is not None:
-            parts.append(self.rows_of(self.index("l", leaves)).ravel())
-        return np.concatenate(parts) if parts else np.empty(0, np.intp)
+    def binary_rows(self, ids, ctx) -> np.ndarray:
+        """Every weight row the examples' ids, contexts and id crosses (and the biases) read: what
+        learning them changes, beside their leaves' rows (:meth:`leaf_rows`) and the DNN units'
+        (:meth:`dnn_rows`)."""
+        index, _, _ = self.binary_index(ids, ctx)
+        return np.concatenate([self.rows_of(index).ravel(), self.rows_of(self._bias_index),
+                               self.rows_of(self._shared_index)])
+
+    def leaf_rows(self, leaves) -> np.ndarray:
+        """Every weight row the examples' GBDT leaves read."""
+        return self.rows_of(self.index("l", leaves)).ravel()
 
     def bias_slots(self, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row, slot) of every task's bias weight (or of the tokens at ``index``)."""
@@ -535,20 +535,18 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     out = preds.tolist() if score_first else None
     for i, (ex, wi, ks) in enumerate(zip(examples, w.tolist(), mask.tolist())):
         todo = [k for k, on in enumerate(ks) if on]
-        cur, first = 0, -1  # the parse carries task 0's tokens
+        cur, scored = 0, ()  # the parse carries task 0's tokens
         if score_first:
             # VW's learn scores an example before updating it, so a task's learn-time prediction is
             # progressive, except that a row's shared tasks see the updates its earlier shared tasks
             # made to the shared weights: those after the first are scored before the row is learned.
-            group = [k for k in todo if shared[k]]
-            if len(group) > 1:
-                first = group[0]
-                for k in group[1:]:
-                    if cur != k:
-                        retoken(ex, cur, k)
-                        cur = k
-                    predict(ws, ex)
-                    out[i][k] = get_pred(ex)
+            scored = [k for k in todo if shared[k]][1:]
+            for k in scored:
+                if cur != k:
+                    retoken(ex, cur, k)
+                    cur = k
+                predict(ws, ex)
+                out[i][k] = get_pred(ex)
         last = (1, wi)  # the label the example carries: the parse's, then the last set (most rows are
         # negative for every task)
         for k in todo:
@@ -563,7 +561,7 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
                 set_label(ex, ws, label, 0)
                 last = key
             learn(ws, ex)
-            if score_first and (k == first or first < 0 or not shared[k]):
+            if score_first and k not in scored:
                 out[i][k] = get_pred(ex)
         finish(ws, ex)
     return preds if out is None else np.array(out, np.float64)

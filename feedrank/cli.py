@@ -123,7 +123,7 @@ def cmd_simulate(args):
     from feedsim.simulate import simulate
     from stacker.dataset import write_table
     if args.describe:
-        d = describe(n_impressions=args.n, seed=args.seed)
+        d = describe(n_impressions=args.n, seed=args.seed, progress=_progress(args))
         print(format_description(d))
         if args.json:
             Path(args.json).write_text(json.dumps(d, indent=2))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stacker.progress import Progress
 from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 
 from .simulate import get_world, simulate
 from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
+
+LATEST_SHARE = 0.2        # the test slice of `feedrank eval`'s default time slices (0.2, 0.6, 0.2)
 
 
 def _entropy(b: float) -> float:
@@ -16,15 +19,16 @@ def _entropy(b: float) -> float:
     return float(-(b * np.log(b) + (1 - b) * np.log(1 - b)))
 
 
-def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
-    """Logloss of ``p`` against labels ``y`` divided by the entropy of the base rate."""
+def normalized_entropy(y: np.ndarray, p: np.ndarray, base_rate: float | None = None) -> float:
+    """Logloss of ``p`` against labels ``y`` divided by the entropy of the base rate (``y``'s own, or
+    ``base_rate``: that of the rows a model learned from, as `feedrank eval` does)."""
     y = np.asarray(y, dtype=np.float64)
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
     ll = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))
-    return float(ll / _entropy(y.mean()))
+    return float(ll / _entropy(y.mean() if base_rate is None else base_rate))
 
 
-def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) -> np.ndarray:
+def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12, tick=None) -> np.ndarray:
     """P(click) averaged over the ``held`` components, the others known exactly."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     w = w / w.sum()
@@ -36,45 +40,93 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12) 
         for name, i in zip(held, idx):
             c[name] = np.full(len(media), comps[name].mean() + comps[name].std() * x[i])
         out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position, tasks=[k])[:, 0]
+        if tick:
+            tick()
     return out
 
 
-def _learned_tie_click(world, comps: dict, media, position, labels: np.ndarray, pairs: np.ndarray,
-                       requests: np.ndarray, nodes: int = 31) -> np.ndarray:
-    """P(click) of an oracle that knows every component but the tie, and infers each user x author
-    tie from that pair's impressions in earlier requests (all tasks' labels; a served model has no
-    labels from the request it is scoring): the posterior mean over a Gauss-Hermite grid of the tie's
-    normal prior, updated request by request in time order."""
-    x, w = np.polynomial.hermite_e.hermegauss(nodes)
-    log_prior = np.log(w / w.sum())
-    sigma = float(comps["tie"].std())
-    base = dict(comps)
-    base["tie"] = np.zeros(len(media))
-    n, k_click = len(media), TASKS.index("click")
-    click_grid = np.empty((n, nodes), np.float64)
-    loglik = np.zeros((n, nodes), np.float64)
-    for j in range(nodes):
-        c = dict(base)
-        c["tie"] = np.full(n, sigma * x[j])
-        p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)     # [N, T]
-        loglik[:, j] = np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1)
-        click_grid[:, j] = p[:, k_click]
-    order = np.lexsort((np.arange(n), pairs))          # by pair, then time (rows are in time order)
-    po, ro = pairs[order], requests[order]
-    first = np.r_[True, po[1:] != po[:-1]]                           # a pair's first impression
-    first_req = first | np.r_[True, ro[1:] != ro[:-1]]               # ... or a new request of the pair
-    before = np.cumsum(loglik[order], axis=0) - loglik[order]        # each row's exclusive history
-    # history = everything before the pair's current request, minus what came before the pair
+def _history(loglik: np.ndarray, groups: np.ndarray, requests: np.ndarray) -> np.ndarray:
+    """Per row, the sum of ``loglik`` [N, G] over its group's rows in earlier requests (rows are in
+    time order; a served model has no labels from the request it is scoring)."""
+    n = len(groups)
+    order = np.lexsort((np.arange(n), groups))         # by group, then time
+    go, ro = groups[order], requests[order]
+    first = np.r_[True, go[1:] != go[:-1]]                           # a group's first impression
+    first_req = first | np.r_[True, ro[1:] != ro[:-1]]               # ... or a new request of the group
+    before = np.cumsum(loglik[order], axis=0, dtype=np.float64) - loglik[order]   # exclusive history
+    # history = everything before the group's current request, minus what came before the group
     before = before[np.flatnonzero(first_req)][np.cumsum(first_req) - 1] \
         - before[np.flatnonzero(first)][np.cumsum(first) - 1]
-    post = log_prior[None, :] + before
-    post = np.exp(post - post.max(axis=1, keepdims=True))
-    out = np.empty(n)
-    out[order] = (post * click_grid[order]).sum(axis=1) / post.sum(axis=1)
+    out = np.empty_like(before)
+    out[order] = before
     return out
 
 
-def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None) -> dict:
+def _posterior(log_prior: np.ndarray, loglik: np.ndarray, groups, requests) -> np.ndarray:
+    """Per row, the posterior [N, G] over a grid given its group's earlier requests."""
+    post = log_prior[None, :] + _history(loglik, groups, requests)
+    post = np.exp(post - post.max(axis=1, keepdims=True))
+    return post / post.sum(axis=1, keepdims=True)
+
+
+def _grid_loglik(world, comps: dict, media, position, labels: np.ndarray, values: dict):
+    """Log-likelihood of every row's labels (all tasks) and its P(click), with the components named
+    in ``values`` set to the given constants."""
+    c = dict(comps)
+    for name, v in values.items():
+        c[name] = np.full(len(media), v)
+    p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)          # [N, T]
+    return np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1), p[:, TASKS.index("click")]
+
+
+def _learned_click(world, comps: dict, media, position, labels: np.ndarray, groups: np.ndarray,
+                   requests: np.ndarray, name: str, nodes: int = 31, tick=None) -> np.ndarray:
+    """P(click) of an oracle that knows every component but ``name``, and infers it per group (a
+    user x author pair for ``tie``, a post for ``post``) from that group's impressions in earlier
+    requests (all tasks' labels): the posterior mean over a Gauss-Hermite grid of the component's
+    normal prior, updated request by request in time order."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    mean, sigma = float(comps[name].mean()), float(comps[name].std())
+    loglik, click = np.empty((len(media), nodes)), np.empty((len(media), nodes))
+    for j in range(nodes):
+        loglik[:, j], click[:, j] = _grid_loglik(world, comps, media, position, labels, {name: mean + sigma * x[j]})
+        if tick:
+            tick()
+    return (_posterior(np.log(w / w.sum()), loglik, groups, requests) * click).sum(axis=1)
+
+
+def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndarray, pairs, posts,
+                            requests, nodes: int = 11, tick=None) -> np.ndarray:
+    """P(click) of an oracle that knows every component but the tie and post quality, and learns both
+    from history: each post's quality from its impressions in earlier requests (with the ties averaged
+    over their prior), then each pair's tie from the pair's earlier impressions, each of them weighed
+    by what was known of its post at the time (assumed-density filtering on a grid; 11 nodes per
+    component give the same NE as 21 to 1e-4)."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    log_prior = np.log(w / w.sum())
+    grid = {k: float(comps[k].mean()) + float(comps[k].std()) * x for k in ("tie", "post")}
+    n = len(media)
+    loglik = np.empty((n, nodes, nodes), np.float32)          # [row, post node, tie node]
+    click = np.empty((n, nodes, nodes), np.float32)
+    for i in range(nodes):
+        for j in range(nodes):
+            loglik[:, i, j], click[:, i, j] = _grid_loglik(world, comps, media, position, labels,
+                                                           {"post": grid["post"][i], "tie": grid["tie"][j]})
+            if tick:
+                tick()
+
+    def logsumexp(a, axis):
+        m = a.max(axis=axis, keepdims=True)
+        return (np.log(np.exp(a - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
+
+    post_q = _posterior(log_prior, logsumexp(loglik + log_prior[None, None, :], 2), posts, requests)
+    tie_row = logsumexp(loglik + np.log(np.maximum(post_q, 1e-300))[:, :, None].astype(np.float32), 1)
+    post_t = _posterior(log_prior, tie_row, pairs, requests)
+    return np.einsum("ni,nj,nij->n", post_q, post_t, click)
+
+
+def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None,
+             progress: Progress | None = None) -> dict:
     """Simulate ``n_impressions`` and summarise them.
 
     Returns a dict with ``base_rate`` and ``oracle_ne`` (per task; the oracle predicts true.<task>),
@@ -85,11 +137,14 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
     ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
     the best any model can do without ties or post quality, which no dense feature shows.
-    Its entry ``tie learned from history`` infers each tie Bayes-optimally from the pair's impressions
-    in earlier requests instead: the best any model that must learn ties from the stream can reach, even
-    knowing everything else exactly. ``user_author_pairs`` says how often pairs recur.
+    The entries ``... learned from history`` infer the tie (per user x author pair), the post's quality
+    (per post) or both Bayes-optimally from impressions in earlier requests instead: what a model that
+    must learn them from the stream could reach at best, even knowing everything else exactly (user
+    and author effects, true interests). ``user_author_pairs`` says how often pairs recur.
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
-    a "model reaches x% of the oracle" target against.
+    a "model reaches x% of the oracle" target against. ``latest_slice`` holds the same figures over
+    the latest fifth of the rows, the test slice of `feedrank eval` (NE over the entropy of the
+    earlier rows' base rate, as `eval` computes it).
     """
     df, comps = simulate(n_impressions, config=config, seed=seed, return_components=True)
     total = np.sum([comps[k] for k in COMPONENTS], axis=0)
@@ -101,15 +156,32 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     media = np.fromiter((index[m] for m in df["media_type"].to_numpy()), np.int64, len(df))
     click = df[label_column("click")].to_numpy()
     position = df["position"].to_numpy()
-    without = {name: normalized_entropy(click, _marginal_click(world, comps, media, position, held))
-               for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
-    oracle_click = normalized_entropy(click, df[true_column("click")].to_numpy())
     pairs = pd.factorize(df["user_id"].astype(str) + "\x1f" + df["author_id"].astype(str))[0]
     per_pair = np.bincount(pairs)
     labels = np.stack([df[label_column(t)].to_numpy() for t in TASKS], axis=1)
     requests = pd.factorize(df["request_id"])[0]
-    learned = _learned_tie_click(world, comps, media, position, labels, pairs, requests)
-    without["tie learned from history"] = normalized_entropy(click, learned)
+    posts = pd.factorize(df["post_id"])[0]
+    progress = progress or Progress()
+    with progress.task("oracles (grid points)", 12 + 12 + 12 ** 2 + 31 + 31 + 11 ** 2) as bar:
+        preds = {name: _marginal_click(world, comps, media, position, held, tick=bar.update)
+                 for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
+        for name, groups in (("tie", pairs), ("post", posts)):
+            preds[f"{name} learned from history"] = _learned_click(world, comps, media, position, labels, groups,
+                                                                   requests, name, tick=bar.update)
+        preds["tie+post learned from history"] = _learned_tie_post_click(
+            world, comps, media, position, labels, pairs, posts, requests, tick=bar.update)
+    true_click = df[true_column("click")].to_numpy()
+    by_time = np.argsort(df["ts"].to_numpy(), kind="stable")
+    earlier, latest = np.split(by_time, [len(df) - round(LATEST_SHARE * len(df))])
+
+    def kept(rows, base_rate=None):
+        oracle = normalized_entropy(click[rows], true_click[rows], base_rate)
+        ne = {k: normalized_entropy(click[rows], v[rows], base_rate) for k, v in preds.items()}
+        return oracle, ne, {k: float((1 - v) / (1 - oracle)) for k, v in ne.items()}
+
+    oracle_click, without, target = kept(slice(None))
+    # NE over the entropy of the earlier rows' base rate, as `feedrank eval` scores its test slice
+    latest_oracle, latest_without, latest_target = kept(latest, float(click[earlier].mean()))
     return {
         "n_impressions": int(len(df)),
         "n_requests": int(df["request_id"].nunique()),
@@ -127,7 +199,9 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         "nonlinear_share": shares["nonlinear"],
         "drift_share": shares["drift"],
         "oracle_click_ne_without": without,
-        "oracle_ne_target_share": {k: float((1 - v) / (1 - oracle_click)) for k, v in without.items()},
+        "oracle_ne_target_share": target,
+        "latest_slice": {"rows": int(len(latest)), "oracle_click_ne": latest_oracle,
+                         "oracle_click_ne_without": latest_without, "oracle_ne_target_share": latest_target},
         "user_author_pairs": {"pairs": int(len(per_pair)), "mean_impressions": float(per_pair.mean()),
                               "median_impressions": float(np.median(per_pair)),
                               "impression_weighted_mean": float((per_pair ** 2).sum() / per_pair.sum())},
@@ -150,11 +224,15 @@ def format_description(d: dict) -> str:
     lines.append(f"headline: ties {d['ties_share']:.1%}, non-linear {d['nonlinear_share']:.1%}, "
                  f"drift {d['drift_share']:.1%}")
     lines.append("")
-    lines.append("oracle click NE without what no dense feature shows (averaged over it):")
+    latest = d["latest_slice"]
+    lines.append("oracle click NE without what no dense feature shows (averaged over it, or learned from")
+    lines.append(f"history), and the share of the full oracle's 1 - NE it keeps; over all rows, and over the "
+                 f"latest {latest['rows']:,}")
+    lines.append(f"(the test slice of `feedrank eval`, full oracle click NE {latest['oracle_click_ne']:.4f}):")
     for k, v in d["oracle_click_ne_without"].items():
         label = ("with " if "learned" in k else "without ") + k
-        lines.append(f"  {label:<32}{v:>8.4f}   keeps "
-                     f"{d['oracle_ne_target_share'][k]:.1%} of the oracle's 1 - NE")
+        lines.append(f"  {label:<34}{v:>8.4f} {d['oracle_ne_target_share'][k]:>7.1%}    latest "
+                     f"{latest['oracle_click_ne_without'][k]:.4f} {latest['oracle_ne_target_share'][k]:>7.1%}")
     pp = d["user_author_pairs"]
     lines.append(f"user x author pairs: {pp['pairs']:,}, impressions per pair mean {pp['mean_impressions']:.1f}, "
                  f"median {pp['median_impressions']:.0f}, {pp['impression_weighted_mean']:.1f} for the pair of an "

@@ -176,6 +176,11 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
               "stack_online_label_delay_ms": int(label_delay_ms),
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),
               "_predictions": {"y": Y_test, **preds}}
+    report["calibration_bound"] = {t: calibration_bound(variants["base_rate"][t]["positives"]) for t in tasks}
+    if "oracle" in variants:
+        oracle = variants["oracle"]
+        report["oracle_share"] = {v: {t: (1 - per[t]["ne"]) / (1 - oracle[t]["ne"]) for t in tasks}
+                                  for v, per in variants.items() if v not in ("base_rate", "oracle")}
     if components is not None and "oracle" in preds:
         from feedsim.attribution import report_recovery
         test_rows = time_slices(df["ts"].to_numpy(), config.slices)[2]
@@ -198,8 +203,37 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append("positives per task: " + ", ".join(
         f"{t} {report['variants']['base_rate'][t]['positives']}" for t in tasks))
+    lines += ["", format_checks(report)]
     if "recovery" in report:
         lines += ["", format_recovery(report)]
+    return "\n".join(lines)
+
+
+def calibration_bound(positives: int) -> float:
+    """How far calibration may stray from 1 on a test slice with that many positives:
+    max(0.05, 3 / sqrt(positives))."""
+    return float(max(0.05, 3.0 / np.sqrt(max(positives, 1))))
+
+
+def format_checks(report: dict) -> str:
+    """The stack variants against the gbdt baseline and the oracle on the first task, and which tasks
+    they are calibrated on (|calibration - 1| within :func:`calibration_bound`)."""
+    tasks, variants = report["tasks"], report["variants"]
+    task = "click" if "click" in tasks else tasks[0]
+    lines = []
+    for v in ("stack", "stack_online"):
+        if v not in variants:
+            continue
+        parts = []
+        if "gbdt" in variants:
+            rel = variants[v][task]["ne"] / variants["gbdt"][task]["ne"] - 1
+            parts.append(f"{task} NE {rel:+.2%} against gbdt")
+        if "oracle_share" in report:
+            parts.append(f"keeps {report['oracle_share'][v][task]:.1%} of the oracle's 1 - NE")
+        off = [f"{t} {variants[v][t]['calibration']:.3f} (bound {report['calibration_bound'][t]:.3f})"
+               for t in tasks if abs(variants[v][t]["calibration"] - 1) > report["calibration_bound"][t]]
+        parts.append("calibrated on every task" if not off else "calibration outside its bound: " + ", ".join(off))
+        lines.append(f"{v}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

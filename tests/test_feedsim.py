@@ -89,14 +89,27 @@ def test_describe_bounds(described):
     assert d["oracle_ne"]["click"] < w["post"] < w["tie+post"] < 1.0
     assert d["oracle_ne"]["click"] < w["tie"] < w["tie+post"]
     assert 0 < d["oracle_ne_target_share"]["tie+post"] < d["oracle_ne_target_share"]["tie"] < 1
-    # Ties inferred from each pair's history: better than blind to them, worse than knowing them.
+    # Ties, post quality or both inferred from history: better than blind to them, worse than knowing
+    # them; learning both is worse than learning either.
     assert d["oracle_ne"]["click"] < w["tie learned from history"] < w["tie"]
+    assert d["oracle_ne"]["click"] < w["post learned from history"] < w["post"]
+    assert max(w["tie learned from history"], w["post learned from history"]) \
+        < w["tie+post learned from history"] < w["tie+post"]
+    # The same figures over the latest fifth (eval's test slice), scored against the earlier base rate.
+    latest = d["latest_slice"]
+    assert latest["rows"] == 40_000
+    assert set(latest["oracle_click_ne_without"]) == set(w)
+    lw = latest["oracle_click_ne_without"]
+    assert latest["oracle_click_ne"] < lw["tie+post learned from history"] < lw["tie+post"] < 1.0
+    for k, v in lw.items():
+        assert latest["oracle_ne_target_share"][k] == pytest.approx((1 - v) / (1 - latest["oracle_click_ne"]))
     pairs = d["user_author_pairs"]
     assert pairs["pairs"] > 0 and pairs["median_impressions"] >= 1
     assert pairs["impression_weighted_mean"] > pairs["mean_impressions"]
     text = format_description(d)
     assert "click" in text and "tie" in text and "without tie+post" in text
     assert "with tie learned from history" in text and "user x author pairs" in text
+    assert "with tie+post learned from history" in text and "latest 40,000" in text
 
 
 def test_hide_anticorrelated_with_interest(small):

@@ -106,6 +106,7 @@ def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndar
     log_prior = np.log(w / w.sum())
     grid = {k: float(comps[k].mean()) + float(comps[k].std()) * x for k in ("tie", "post")}
     n = len(media)
+    log_prior = log_prior.astype(np.float32)
     loglik = np.empty((n, nodes, nodes), np.float32)          # [row, post node, tie node]
     click = np.empty((n, nodes, nodes), np.float32)
     for i in range(nodes):
@@ -137,10 +138,12 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     ``oracle_click_ne_without`` is the click NE of oracles that know every component but the named
     ones, over which they average (Gauss-Hermite, each a normal with its observed mean and spread):
     the best any model can do without ties or post quality, which no dense feature shows.
-    The entries ``... learned from history`` infer the tie (per user x author pair), the post's quality
-    (per post) or both Bayes-optimally from impressions in earlier requests instead: what a model that
-    must learn them from the stream could reach at best, even knowing everything else exactly (user
-    and author effects, true interests). ``user_author_pairs`` says how often pairs recur.
+    The entries ``... learned from history`` infer the tie (per user x author pair) or the post's quality
+    (per post) Bayes-optimally from impressions in earlier requests instead, or both (approximately:
+    assumed-density filtering, see :func:`_learned_tie_post_click`): a reference for a model that must
+    learn them from the stream, though one that knows everything else exactly (user and author effects,
+    true interests) and has every earlier request's labels at once (the served learner waits out an
+    attribution window). ``user_author_pairs`` says how often pairs recur.
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
     a "model reaches x% of the oracle" target against. ``latest_slice`` holds the same figures over
     the latest fifth of the rows, the test slice of `feedrank eval` (NE over the entropy of the
@@ -179,7 +182,7 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         ne = {k: normalized_entropy(click[rows], v[rows], base_rate) for k, v in preds.items()}
         return oracle, ne, {k: float((1 - v) / (1 - oracle)) for k, v in ne.items()}
 
-    oracle_click, without, target = kept(slice(None))
+    _, without, target = kept(slice(None))
     # NE over the entropy of the earlier rows' base rate, as `feedrank eval` scores its test slice
     latest_oracle, latest_without, latest_target = kept(latest, float(click[earlier].mean()))
     return {

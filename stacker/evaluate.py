@@ -179,7 +179,9 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     report["calibration_bound"] = {t: calibration_bound(variants["base_rate"][t]["positives"]) for t in tasks}
     if "oracle" in variants:
         oracle = variants["oracle"]
-        report["oracle_share"] = {v: {t: (1 - per[t]["ne"]) / (1 - oracle[t]["ne"]) for t in tasks}
+        # None where the oracle itself does no better than the base rate (a small slice of a rare task)
+        report["oracle_share"] = {v: {t: (1 - per[t]["ne"]) / (1 - oracle[t]["ne"]) if oracle[t]["ne"] < 1
+                                      else None for t in tasks}
                                   for v, per in variants.items() if v not in ("base_rate", "oracle")}
     if components is not None and "oracle" in preds:
         from feedsim.attribution import report_recovery
@@ -203,7 +205,9 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append("positives per task: " + ", ".join(
         f"{t} {report['variants']['base_rate'][t]['positives']}" for t in tasks))
-    lines += ["", format_checks(report)]
+    checks = format_checks(report)
+    if checks:
+        lines += ["", checks]
     if "recovery" in report:
         lines += ["", format_recovery(report)]
     return "\n".join(lines)
@@ -213,6 +217,11 @@ def calibration_bound(positives: int) -> float:
     """How far calibration may stray from 1 on a test slice with that many positives:
     max(0.05, 3 / sqrt(positives))."""
     return float(max(0.05, 3.0 / np.sqrt(max(positives, 1))))
+
+
+def calibrated(calibration: float, bound: float) -> bool:
+    """Whether a calibration is within its bound (NaN, a task without positives, is not)."""
+    return bool(abs(calibration - 1) <= bound)
 
 
 def format_checks(report: dict) -> str:
@@ -228,10 +237,10 @@ def format_checks(report: dict) -> str:
         if "gbdt" in variants:
             rel = variants[v][task]["ne"] / variants["gbdt"][task]["ne"] - 1
             parts.append(f"{task} NE {rel:+.2%} against gbdt")
-        if "oracle_share" in report:
+        if report.get("oracle_share", {}).get(v, {}).get(task) is not None:
             parts.append(f"keeps {report['oracle_share'][v][task]:.1%} of the oracle's 1 - NE")
         off = [f"{t} {variants[v][t]['calibration']:.3f} (bound {report['calibration_bound'][t]:.3f})"
-               for t in tasks if abs(variants[v][t]["calibration"] - 1) > report["calibration_bound"][t]]
+               for t in tasks if not calibrated(variants[v][t]["calibration"], report["calibration_bound"][t])]
         parts.append("calibrated on every task" if not off else "calibration outside its bound: " + ", ".join(off))
         lines.append(f"{v}: " + "; ".join(parts))
     return "\n".join(lines)

@@ -112,6 +112,36 @@ def test_describe_bounds(described):
     assert "with tie+post learned from history" in text and "latest 40,000" in text
 
 
+def test_describe_latest_slice_is_evals_test_slice(described):
+    """The latest-slice oracle figures are over eval's test slice, against the earlier rows' base rate."""
+    from stacker.metrics import normalized_entropy as eval_ne
+    from stacker.train import time_slices
+    df = simulate(200_000)
+    rows = time_slices(df["ts"].to_numpy(), (0.2, 0.6, 0.2))
+    earlier = np.concatenate(rows[:2])
+    y = df["label.click"].to_numpy()
+    base = y[earlier].mean()
+    assert described["latest_slice"]["oracle_click_ne"] == pytest.approx(
+        eval_ne(y[rows[2]], df["true.click"].to_numpy()[rows[2]], base), rel=1e-6)
+    assert described["latest_slice"]["rows"] == len(rows[2])
+
+
+def test_history_sums_only_the_groups_earlier_requests():
+    """Each row's history is the sum over its group's rows in earlier requests: never its own request's
+    rows (a served model has no labels from the request it scores), nor another group's."""
+    from feedsim.describe import _history
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 5, 300)
+    requests = np.repeat(np.arange(len(sizes)), sizes)          # rows in time order, request by request
+    groups = rng.integers(0, 12, len(requests))                  # a group may recur within a request
+    loglik = rng.normal(size=(len(requests), 3))
+    got = _history(loglik, groups, requests)
+    want = np.stack([loglik[(groups == groups[i]) & (requests < requests[i])].sum(axis=0)
+                     for i in range(len(requests))])
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert any((groups == g).sum() > 1 for g in range(12))
+
+
 def test_hide_anticorrelated_with_interest(small):
     c = np.corrcoef(small["true.click"], small["true.hide"])[0, 1]
     assert c < 0

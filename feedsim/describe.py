@@ -103,10 +103,9 @@ def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndar
     by what was known of its post at the time (assumed-density filtering on a grid; 11 nodes per
     component give the same NE as 21 to 1e-4)."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
-    log_prior = np.log(w / w.sum())
+    log_prior = np.log(w / w.sum()).astype(np.float32)
     grid = {k: float(comps[k].mean()) + float(comps[k].std()) * x for k in ("tie", "post")}
     n = len(media)
-    log_prior = log_prior.astype(np.float32)
     loglik = np.empty((n, nodes, nodes), np.float32)          # [row, post node, tie node]
     click = np.empty((n, nodes, nodes), np.float32)
     for i in range(nodes):

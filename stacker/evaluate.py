@@ -183,6 +183,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         report["oracle_share"] = {v: {t: (1 - per[t]["ne"]) / (1 - oracle[t]["ne"]) if oracle[t]["ne"] < 1
                                       else None for t in tasks}
                                   for v, per in variants.items() if v not in ("base_rate", "oracle")}
+    report["checks"] = acceptance_checks(report)
     if components is not None and "oracle" in preds:
         from feedsim.attribution import report_recovery
         test_rows = time_slices(df["ts"].to_numpy(), config.slices)[2]
@@ -224,23 +225,36 @@ def calibrated(calibration: float, bound: float) -> bool:
     return bool(abs(calibration - 1) <= bound)
 
 
-def format_checks(report: dict) -> str:
-    """The stack variants against the gbdt baseline and the oracle on the first task, and which tasks
-    they are calibrated on (|calibration - 1| within :func:`calibration_bound`)."""
+def acceptance_checks(report: dict) -> dict:
+    """For ``stack`` and ``stack_online``: the first task's (click's) NE relative to ``gbdt``'s, the share
+    of the oracle's 1 - NE it keeps, and the tasks whose calibration is outside
+    :func:`calibration_bound`."""
     tasks, variants = report["tasks"], report["variants"]
     task = "click" if "click" in tasks else tasks[0]
-    lines = []
+    out = {}
     for v in ("stack", "stack_online"):
         if v not in variants:
             continue
+        out[v] = {"task": task,
+                  "ne_vs_gbdt": variants[v][task]["ne"] / variants["gbdt"][task]["ne"] - 1
+                  if "gbdt" in variants else None,
+                  "oracle_share": report.get("oracle_share", {}).get(v, {}).get(task),
+                  "uncalibrated": [t for t in tasks
+                                   if not calibrated(variants[v][t]["calibration"], report["calibration_bound"][t])]}
+    return out
+
+
+def format_checks(report: dict) -> str:
+    """One line per stack variant of :func:`acceptance_checks`."""
+    variants, lines = report["variants"], []
+    for v, c in report.get("checks", {}).items():
         parts = []
-        if "gbdt" in variants:
-            rel = variants[v][task]["ne"] / variants["gbdt"][task]["ne"] - 1
-            parts.append(f"{task} NE {rel:+.2%} against gbdt")
-        if report.get("oracle_share", {}).get(v, {}).get(task) is not None:
-            parts.append(f"keeps {report['oracle_share'][v][task]:.1%} of the oracle's 1 - NE")
+        if c["ne_vs_gbdt"] is not None:
+            parts.append(f"{c['task']} NE {c['ne_vs_gbdt']:+.2%} against gbdt")
+        if c["oracle_share"] is not None:
+            parts.append(f"keeps {c['oracle_share']:.1%} of the oracle's 1 - NE")
         off = [f"{t} {variants[v][t]['calibration']:.3f} (bound {report['calibration_bound'][t]:.3f})"
-               for t in tasks if not calibrated(variants[v][t]["calibration"], report["calibration_bound"][t])]
+               for t in c["uncalibrated"]]
         parts.append("calibrated on every task" if not off else "calibration outside its bound: " + ", ".join(off))
         lines.append(f"{v}: " + "; ".join(parts))
     return "\n".join(lines)

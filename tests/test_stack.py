@@ -298,6 +298,11 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
     assert f"keeps {share['stack_online']['click']:.1%} of the oracle's 1 - NE" in run.stdout
     off = [t for t in V["stack_online"]
            if abs(V["stack_online"][t]["calibration"] - 1) > report["calibration_bound"][t]]
+    checks = report["checks"]["stack_online"]
+    assert checks["uncalibrated"] == off and checks["task"] == "click"
+    assert checks["oracle_share"] == share["stack_online"]["click"]
+    assert checks["ne_vs_gbdt"] == pytest.approx(V["stack_online"]["click"]["ne"] / V["gbdt"]["click"]["ne"] - 1)
+    assert f"click NE {checks['ne_vs_gbdt']:+.2%} against gbdt" in run.stdout
     lines = [x for x in run.stdout.splitlines() if x.startswith("stack_online: ")]
     assert len(lines) == 1, run.stdout
     line = lines[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stacker.metrics import normalized_entropy
 from stacker.progress import Progress
 from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 
@@ -12,20 +13,6 @@ from .simulate import get_world, simulate
 from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
 
 LATEST_SHARE = 0.2        # the test slice of `feedrank eval`'s default time slices (0.2, 0.6, 0.2)
-
-
-def _entropy(b: float) -> float:
-    b = min(max(b, 1e-12), 1 - 1e-12)
-    return float(-(b * np.log(b) + (1 - b) * np.log(1 - b)))
-
-
-def normalized_entropy(y: np.ndarray, p: np.ndarray, base_rate: float | None = None) -> float:
-    """Logloss of ``p`` against labels ``y`` divided by the entropy of the base rate (``y``'s own, or
-    ``base_rate``: that of the rows a model learned from, as `feedrank eval` does)."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    ll = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))
-    return float(ll / _entropy(y.mean() if base_rate is None else base_rate))
 
 
 def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12, tick=None) -> np.ndarray:
@@ -176,12 +163,12 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     by_time = np.argsort(df["ts"].to_numpy(), kind="stable")
     earlier, latest = np.split(by_time, [len(df) - round(LATEST_SHARE * len(df))])
 
-    def kept(rows, base_rate=None):
+    def kept(rows, base_rate):
         oracle = normalized_entropy(click[rows], true_click[rows], base_rate)
         ne = {k: normalized_entropy(click[rows], v[rows], base_rate) for k, v in preds.items()}
         return oracle, ne, {k: float((1 - v) / (1 - oracle)) for k, v in ne.items()}
 
-    _, without, target = kept(slice(None))
+    _, without, target = kept(slice(None), float(click.mean()))
     # NE over the entropy of the earlier rows' base rate, as `feedrank eval` scores its test slice
     latest_oracle, latest_without, latest_target = kept(latest, float(click[earlier].mean()))
     return {
@@ -193,8 +180,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         "span_days": span_days,
         "seed": config.seed if seed is None else seed,
         "base_rate": {t: float(df[label_column(t)].mean()) for t in TASKS},
-        "oracle_ne": {t: normalized_entropy(df[label_column(t)].to_numpy(), df[true_column(t)].to_numpy())
-                      for t in TASKS},
+        "oracle_ne": {t: normalized_entropy(labels[:, k], df[true_column(t)].to_numpy(), float(labels[:, k].mean()))
+                      for k, t in enumerate(TASKS)},
         "click_logit_var": var,
         "click_variance_share": shares,
         "ties_share": shares["tie"],

@@ -309,6 +309,18 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
     assert ("calibrated on every task" in line) == (not off)
     assert all(f"{t} {V['stack_online'][t]['calibration']:.3f}" in line for t in off)
 
+    # Calibration against the true probabilities: the labels' calibration over the oracle's (the
+    # oracle's mean over the observed rate), and printed beside a task outside its bound.
+    truth = report["calibration_vs_truth"]
+    assert set(truth) == set(V) - {"oracle"}
+    for v, per_task in truth.items():
+        for t, c in per_task.items():
+            assert c == pytest.approx(V[v][t]["calibration"] / V["oracle"][t]["calibration"], rel=1e-3)
+    assert all(f"{truth['stack_online'][t]:.3f} against the true probabilities" in line for t in off)
+    frozen = [x for x in run.stdout.splitlines() if x.startswith("stack: ")][0]
+    assert all(f"{truth['stack'][t]:.3f} against the true probabilities" in frozen
+               for t in report["checks"]["stack"]["uncalibrated"])
+
 
 def _tie_recovery(config: VWConfig) -> float:
     """Learn click from user x author ties alone (400 pairs, ~12 impressions each, 8% base rate);

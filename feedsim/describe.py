@@ -12,10 +12,11 @@ from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 from .simulate import get_world, simulate
 from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
 
-LATEST_SHARE = 0.2        # the test slice of `feedrank eval`'s default time slices (0.2, 0.6, 0.2)
+# Gauss-Hermite nodes per component: averaged over (blind oracles), learned alone, learned jointly.
+MARGINAL_NODES, LEARNED_NODES, JOINT_NODES = 12, 31, 11
 
 
-def _marginal_click(world, comps: dict, media, position, held, nodes: int = 12, tick=None) -> np.ndarray:
+def _marginal_click(world, comps: dict, media, position, held, nodes: int = MARGINAL_NODES, tick=None) -> np.ndarray:
     """P(click) averaged over the ``held`` components, the others known exactly."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     w = w / w.sum()
@@ -67,7 +68,7 @@ def _grid_loglik(world, comps: dict, media, position, labels: np.ndarray, values
 
 
 def _learned_click(world, comps: dict, media, position, labels: np.ndarray, groups: np.ndarray,
-                   requests: np.ndarray, name: str, nodes: int = 31, tick=None) -> np.ndarray:
+                   requests: np.ndarray, name: str, nodes: int = LEARNED_NODES, tick=None) -> np.ndarray:
     """P(click) of an oracle that knows every component but ``name``, and infers it per group (a
     user x author pair for ``tie``, a post for ``post``) from that group's impressions in earlier
     requests (all tasks' labels): the posterior mean over a Gauss-Hermite grid of the component's
@@ -83,7 +84,7 @@ def _learned_click(world, comps: dict, media, position, labels: np.ndarray, grou
 
 
 def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndarray, pairs, posts,
-                            requests, nodes: int = 11, tick=None) -> np.ndarray:
+                            requests, nodes: int = JOINT_NODES, tick=None) -> np.ndarray:
     """P(click) of an oracle that knows every component but the tie and post quality, and learns both
     from history: each post's quality from its impressions in earlier requests (with the ties averaged
     over their prior), then each pair's tie from the pair's earlier impressions, each of them weighed
@@ -132,7 +133,7 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     attribution window). ``user_author_pairs`` says how often pairs recur.
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
     a "model reaches x% of the oracle" target against. ``latest_slice`` holds the same figures over
-    the latest fifth of the rows, the test slice of `feedrank eval` (NE over the entropy of the
+    the test slice of `feedrank eval` (the last of its default time slices; NE over the entropy of the
     earlier rows' base rate, as `eval` computes it).
     """
     df, comps = simulate(n_impressions, config=config, seed=seed, return_components=True)
@@ -151,7 +152,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     requests = pd.factorize(df["request_id"])[0]
     posts = pd.factorize(df["post_id"])[0]
     progress = progress or Progress()
-    with progress.task("oracles (grid points)", 12 + 12 + 12 ** 2 + 31 + 31 + 11 ** 2) as bar:
+    points = 2 * MARGINAL_NODES + MARGINAL_NODES ** 2 + 2 * LEARNED_NODES + JOINT_NODES ** 2
+    with progress.task("oracles (grid points)", points) as bar:
         preds = {name: _marginal_click(world, comps, media, position, held, tick=bar.update)
                  for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
         for name, groups in (("tie", pairs), ("post", posts)):
@@ -160,8 +162,9 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         preds["tie+post learned from history"] = _learned_tie_post_click(
             world, comps, media, position, labels, pairs, posts, requests, tick=bar.update)
     true_click = df[true_column("click")].to_numpy()
-    by_time = np.argsort(df["ts"].to_numpy(), kind="stable")
-    earlier, latest = np.split(by_time, [len(df) - round(LATEST_SHARE * len(df))])
+    from stacker.train import TrainConfig, time_slices   # (the training stack, only for its slices)
+    *before, latest = time_slices(df["ts"].to_numpy(), TrainConfig().slices)
+    earlier = np.concatenate(before)
 
     def kept(rows, base_rate):
         oracle = normalized_entropy(click[rows], true_click[rows], base_rate)

@@ -183,7 +183,6 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         report["oracle_share"] = {v: {t: (1 - per[t]["ne"]) / (1 - oracle[t]["ne"]) if oracle[t]["ne"] < 1
                                       else None for t in tasks}
                                   for v, per in variants.items() if v not in ("base_rate", "oracle")}
-    if "oracle" in preds:
         # Against the true probabilities rather than the labels: what is the model's own bias and not
         # the luck of a test slice's draws (a rare task's observed rate strays a few percent from its
         # true rate; the oracle's calibration against the labels says by how much).

@@ -35,6 +35,7 @@ def _train_config(args):
         return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
                            downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
+                           dense_warmup=not args.no_dense_warmup,
                            slices=tuple(float(x) for x in args.slices.split(",")))
     except ValueError as e:
         raise SystemExit(f"feedrank: {e}")
@@ -66,6 +67,9 @@ def _add_train_options(p):
     p.add_argument("--online-learning-rate", type=float, default=None,
                    help="VW -l for online learning with --optimizer adaptive (default 0.15); FTRL "
                         "models keep their alpha online")
+    p.add_argument("--no-dense-warmup", action="store_true",
+                   help="learn the LR in one pass with every namespace, without the first pass over the dense "
+                        "ones alone (leaves, DNN, context)")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--served-by", action="append", metavar="DIR",

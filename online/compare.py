@@ -33,7 +33,8 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
     with tempfile.TemporaryDirectory() as work:
         t0 = time.time()
         cfg = TrainConfig(gbdt=config.gbdt, dnn=config.dnn, vw=config.vw, slices=(0.5, 0.5, 0.0),
-                          downsample_rate=config.downsample_rate, ev_weights=config.ev_weights)
+                          downsample_rate=config.downsample_rate, ev_weights=config.ev_weights,
+                          dense_warmup=config.dense_warmup)
         bundle = train_bundle(head, Path(work) / "bundle", cfg, tasks, progress, evaluate_slice=False)
         ranker = StackedRanker.load(bundle)
         feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))

@@ -27,7 +27,7 @@ from .features import CandidateBatch, build_dense
 from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
-from .train import (TrainConfig, downsample, labels_of, learn_features, predict_features, split_by_time,
+from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, split_by_time,
                     stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
@@ -39,8 +39,8 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
                        keep: Path | None = None):
     """Train one LR variant and score the test slice; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
-    with progress.task(f"{name}: LR", len(Y)) as bar:
-        learn_features(learners, train_feats, Y, weights, config.chunk, bar, namespaces)
+    with progress.task(f"{name}: LR", lr_passes(namespaces, config) * len(Y)) as bar:
+        fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)

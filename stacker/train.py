@@ -45,6 +45,10 @@ class TrainConfig:
     # fast); the adaptive update goes faster than its offline pass so the LR tracks drift.
     online_learning_rate: float | None = None
     ev_weights: dict = field(default_factory=lambda: dict(DEFAULT_EV_WEIGHTS))
+    # A first pass over the LR slice with the dense namespaces alone (leaves, DNN, context) before the
+    # pass with everything: the ids then learn what the extractors' features leave unexplained instead
+    # of sharing what they explain (the global model first, then per-id effects, as GLMix fits them).
+    dense_warmup: bool = True
     chunk: int = 4096
     seed: int = 0
 
@@ -134,6 +138,30 @@ def stack_features(ex: Extractors, df: pd.DataFrame, values=None, chunk: int = 5
     return X, leaves, hidden, ids, ctx
 
 
+ID_NAMESPACES = "upa"
+
+
+def warmup_namespaces(namespaces: str, config: TrainConfig) -> str:
+    """The namespaces of the LR's dense warm-up pass: all but the ids ('' for none: warm-up off, or
+    nothing but ids or no ids at all)."""
+    dense = "".join(ns for ns in namespaces if ns not in ID_NAMESPACES)
+    return dense if config.dense_warmup and dense != namespaces and dense else ""
+
+
+def lr_passes(namespaces: str, config: TrainConfig) -> int:
+    return 2 if warmup_namespaces(namespaces, config) else 1
+
+
+def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, config: TrainConfig, bar,
+           namespaces: str = "ldupac") -> None:
+    """Train the LR on prepared stack features: the dense warm-up pass (:func:`warmup_namespaces`),
+    then one online pass with ``namespaces``; ``bar`` counts rows of both passes."""
+    warm = warmup_namespaces(namespaces, config)
+    if warm:
+        learn_features(learners, feats, Y, weights, config.chunk, bar, warm)
+    learn_features(learners, feats, Y, weights, config.chunk, bar, namespaces)
+
+
 def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, chunk: int,
                    bar, namespaces: str = "ldupac") -> None:
     """One online pass of every task's LR over prepared stack features, ``chunk`` rows at a time."""
@@ -158,16 +186,19 @@ def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", 
 
 def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
              progress: Progress, rate: float | None = None) -> dict:
-    """One online pass of every task's LR over a table (downsampled); returns counts."""
+    """Train every task's LR on a table (downsampled; :func:`fit_lr`); returns counts."""
     tasks = learners.tasks
     rate = config.downsample_rate if rate is None else rate
     Y = labels_of(df, tasks)
     keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
     rows = np.flatnonzero(keep)
     sub = df.iloc[rows].reset_index(drop=True)
-    with progress.task("sparse LR (VW, every task)", len(rows)) as bar:
-        learn_features(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config.chunk, bar)
-    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate}
+    passes = lr_passes("ldupac", config)
+    with progress.task(f"sparse LR (VW, every task; {passes} passes)" if passes > 1 else "sparse LR (VW, every task)",
+                       passes * len(rows)) as bar:
+        fit_lr(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config, bar)
+    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate,
+            "passes": [ns for ns in (warmup_namespaces("ldupac", config), "ldupac") if ns]}
 
 
 def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,
@@ -228,6 +259,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
             "training": {"rows_per_slice": {"extractors": len(parts[0]), "lr": len(parts[1]),
                                             "lr_kept_after_downsampling": counts["kept"],
                                             "test": len(parts[2]) if evaluate_slice else 0},
+                         "lr_passes": counts["passes"],
                          "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
                          "wall_time_s": round(wall, 2)},
         }

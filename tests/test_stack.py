@@ -441,3 +441,42 @@ def test_new_bundles_are_format_3(bundle_dir):
     assert m["format_version"] == 3 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
     assert m["vw"]["layout"] == "task-slots-v1" and "vw/lr.model" in m["files"]
     assert m["vw"]["shared_tasks"] == [t for t in m["tasks"] if t != "hide"]
+
+
+def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, table):
+    """Training's warm-up pass learns leaves, DNN and context alone (id weights stay zero, so the ids
+    change no prediction but where a hashed id shares a slot with a dense feature); the pass with
+    everything then learns the ids on top. Bundles record it."""
+    from stacker.train import learn_features, lr_passes, predict_features, warmup_namespaces
+    assert warmup_namespaces("ldupac", SMALL) == "ldc" and lr_passes("ldupac", SMALL) == 2
+    assert warmup_namespaces("upac", SMALL) == "c"          # lr_ids: context first
+    assert warmup_namespaces("l", SMALL) == "" and lr_passes("l", SMALL) == 1   # no ids: one pass
+    off = TrainConfig(dense_warmup=False)
+    assert warmup_namespaces("ldupac", off) == "" and lr_passes("ldupac", off) == 1
+
+    class Rows:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    ranker = StackedRanker.load(bundle_dir)
+    rows = table.iloc[:5000]
+    f = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+    feats = (None, f.leaves, f.hidden, f.ids, f.context)
+    Y = labels_of(rows, ranker.tasks)
+    learners = TaskLearners(ranker.tasks, VWConfig(bits=22))    # few id/dense collisions at 2**19 rows
+    bar = Rows()
+    learn_features(learners, feats, Y, np.ones(len(Y)), 1000, bar, "ldc")
+    assert bar.n == len(Y)
+    dense_only = predict_features(learners, feats, "ldc")
+    same = np.isclose(predict_features(learners, feats), dense_only, rtol=1e-6, atol=0).all(axis=1)
+    assert same.mean() > 0.97, same.mean()
+    assert np.ptp(dense_only[:, 0]) > 0.01                  # the warm-up learned something
+    learn_features(learners, feats, Y, np.ones(len(Y)), 1000, bar, "ldupac")
+    same = np.isclose(predict_features(learners, feats), predict_features(learners, feats, "ldc"),
+                      rtol=1e-6, atol=0).all(axis=1)
+    assert same.mean() < 0.1 and bar.n == 2 * len(Y)
+    learners.close()
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]

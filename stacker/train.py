@@ -47,7 +47,7 @@ class TrainConfig:
     ev_weights: dict = field(default_factory=lambda: dict(DEFAULT_EV_WEIGHTS))
     # A first pass over the LR slice with the dense namespaces alone (leaves, DNN, context) before the
     # pass with everything: the ids then learn what the extractors' features leave unexplained instead
-    # of sharing what they explain (the global model first, then per-id effects, as GLMix fits them).
+    # of sharing what they explain (the global model before the per-id ones, as GLMix fits them).
     dense_warmup: bool = True
     chunk: int = 4096
     seed: int = 0

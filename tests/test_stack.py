@@ -447,7 +447,7 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     """Training's warm-up pass learns leaves, DNN and context alone (id weights stay zero, so the ids
     change no prediction but where a hashed id shares a slot with a dense feature); the pass with
     everything then learns the ids on top. Bundles record it."""
-    from stacker.train import learn_features, lr_passes, predict_features, warmup_namespaces
+    from stacker.train import fit_lr, learn_features, lr_passes, predict_features, warmup_namespaces
     assert warmup_namespaces("ldupac", SMALL) == "ldc" and lr_passes("ldupac", SMALL) == 2
     assert warmup_namespaces("upac", SMALL) == "c"          # lr_ids: context first
     assert warmup_namespaces("l", SMALL) == "" and lr_passes("l", SMALL) == 1   # no ids: one pass
@@ -478,5 +478,10 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
                       rtol=1e-6, atol=0).all(axis=1)
     assert same.mean() < 0.1 and bar.n == 2 * len(Y)
     learners.close()
+    for config, namespaces, passes in ((SMALL, "ldupac", 2), (off, "ldupac", 1), (SMALL, "l", 1)):
+        learners, bar = TaskLearners(ranker.tasks, VWConfig(bits=18)), Rows()
+        fit_lr(learners, feats, Y, np.ones(len(Y)), config, bar, namespaces)
+        learners.close()
+        assert bar.n == passes * len(Y), (namespaces, config.dense_warmup)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]

@@ -39,7 +39,7 @@ def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_
                        keep: Path | None = None):
     """Train one LR variant and score the test slice; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
-    with progress.task(f"{name}: LR", lr_passes(namespaces, config) * len(Y)) as bar:
+    with progress.task(f"{name}: LR", len(lr_passes(namespaces, config)) * len(Y)) as bar:
         fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:

@@ -141,25 +141,20 @@ def stack_features(ex: Extractors, df: pd.DataFrame, values=None, chunk: int = 5
 ID_NAMESPACES = "upa"
 
 
-def warmup_namespaces(namespaces: str, config: TrainConfig) -> str:
-    """The namespaces of the LR's dense warm-up pass: all but the ids ('' for none: warm-up off, or
-    nothing but ids or no ids at all)."""
+def lr_passes(namespaces: str, config: TrainConfig) -> tuple[str, ...]:
+    """The namespaces of each pass the LR makes over its slice: with ``config.dense_warmup``, first all
+    but the ids, then ``namespaces``; one pass when the warm-up is off, or the namespaces hold nothing
+    but ids or no ids at all."""
     dense = "".join(ns for ns in namespaces if ns not in ID_NAMESPACES)
-    return dense if config.dense_warmup and dense != namespaces and dense else ""
-
-
-def lr_passes(namespaces: str, config: TrainConfig) -> int:
-    return 2 if warmup_namespaces(namespaces, config) else 1
+    return (dense, namespaces) if config.dense_warmup and dense and dense != namespaces else (namespaces,)
 
 
 def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, config: TrainConfig, bar,
            namespaces: str = "ldupac") -> None:
-    """Train the LR on prepared stack features: the dense warm-up pass (:func:`warmup_namespaces`),
-    then one online pass with ``namespaces``; ``bar`` counts rows of both passes."""
-    warm = warmup_namespaces(namespaces, config)
-    if warm:
-        learn_features(learners, feats, Y, weights, config.chunk, bar, warm)
-    learn_features(learners, feats, Y, weights, config.chunk, bar, namespaces)
+    """Train the LR on prepared stack features, one online pass per entry of :func:`lr_passes`;
+    ``bar`` counts the rows of every pass."""
+    for pass_namespaces in lr_passes(namespaces, config):
+        learn_features(learners, feats, Y, weights, config.chunk, bar, pass_namespaces)
 
 
 def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, chunk: int,
@@ -194,11 +189,10 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     rows = np.flatnonzero(keep)
     sub = df.iloc[rows].reset_index(drop=True)
     passes = lr_passes("ldupac", config)
-    with progress.task(f"sparse LR (VW, every task; {passes} passes)" if passes > 1 else "sparse LR (VW, every task)",
-                       passes * len(rows)) as bar:
+    label = "sparse LR (VW, every task" + (f"; {len(passes)} passes)" if len(passes) > 1 else ")")
+    with progress.task(label, len(passes) * len(rows)) as bar:
         fit_lr(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config, bar)
-    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate,
-            "passes": [ns for ns in (warmup_namespaces("ldupac", config), "ldupac") if ns]}
+    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
 
 
 def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,

@@ -447,12 +447,12 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     """Training's warm-up pass learns leaves, DNN and context alone (id weights stay zero, so the ids
     change no prediction but where a hashed id shares a slot with a dense feature); the pass with
     everything then learns the ids on top. Bundles record it."""
-    from stacker.train import fit_lr, learn_features, lr_passes, predict_features, warmup_namespaces
-    assert warmup_namespaces("ldupac", SMALL) == "ldc" and lr_passes("ldupac", SMALL) == 2
-    assert warmup_namespaces("upac", SMALL) == "c"          # lr_ids: context first
-    assert warmup_namespaces("l", SMALL) == "" and lr_passes("l", SMALL) == 1   # no ids: one pass
+    from stacker.train import fit_lr, learn_features, lr_passes, predict_features
+    assert lr_passes("ldupac", SMALL) == ("ldc", "ldupac")
+    assert lr_passes("upac", SMALL) == ("c", "upac")         # lr_ids: context first
+    assert lr_passes("l", SMALL) == ("l",)                   # no ids: one pass
     off = TrainConfig(dense_warmup=False)
-    assert warmup_namespaces("ldupac", off) == "" and lr_passes("ldupac", off) == 1
+    assert lr_passes("ldupac", off) == ("ldupac",)
 
     class Rows:
         n = 0

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis demo test test-slow bench proto
+.PHONY: setup redis demo test test-slow proto
 
 setup: $(VENV)/.installed
 

@@ -107,7 +107,8 @@ def add_join_options(p, when: str = "") -> None:
 
 def cmd_bench_learn(args) -> int:
     from online.bench import bench_learn
-    results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir if args.bundle or args.cache_dir != "runs/bench-cache" else "runs/cache"), bundle=args.bundle, progress=not args.quiet,
+    results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir), bundle=args.bundle,
+                          progress=not args.quiet,
                           redis=not args.no_redis, single=not getattr(args, "no_single", False),
                           batch_size=getattr(args, "batch_size", None) or 1024)
     for r in results:
@@ -131,7 +132,8 @@ def _add_bench_learn(sub) -> None:
     if subs:
         b = subs[0].add_parser("learn", help="joined examples/s through joiner + learner vs bare pylibvw")
         b.add_argument("--bundle", help="use this bundle instead of the cached bench bundle")
-        b.add_argument("--cache-dir", default="runs/cache", help="where the bench bundle is trained and kept")
+        b.add_argument("--cache-dir", default="runs/bench-cache", help="where the bench bundle is trained and kept "
+                       "(the one every benchmark shares)")
         b.add_argument("--json", help="write [{source, events_per_s, tasks}] here")
         b.set_defaults(func=cmd_bench_learn)
     else:  # serving's ``bench`` takes a positional WHAT with fixed choices: add ours and dispatch

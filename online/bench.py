@@ -17,6 +17,7 @@ import numpy as np
 
 REDIS_SERVER = "/usr/bin/redis-server"
 WINDOW_MS = 10_000
+BENCH_CACHE_DIR = "runs/bench-cache"   # where every benchmark trains and keeps its bundle (--cache-dir)
 
 
 def ensure_bench_bundle(cache_dir: Path, progress: bool = True) -> Path:
@@ -101,7 +102,7 @@ def _bare_vw(bundle: Path, records, tasks, batch: int = 1024) -> dict:
             "seconds": dt}
 
 
-def bench_learn(n: int = 100_000, cache_dir: Path = Path("runs/bench-cache"), bundle=None, progress: bool = True,
+def bench_learn(n: int = 100_000, cache_dir: Path = Path(BENCH_CACHE_DIR), bundle=None, progress: bool = True,
                 redis: bool = True, single: bool = True, batch_size: int = 1024) -> list[dict]:
     """``log``: the two-process pipeline (:mod:`online.pipeline`) replaying the local log; ``log-1proc``: the
     single-process :class:`OnlineLearner`; ``redis``: the two-process pipeline consuming a Redis stream

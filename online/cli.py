@@ -108,9 +108,8 @@ def add_join_options(p, when: str = "") -> None:
 def cmd_bench_learn(args) -> int:
     from online.bench import bench_learn
     results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir), bundle=args.bundle,
-                          progress=not args.quiet,
-                          redis=not args.no_redis, single=not getattr(args, "no_single", False),
-                          batch_size=getattr(args, "batch_size", None) or 1024)
+                          progress=not args.quiet, redis=not args.no_redis, single=not args.no_single,
+                          batch_size=args.batch_size or 1024)
     for r in results:
         ratio = f", {r['vs_bare']:.2f}x bare" if "vs_bare" in r else ""
         print(f"{r['source']:<12} {r['events_per_s']:>10,.0f} joined examples/s  ({r['tasks']} tasks, "
@@ -123,36 +122,24 @@ def cmd_bench_learn(args) -> int:
 
 
 def _add_bench_learn(sub) -> None:
-    """``bench learn``: its own ``bench`` sub-command, or a new choice of serving's ``bench WHAT``."""
+    """``bench learn``: a sub-command of ``bench`` (created here, or serving's, whichever registers first)."""
+    from online.bench import BENCH_CACHE_DIR
     bench = sub.choices.get("bench")
     if bench is None:
         bench = sub.add_parser("bench", help="benchmarks")
-        bench.add_subparsers(dest="what", required=True)
-    subs = [a for a in bench._actions if isinstance(a, argparse._SubParsersAction)]
-    if subs:
-        b = subs[0].add_parser("learn", help="joined examples/s through joiner + learner vs bare pylibvw")
-        b.add_argument("--bundle", help="use this bundle instead of the cached bench bundle")
-        b.add_argument("--cache-dir", default="runs/bench-cache", help="where the bench bundle is trained and kept "
-                       "(the one every benchmark shares)")
-        b.add_argument("--json", help="write [{source, events_per_s, tasks}] here")
-        b.set_defaults(func=cmd_bench_learn)
-    else:  # serving's ``bench`` takes a positional WHAT with fixed choices: add ours and dispatch
-        what = next(a for a in bench._actions if a.dest == "what")
-        what.choices = [*what.choices, "learn"]
-        theirs = bench.get_default("func")
-        bench.set_defaults(func=lambda args: cmd_bench_learn(args) if args.what == "learn" else theirs(args))
-        b = bench
-    known = {o for a in b._actions for o in a.option_strings}
-    if "-n" not in known:
-        b.add_argument("-n", type=int, default=100_000, help="learn: simulated impressions (default 100,000)")
-    if "--no-redis" not in known:
-        b.add_argument("--no-redis", action="store_true", help="learn: skip the Redis run")
-    if "--quiet" not in known:
-        b.add_argument("--quiet", action="store_true")
-    if "--no-single" not in known:
-        b.add_argument("--no-single", action="store_true", help="learn: skip the single-process log run")
-    if "--batch-size" not in known:
-        b.add_argument("--batch-size", type=int, default=None, help="learn: examples per pipeline batch (1024)")
+        bench.add_subparsers(dest="bench_command", required=True)
+    subs = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    b = subs.add_parser("learn", help="joined examples/s through joiner + learner vs bare pylibvw")
+    b.add_argument("--bundle", help="use this bundle instead of the cached bench bundle")
+    b.add_argument("--cache-dir", default=BENCH_CACHE_DIR, help="where the bench bundle is trained and kept "
+                   "(the one every benchmark shares)")
+    b.add_argument("--json", help="write [{source, events_per_s, tasks}] here")
+    b.add_argument("-n", type=int, default=100_000, help="learn: simulated impressions (default 100,000)")
+    b.add_argument("--no-redis", action="store_true", help="learn: skip the Redis run")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--no-single", action="store_true", help="learn: skip the single-process log run")
+    b.add_argument("--batch-size", type=int, default=1024, help="learn: examples per pipeline batch (1024)")
+    b.set_defaults(func=cmd_bench_learn)
 
 
 def register(sub) -> None:

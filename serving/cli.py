@@ -72,6 +72,7 @@ def register(sub) -> None:
     p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
     p.set_defaults(func=cmd_serve)
 
+    from online.bench import BENCH_CACHE_DIR
     bench = _bench_subparsers(sub)
     for name, help_ in (("serve", "Rank latency (server/client p50, p99) and req/s at several concurrencies"),
                         ("swap", "ten+ hot swaps (Reload) under load at concurrency 4; counts failed requests"),
@@ -79,7 +80,7 @@ def register(sub) -> None:
                         ("freshness", "engagement acknowledged → Rank response including it, under load")):
         p = bench.add_parser(name, help=help_)
         p.add_argument("--bundle", help="bundle to serve (default: train one into --cache-dir if missing)")
-        p.add_argument("--cache-dir", default="runs/bench-cache", help="where the benchmark bundle is kept")
+        p.add_argument("--cache-dir", default=BENCH_CACHE_DIR, help="where the benchmark bundle is kept")
         p.add_argument("--candidates", type=int, default=500, help="candidates per Rank request")
         p.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
         p.add_argument("--threads", type=int, default=4, help="gRPC threads per server process")

@@ -6,7 +6,7 @@ one namespace per id cross (``x`` for the first of ``VWConfig.interactions``, ``
 holding the pair's own feature (``(16777619 * u) ^ a``, 32 bits), written by us rather than crossed by VW.
 
 **One LR per task, sharing id effects.** Every impression is learned as one example per task (parsed
-once, then switched from task to task in place, :meth:`TaskLearners.retoken`); a task token
+once, then switched from task to task in place, :meth:`TaskLearners.switch_ops`); a task token
 (namespace ``T``) is crossed with every data namespace (``-q Tl -q Td ...``, linear terms ignored), so
 each task has its own weight for every feature: its own logistic regression. Examples of the tasks in
 the shared group (the positive engagements by default; ``hide`` learns alone) also carry the shared
@@ -44,6 +44,7 @@ predictions.
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -425,22 +426,45 @@ class TaskLearners:
         if any(len(t) != 1 for t, _ in self._token_features) or \
                 any(len(s) != int(on) for (_, s), on in zip(self._token_features, self.shared)):
             raise RuntimeError("VW parsed the task tokens into an unexpected number of features")
+        self._plans: dict = {}
 
-    def retoken(self, ex, src: int, dst: int) -> None:
-        """Make a parsed example of task ``src`` the example of task ``dst``.
+    def switch_ops(self, src: int, dst: int) -> tuple:
+        """What makes a parsed example of task ``src`` the example of task ``dst``, in place:
+        ``(token, shared)``, ``token`` the ``(index, value)`` to push after popping the task token (None
+        when ``src == dst``), ``shared`` the shared token's ``(index, value)`` to push, False to pop it,
+        or None to leave it.
 
-        The example stays set up: one token feature is popped and the other pushed with its stored
-        (strided) index, which keeps VW's feature count and sums right since both have the same value;
-        the shared token comes or goes where exactly one of the two tasks is shared."""
-        (t_dst, s_dst), has_s = self._token_features[dst], self.shared[src]
-        ex.pop_feature(self._t_ns)
-        ex.push_hashed_feature(self._t_ns, *t_dst[0])
-        if has_s != self.shared[dst]:
-            if has_s:
-                ex.pop_feature(self._s_ns)
-            else:
-                ex.ensure_namespace_exists(self._s_ns)
-                ex.push_hashed_feature(self._s_ns, *s_dst[0])
+        The example stays set up: popping one token feature and pushing another with its stored (strided)
+        index keeps VW's feature count and sums right since both have the same value; the shared token
+        comes or goes where exactly one of the two tasks is shared."""
+        if src == dst:
+            return None, None
+        (t_dst, s_dst), shared = self._token_features[dst], self.shared
+        if shared[src] == shared[dst]:
+            return t_dst[0], None
+        return t_dst[0], (s_dst[0] if shared[dst] else False)
+
+    def plan(self, mask: tuple, score_first: bool) -> tuple:
+        """How :func:`learn_text` goes through a row learned for the tasks of ``mask``: ``(first, steps)``,
+        ``first`` the task the row is parsed as, each step ``(task, token, shared, act)`` with
+        :meth:`switch_ops`'s ``token`` and ``shared`` and ``act`` 0 to score the task, 1 to learn it, 2 to
+        learn it and keep the prediction its learn made. Memoised per mask (a batch has a handful)."""
+        key = (mask, score_first)
+        plan = self._plans.get(key)
+        if plan is None:
+            todo = [k for k, on in enumerate(mask) if on]
+            # VW's learn scores an example before updating it, so a task's learn-time prediction is
+            # progressive, except that a row's shared tasks see the updates its earlier shared tasks made
+            # to the shared weights: those after the first are scored before the row is learned.
+            scored = [k for k in todo if self.shared[k]][1:] if score_first else []
+            seq = [(k, 0) for k in scored] + [(k, 1 if k in scored or not score_first else 2) for k in todo]
+            first = seq[0][0] if seq else 0
+            steps, cur = [], first
+            for k, act in seq:
+                steps.append((k, *self.switch_ops(cur, k), act))
+                cur = k
+            plan = self._plans[key] = (first, tuple(steps))
+        return plan
 
     def pretouch(self) -> None:
         """Touch one weight per page so the first updates do not pay for page faults."""
@@ -496,6 +520,18 @@ class TaskLearners:
             self.workspace = None
 
 
+def _switch(lib_example, ex, t_ns: int, s_ns: int, token, shared) -> None:
+    if token is None:
+        return
+    lib_example.pop_feature(ex, t_ns)
+    lib_example.push_hashed_feature(ex, t_ns, *token)
+    if shared is False:
+        lib_example.pop_feature(ex, s_ns)
+    elif shared is not None:
+        lib_example.ensure_namespace_exists(ex, s_ns)
+        lib_example.push_hashed_feature(ex, s_ns, *shared)
+
+
 def _split_lines(text: bytes) -> list[bytes]:
     lines = text.split(b"\n")
     if lines and not lines[-1]:
@@ -507,7 +543,7 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
                weights: np.ndarray | None = None, score_first: bool = True) -> np.ndarray:
     """Learn batch text (rows without labels, see :mod:`stacker.vwtext`) for every task of ``mask``.
 
-    Each row is parsed once and switched from task to task in place (:meth:`TaskLearners.retoken`).
+    Each row is parsed once and switched from task to task in place (:meth:`TaskLearners.plan`).
     With ``score_first`` every (row, task) learned is scored with the weights learned from the rows
     before it and none of its own row's labels (progressive validation: the shared id weights would
     otherwise carry one task's label into another's score within a row); returns those probabilities
@@ -522,47 +558,48 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
         raise ValueError(f"{len(lines)} rows of text for a batch of {len(labels)}")
     mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
     w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
-    first = learners._tokens[0]
-    # The parse sets the importance weight (a label string set later changes only the label's sign).
-    examples = learners.parse([b"1 %g " % wi + first + line + b"\n" for wi, line in zip(w.tolist(), lines)])
+    plan, tokens = learners.plan, learners._tokens
+    plans = [plan(tuple(m), score_first) for m in mask.tolist()]
+    # The parse sets the importance weight (a label string set later changes only the label's sign)
+    # and carries the token of the row's first task.
+    examples = learners.parse([b"1 %g " % wi + tokens[first] + line + b"\n"
+                               for wi, line, (first, _) in zip(w.tolist(), lines, plans)])
     if len(examples) != len(lines):
         raise ValueError(f"VW parsed {len(examples)} examples from {len(lines)} rows")
-    retoken, learn, finish = learners.retoken, lib.vw.learn, lib.vw._finish_example
-    set_label, predict, get_pred = lib.example.set_label_string, lib.vw.predict, lib.example.get_simplelabel_prediction
-    shared = learners.shared.tolist()
+    learn, predict, finish = lib.vw.learn, lib.vw.predict, lib.vw._finish_example
+    set_label, get_pred = lib.example.set_label_string, lib.example.get_simplelabel_prediction
+    pop, push, ensure = lib.example.pop_feature, lib.example.push_hashed_feature, lib.example.ensure_namespace_exists
+    t_ns, s_ns = learners._t_ns, learners._s_ns
     strings: dict[tuple[int, float], str] = {}
-    lab = labels.tolist()
     out = preds.tolist() if score_first else None
-    for i, (ex, wi, ks) in enumerate(zip(examples, w.tolist(), mask.tolist())):
-        todo = [k for k, on in enumerate(ks) if on]
-        cur, scored = 0, ()  # the parse carries task 0's tokens
-        if score_first:
-            # VW's learn scores an example before updating it, so a task's learn-time prediction is
-            # progressive, except that a row's shared tasks see the updates its earlier shared tasks
-            # made to the shared weights: those after the first are scored before the row is learned.
-            scored = [k for k in todo if shared[k]][1:]
-            for k in scored:
-                if cur != k:
-                    retoken(ex, cur, k)
-                    cur = k
-                predict(ws, ex)
-                out[i][k] = get_pred(ex)
-        last = (1, wi)  # the label the example carries: the parse's, then the last set (most rows are
+    # The loop is the learner's hot path: the task switches are inlined (:func:`_switch`).
+    for ex, wi, (_, steps), row, o in zip(examples, w.tolist(), plans, labels.tolist(),
+                                               repeat(None) if out is None else out):
+        last = 1  # the label the example carries: the parse's, then the last set (most rows are
         # negative for every task)
-        for k in todo:
-            if cur != k:
-                retoken(ex, cur, k)
-                cur = k
-            key = (1 if lab[i][k] else -1, wi)
-            if key != last:
-                label = strings.get(key)
+        for k, token, shared, act in steps:
+            if token is not None:
+                pop(ex, t_ns)
+                push(ex, t_ns, *token)
+                if shared is False:
+                    pop(ex, s_ns)
+                elif shared is not None:
+                    ensure(ex, s_ns)
+                    push(ex, s_ns, *shared)
+            if act == 0:
+                predict(ws, ex)
+                o[k] = get_pred(ex)
+                continue
+            y = 1 if row[k] else -1
+            if y != last:
+                label = strings.get((y, wi))
                 if label is None:
-                    label = strings[key] = "%d %g" % key
+                    label = strings[(y, wi)] = "%d %g" % (y, wi)
                 set_label(ex, ws, label, 0)
-                last = key
+                last = y
             learn(ws, ex)
-            if score_first and k not in scored:
-                out[i][k] = get_pred(ex)
+            if act == 2:
+                o[k] = get_pred(ex)
         finish(ws, ex)
     return preds if out is None else np.array(out, np.float64)
 
@@ -576,12 +613,14 @@ def predict_text(learners: TaskLearners, text: bytes) -> np.ndarray:
         return np.empty((0, T))
     examples = learners.parse([learners._tokens[0] + line + b"\n" for line in lines])
     predict, get_pred, finish = lib.vw.predict, lib.example.get_simplelabel_prediction, lib.vw._finish_example
-    retoken = learners.retoken
+    switches = [learners.switch_ops(k - 1, k) for k in range(1, T)]
+    switch, example, t_ns, s_ns = _switch, lib.example, learners._t_ns, learners._s_ns
     out = np.empty((len(examples), T))
     for i, ex in enumerate(examples):
-        for k in range(T):
-            if k:
-                retoken(ex, k - 1, k)
+        predict(ws, ex)
+        out[i, 0] = get_pred(ex)
+        for k, ops in enumerate(switches, 1):
+            switch(example, ex, t_ns, s_ns, *ops)
             predict(ws, ex)
             out[i, k] = get_pred(ex)
         finish(ws, ex)

@@ -496,14 +496,11 @@ class TaskLearners:
         return workspace_weights(self.workspace, self.config.bits)
 
     def get_weights(self, rows: np.ndarray) -> np.ndarray:
-        """Current weights [len(rows), 8] of the given rows."""
+        """Current weights [len(rows), 8] of the given rows (one get_weight call per slot: pylibvw reads
+        no more than one weight at a time)."""
         get, ws, R = self._pylibvw.vw.get_weight, self.workspace, self.rows
-        rl = np.asarray(rows, np.int64)
-        out = np.empty((len(rl), SLOTS), np.float32)
-        for s in range(SLOTS):
-            idx = (rl + s * R).tolist()
-            out[:, s] = np.fromiter((get(ws, i, 0) for i in idx), np.float32, len(idx))
-        return out
+        index = (np.asarray(rows, np.int64)[:, None] + np.arange(SLOTS, dtype=np.int64) * R).ravel().tolist()
+        return np.fromiter(map(get, repeat(ws), index, repeat(0)), np.float32, len(index)).reshape(-1, SLOTS)
 
     def save(self, path) -> None:
         self.workspace.save(str(path))

@@ -44,8 +44,8 @@ predictions.
 from __future__ import annotations
 
 import json
-from itertools import repeat
 from dataclasses import dataclass, replace
+from itertools import repeat
 
 import numpy as np
 
@@ -457,7 +457,7 @@ class TaskLearners:
             # progressive, except that a row's shared tasks see the updates its earlier shared tasks made
             # to the shared weights: those after the first are scored before the row is learned.
             scored = [k for k in todo if self.shared[k]][1:] if score_first else []
-            seq = [(k, 0) for k in scored] + [(k, 1 if k in scored or not score_first else 2) for k in todo]
+            seq = [(k, 0) for k in scored] + [(k, 2 if score_first and k not in scored else 1) for k in todo]
             first = seq[0][0] if seq else 0
             steps, cur = [], first
             for k, act in seq:
@@ -518,6 +518,7 @@ class TaskLearners:
 
 
 def _switch(lib_example, ex, t_ns: int, s_ns: int, token, shared) -> None:
+    """Switch a parsed example from one task to another (``token``, ``shared``: :meth:`TaskLearners.switch_ops`)."""
     if token is None:
         return
     lib_example.pop_feature(ex, t_ns)
@@ -570,8 +571,8 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
     strings: dict[tuple[int, float], str] = {}
     out = preds.tolist() if score_first else None
     # The loop is the learner's hot path: the task switches are inlined (:func:`_switch`).
-    for ex, wi, (_, steps), row, o in zip(examples, w.tolist(), plans, labels.tolist(),
-                                               repeat(None) if out is None else out):
+    rows_out = repeat(None) if out is None else out
+    for ex, wi, (_, steps), row, o in zip(examples, w.tolist(), plans, labels.tolist(), rows_out):
         last = 1  # the label the example carries: the parse's, then the last set (most rows are
         # negative for every task)
         for k, token, shared, act in steps:

@@ -226,3 +226,50 @@ def test_fast_batch_text_subsets_predict_like_example_lines(tiny_bundle, tiny_re
     learners.close()
     np.testing.assert_array_equal(slow, fast)
     assert fast.shape == (len(served), len(r.tasks)) and np.ptp(fast[:, 0]) > 0
+
+
+def test_switching_a_parsed_row_from_task_to_task_learns_as_one_parsed_example_per_task(tiny_bundle, tiny_records):
+    """learn_text parses a row once and switches it from task to task in place; VW must learn and score
+    exactly as if each (row, task) were its own text line carrying that task's tokens: the same
+    progressive predictions (a row's later shared tasks scored before the row is learned) and the same
+    weights. Random task masks switch between shared tasks and hide (which drops the shared token)."""
+    from online.learner import vw_config
+    from stacker.vwstack import TaskLearners, learn_text
+    from stacker.vwtext import batch_text
+    r = StackedRanker.load(tiny_bundle)
+    served = [x for x in tiny_records if isinstance(x, ServedRecord)][:300]
+    f = r.features(batch_from_records(served, r.spec))
+    text = batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, interactions=f.interactions)
+    rng = np.random.default_rng(7)
+    labels = (rng.uniform(size=(len(served), len(r.tasks))) < 0.3).astype(np.int8)
+    mask = rng.uniform(size=labels.shape) < 0.7
+    weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
+    path = tiny_bundle / VW_MODEL
+    fast, ref = TaskLearners(r.tasks, vw_config(r.manifest), path), TaskLearners(r.tasks, vw_config(r.manifest), path)
+    assert ref.shared.any() and not ref.shared.all()
+    got = learn_text(fast, text, labels, mask, weights)
+
+    lib, ws = ref._pylibvw, ref.workspace
+
+    def run(line: bytes, k: int, label: bytes, learn: bool) -> float:
+        (ex,) = ws._parse(label + ref._tokens[k] + line + b"\n")
+        (lib.vw.learn if learn else lib.vw.predict)(ws, ex)
+        p = lib.example.get_simplelabel_prediction(ex)
+        lib.vw._finish_example(ws, ex)
+        return p
+
+    want = np.full(labels.shape, np.nan)
+    for i, line in enumerate(text.split(b"\n")[:len(served)]):
+        todo = np.flatnonzero(mask[i]).tolist()
+        scored = [k for k in todo if ref.shared[k]][1:]
+        for k in scored:
+            want[i, k] = run(line, k, b"", learn=False)
+        for k in todo:
+            p = run(line, k, b"%d %g " % (1 if labels[i, k] else -1, weights[i]), learn=True)
+            if k not in scored:
+                want[i, k] = p
+    assert np.isnan(got).sum() == (~mask).sum()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fast.weights(), ref.weights(), rtol=0, atol=1e-6)
+    fast.close()
+    ref.close()

@@ -162,18 +162,9 @@ def test_downsampling_drops_only_all_negative_finals_and_stays_calibrated(tmp_pa
 
 
 def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny_records):
-    from online.learner import vw_config
-    from stacker.vwstack import TaskLearners, learn_text
+    from stacker.vwstack import learn_text
     from stacker.vwtext import batch_text
-    r = StackedRanker.load(tiny_bundle)
-    served = [x for x in tiny_records if isinstance(x, ServedRecord)][:400]
-    f = r.features(batch_from_records(served, r.spec))
-    rng = np.random.default_rng(1)
-    labels = (rng.uniform(size=(len(served), len(r.tasks))) < 0.2).astype(np.int8)
-    mask = rng.uniform(size=labels.shape) < 0.8
-    weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
-    path = tiny_bundle / VW_MODEL
-    a, b = TaskLearners(r.tasks, vw_config(r.manifest), path), TaskLearners(r.tasks, vw_config(r.manifest), path)
+    f, labels, mask, weights, (a, b) = _random_batch(tiny_bundle, tiny_records, 400, 1, 0.2, 0.8)
     pa = a.learn(f.vw_lines(), labels, mask, weights)
     pb = learn_text(b, batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, interactions=f.interactions),
                     labels, mask, weights)
@@ -233,19 +224,10 @@ def test_switching_a_parsed_row_from_task_to_task_learns_as_one_parsed_example_p
     exactly as if each (row, task) were its own text line carrying that task's tokens: the same
     progressive predictions (a row's later shared tasks scored before the row is learned) and the same
     weights. Random task masks switch between shared tasks and hide (which drops the shared token)."""
-    from online.learner import vw_config
-    from stacker.vwstack import TaskLearners, learn_text
+    from stacker.vwstack import learn_text
     from stacker.vwtext import batch_text
-    r = StackedRanker.load(tiny_bundle)
-    served = [x for x in tiny_records if isinstance(x, ServedRecord)][:300]
-    f = r.features(batch_from_records(served, r.spec))
+    f, labels, mask, weights, (fast, ref) = _random_batch(tiny_bundle, tiny_records, 300, 7, 0.3, 0.7)
     text = batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, interactions=f.interactions)
-    rng = np.random.default_rng(7)
-    labels = (rng.uniform(size=(len(served), len(r.tasks))) < 0.3).astype(np.int8)
-    mask = rng.uniform(size=labels.shape) < 0.7
-    weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
-    path = tiny_bundle / VW_MODEL
-    fast, ref = TaskLearners(r.tasks, vw_config(r.manifest), path), TaskLearners(r.tasks, vw_config(r.manifest), path)
     assert ref.shared.any() and not ref.shared.all()
     got = learn_text(fast, text, labels, mask, weights)
 
@@ -259,7 +241,7 @@ def test_switching_a_parsed_row_from_task_to_task_learns_as_one_parsed_example_p
         return p
 
     want = np.full(labels.shape, np.nan)
-    for i, line in enumerate(text.split(b"\n")[:len(served)]):
+    for i, line in enumerate(text.split(b"\n")[:len(labels)]):
         todo = np.flatnonzero(mask[i]).tolist()
         scored = [k for k in todo if ref.shared[k]][1:]
         for k in scored:
@@ -273,3 +255,19 @@ def test_switching_a_parsed_row_from_task_to_task_learns_as_one_parsed_example_p
     np.testing.assert_allclose(fast.weights(), ref.weights(), rtol=0, atol=1e-6)
     fast.close()
     ref.close()
+
+
+def _random_batch(bundle, records, n: int, seed: int, p_label: float, p_learn: float):
+    """Features of ``n`` served records with random labels, task masks and importance weights (1 or 4),
+    and two learners resumed from the same bundle."""
+    from online.learner import vw_config
+    from stacker.vwstack import TaskLearners
+    r = StackedRanker.load(bundle)
+    served = [x for x in records if isinstance(x, ServedRecord)][:n]
+    f = r.features(batch_from_records(served, r.spec))
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=(len(served), len(r.tasks))) < p_label).astype(np.int8)
+    mask = rng.uniform(size=labels.shape) < p_learn
+    weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
+    learners = tuple(TaskLearners(r.tasks, vw_config(r.manifest), bundle / VW_MODEL) for _ in range(2))
+    return f, labels, mask, weights, learners

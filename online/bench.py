@@ -70,15 +70,11 @@ def redis_server(workdir: Path):
             proc.wait()
 
 
-def _bare_vw(bundle: Path, records, tasks, batch: int = 1024) -> dict:
-    """Join and featurize (untimed), then time bare TaskLearners.learn over the prebuilt lines."""
+def _bare_chunks(ranker, records, tasks, batch: int = 1024) -> tuple[list, int]:
+    """Join and featurize the workload (untimed): text lines, labels and task masks per batch."""
     from online.joiner import Joiner
-    from online.learner import vw_config
     from online.records import Engagement
     from online.reproduce import batch_from_records
-    from stacker.ranker import StackedRanker
-    from stacker.vwstack import TaskLearners
-    ranker = StackedRanker.load(bundle)
     j = Joiner(tasks, WINDOW_MS)
     exs = []
     for off, r in enumerate(records):
@@ -91,33 +87,118 @@ def _bare_vw(bundle: Path, records, tasks, batch: int = 1024) -> dict:
         labels = np.array([[x.labels.get(t, 0) for t in ranker.tasks] for x in part], np.int8)
         mask = np.array([[t in tasks and t in x.tasks for t in ranker.tasks] for x in part], bool)
         chunks.append((lines, labels, mask))
+    return chunks, len(exs)
+
+
+def _bare_vw(bundle: Path, ranker, chunks, examples: int, tasks) -> dict:
+    """Time bare TaskLearners.learn over the prebuilt lines, resumed from the bundle."""
+    from online.learner import vw_config
     from stacker.bundle import VW_MODEL
+    from stacker.vwstack import TaskLearners
     learners = TaskLearners(ranker.tasks, vw_config(ranker.manifest), bundle / VW_MODEL)
     t0 = time.perf_counter()
     for lines, labels, mask in chunks:
         learners.learn(lines, labels, mask)
     dt = time.perf_counter() - t0
     learners.close()
-    return {"source": "bare_vw", "events_per_s": len(exs) / dt, "tasks": len(tasks), "examples": len(exs),
+    return {"source": "bare_vw", "events_per_s": examples / dt, "tasks": len(tasks), "examples": examples,
             "seconds": dt}
 
 
+def _learn_once(run: int, work: Path, bundle: Path, ranker, records, url, single: bool, batch_size: int,
+                progress: bool) -> list[dict]:
+    """One measurement of every source but bare pylibvw, each learner from the bundle in fresh state
+    directories (``run`` keeps them, and the Redis streams, apart)."""
+    from online.bus import RedisBus
+    from online.learner import OnlineLearner
+    from online.pipeline import PipelinedLearner
+    from online.replay import follow_redis, replay
+    tasks = ranker.tasks
+    out_dir = work / f"run{run}"
+    results = []
+    pipe = PipelinedLearner(bundle, out_dir / "state-log", attribution_window_ms=WINDOW_MS,
+                            model_dir=out_dir / "models-log", checkpoint_every_s=30.0, batch_size=batch_size)
+    out = pipe.replay(work / "log", progress=progress)
+    pipe.close()
+    results.append({"source": "log", "events_per_s": out["learned_examples"] / out["seconds"],
+                    "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
+                    "updates": out["updates"], "processes": 2,
+                    "trainer_wait_s": round(out["trainer_wait_s"], 3),
+                    "trainer_s": {k: round(v, 3) for k, v in out["trainer_s"].items()}})
+    if single:
+        learner = OnlineLearner(bundle, out_dir / "state-log1", attribution_window_ms=WINDOW_MS,
+                                model_dir=out_dir / "models-log1", checkpoint_every_s=30.0)
+        out = replay(learner, work / "log", progress=progress)
+        learner.close()
+        results.append({"source": "log-1proc", "events_per_s": out["learned_examples"] / out["seconds"],
+                        "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
+                        "updates": out["updates"], "processes": 1})
+    if url is None:
+        return results
+
+    def publish(stream: str) -> None:
+        bus = RedisBus(url, stream=stream)
+        for a in range(0, len(records), 5_000):
+            bus.publish(records[a:a + 5_000])
+        bus.close()
+    stream = f"bench:pipeline:{run}"
+    publish(stream)
+    pipe = PipelinedLearner(bundle, out_dir / "state-redis", attribution_window_ms=WINDOW_MS,
+                            model_dir=out_dir / "models-redis", checkpoint_every_s=30.0, batch_size=batch_size)
+    out = pipe.follow_redis(url, stream=stream, stop_when_idle=True)
+    pending = RedisBus(url, stream=stream).pending_count()
+    results.append({"source": "redis", "events_per_s": out["learned_examples"] / out["seconds"],
+                    "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
+                    "processes": 2, "acked": out["acked"], "pending_after": pending})
+    pipe.close()
+    if single:
+        stream = f"bench:single:{run}"
+        publish(stream)
+        bus = RedisBus(url, stream=stream)
+        learner = OnlineLearner(bundle, out_dir / "state-redis1", attribution_window_ms=WINDOW_MS,
+                                model_dir=out_dir / "models-redis1", checkpoint_every_s=30.0)
+        t0 = time.perf_counter()
+        follow_redis(learner, bus, block_ms=50, idle_close_s=None, max_idle_polls=1)
+        learner.finish()
+        bus.ack_through(learner.replay_from)
+        dt = time.perf_counter() - t0
+        results.append({"source": "redis-1proc", "events_per_s": learner.counters["learned_examples"] / dt,
+                        "tasks": len(tasks), "examples": learner.counters["learned_examples"],
+                        "seconds": dt, "processes": 1, "pending_after": bus.pending_count()})
+        learner.close()
+        bus.close()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return results
+
+
+def _summary(runs: list[dict], bare: list[dict]) -> dict:
+    """One source over every run: the median rate (and its run's other fields), each run's rate, and the
+    median of each run's ratio to bare pylibvw in the same round."""
+    rates = [r["events_per_s"] for r in runs]
+    middle = dict(sorted(runs, key=lambda r: r["events_per_s"])[(len(runs) - 1) // 2])
+    middle["events_per_s"] = float(np.median(rates))
+    middle["runs_events_per_s"] = [round(x, 1) for x in rates]
+    if runs[0]["source"] != "bare_vw":
+        middle["vs_bare"] = round(float(np.median([r / b["events_per_s"] for r, b in zip(rates, bare)])), 3)
+    return middle
+
+
 def bench_learn(n: int = 100_000, cache_dir: Path = Path(BENCH_CACHE_DIR), bundle=None, progress: bool = True,
-                redis: bool = True, single: bool = True, batch_size: int = 1024) -> list[dict]:
+                redis: bool = True, single: bool = True, batch_size: int = 1024, repeat: int = 3) -> list[dict]:
     """``log``: the two-process pipeline (:mod:`online.pipeline`) replaying the local log; ``log-1proc``: the
     single-process :class:`OnlineLearner`; ``redis``: the two-process pipeline consuming a Redis stream
     (``redis-1proc``: the single-process learner on it);
     ``bare_vw``: :meth:`TaskLearners.learn` alone over prebuilt lines. Rates are learned (joined) examples
-    per second, start-up excluded, final publish and checkpoint included."""
+    per second, start-up excluded, final publish and checkpoint included. The workload is built once;
+    every source is measured ``repeat`` times, in rounds (each round runs them all, bare pylibvw last),
+    and reported by its median (``runs_events_per_s``: every round's rate)."""
     from feedsim.simulate import simulate
-    from online.bus import RedisBus
     from online.eventlog import EventLog
-    from online.learner import OnlineLearner
-    from online.pipeline import PipelinedLearner
-    from online.replay import follow_redis, replay
     from online.workload import workload
     from stacker.ranker import StackedRanker
 
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     bundle = Path(bundle) if bundle else ensure_bench_bundle(cache_dir, progress)
     ranker = StackedRanker.load(bundle)
     tasks = ranker.tasks
@@ -127,65 +208,20 @@ def bench_learn(n: int = 100_000, cache_dir: Path = Path(BENCH_CACHE_DIR), bundl
     gc.collect()
     gc.freeze()  # the workload's objects are long-lived: keep the cyclic GC from rescanning them
     work = Path(tempfile.mkdtemp(prefix="feedrank-bench-"))
-    results = []
+    runs: dict[str, list[dict]] = {}
     try:
         with EventLog(work / "log", fsync=False) as log:
             log.append(records)
-        pipe = PipelinedLearner(bundle, work / "state-log", attribution_window_ms=WINDOW_MS,
-                                model_dir=work / "models-log", checkpoint_every_s=30.0, batch_size=batch_size)
-        out = pipe.replay(work / "log", progress=progress)
-        pipe.close()
-        results.append({"source": "log", "events_per_s": out["learned_examples"] / out["seconds"],
-                        "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
-                        "updates": out["updates"], "processes": 2,
-                        "trainer_wait_s": round(out["trainer_wait_s"], 3),
-                        "trainer_s": {k: round(v, 3) for k, v in out["trainer_s"].items()}})
-        if single:
-            learner = OnlineLearner(bundle, work / "state-log1", attribution_window_ms=WINDOW_MS,
-                                    model_dir=work / "models-log1", checkpoint_every_s=30.0)
-            out = replay(learner, work / "log", progress=progress)
-            learner.close()
-            results.append({"source": "log-1proc", "events_per_s": out["learned_examples"] / out["seconds"],
-                            "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
-                            "updates": out["updates"], "processes": 1})
-        if redis:
-            with redis_server(work) as url:
-                def publish(stream: str) -> None:
-                    bus = RedisBus(url, stream=stream)
-                    for a in range(0, len(records), 5_000):
-                        bus.publish(records[a:a + 5_000])
-                    bus.close()
-                publish("bench:pipeline")
-                pipe = PipelinedLearner(bundle, work / "state-redis", attribution_window_ms=WINDOW_MS,
-                                        model_dir=work / "models-redis", checkpoint_every_s=30.0,
-                                        batch_size=batch_size)
-                out = pipe.follow_redis(url, stream="bench:pipeline", stop_when_idle=True)
-                pending = RedisBus(url, stream="bench:pipeline").pending_count()
-                results.append({"source": "redis", "events_per_s": out["learned_examples"] / out["seconds"],
-                                "tasks": len(tasks), "examples": out["learned_examples"],
-                                "seconds": out["seconds"], "processes": 2, "acked": out["acked"],
-                                "pending_after": pending})
-                pipe.close()
-                if single:
-                    publish("bench:single")
-                    bus = RedisBus(url, stream="bench:single")
-                    learner = OnlineLearner(bundle, work / "state-redis1", attribution_window_ms=WINDOW_MS,
-                                            model_dir=work / "models-redis1", checkpoint_every_s=30.0)
-                    t0 = time.perf_counter()
-                    follow_redis(learner, bus, block_ms=50, idle_close_s=None, max_idle_polls=1)
-                    learner.finish()
-                    bus.ack_through(learner.replay_from)
-                    dt = time.perf_counter() - t0
-                    results.append({"source": "redis-1proc",
-                                    "events_per_s": learner.counters["learned_examples"] / dt,
-                                    "tasks": len(tasks), "examples": learner.counters["learned_examples"],
-                                    "seconds": dt, "processes": 1, "pending_after": bus.pending_count()})
-                    learner.close()
-                    bus.close()
-        bare = _bare_vw(bundle, records, tasks)
-        for r in results:
-            r["vs_bare"] = round(r["events_per_s"] / bare["events_per_s"], 3)
-        results.append(bare)
+        chunks = None
+        with (redis_server(work) if redis else contextlib.nullcontext()) as url:
+            for run in range(repeat):
+                if progress and repeat > 1:
+                    print(f"round {run + 1}/{repeat}", file=sys.stderr)
+                for r in _learn_once(run, work, bundle, ranker, records, url, single, batch_size, progress):
+                    runs.setdefault(r["source"], []).append(r)
+                if chunks is None:  # built once, after the learners' first round (as they would find memory)
+                    chunks, examples = _bare_chunks(ranker, records, tasks)
+                runs.setdefault("bare_vw", []).append(_bare_vw(bundle, ranker, chunks, examples, tasks))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return results
+    return [_summary(rs, runs["bare_vw"]) for rs in runs.values()]

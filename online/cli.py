@@ -107,12 +107,18 @@ def add_join_options(p, when: str = "") -> None:
 
 def cmd_bench_learn(args) -> int:
     from online.bench import bench_learn
+    limits = (("-n", args.n, 1_000), ("--repeat", args.repeat, 1), ("--batch-size", args.batch_size, 1))
+    for name, value, least in limits:
+        if value < least:
+            raise SystemExit(f"feedrank bench learn: {name} must be at least {least:,}, got {value}")
     results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir), bundle=args.bundle,
                           progress=not args.quiet, redis=not args.no_redis, single=not args.no_single,
-                          batch_size=args.batch_size or 1024)
+                          batch_size=args.batch_size, repeat=args.repeat)
     for r in results:
         ratio = f", {r['vs_bare']:.2f}x bare" if "vs_bare" in r else ""
-        print(f"{r['source']:<12} {r['events_per_s']:>10,.0f} joined examples/s  ({r['tasks']} tasks, "
+        rates = r["runs_events_per_s"]
+        spread = f"median of {len(rates)}, {min(rates):,.0f}-{max(rates):,.0f}; " if len(rates) > 1 else ""
+        print(f"{r['source']:<12} {r['events_per_s']:>10,.0f} joined examples/s  ({spread}{r['tasks']} tasks, "
               f"{r.get('examples', 0):,} examples in {r.get('seconds', 0):.1f}s{ratio})")
     if args.json:  # the documented sources; the single-process figure is printed above
         listed = [r for r in results if r["source"] in ("log", "redis", "bare_vw")]
@@ -139,6 +145,8 @@ def _add_bench_learn(sub) -> None:
     b.add_argument("--quiet", action="store_true")
     b.add_argument("--no-single", action="store_true", help="learn: skip the single-process log run")
     b.add_argument("--batch-size", type=int, default=1024, help="learn: examples per pipeline batch (1024)")
+    b.add_argument("--repeat", type=int, default=3, help="learn: rounds of every measurement; figures are "
+                   "medians (default 3)")
     b.set_defaults(func=cmd_bench_learn)
 
 

@@ -566,24 +566,16 @@ def learn_text(learners: TaskLearners, text: bytes, labels: np.ndarray, mask: np
         raise ValueError(f"VW parsed {len(examples)} examples from {len(lines)} rows")
     learn, predict, finish = lib.vw.learn, lib.vw.predict, lib.vw._finish_example
     set_label, get_pred = lib.example.set_label_string, lib.example.get_simplelabel_prediction
-    pop, push, ensure = lib.example.pop_feature, lib.example.push_hashed_feature, lib.example.ensure_namespace_exists
-    t_ns, s_ns = learners._t_ns, learners._s_ns
+    switch, example, t_ns, s_ns = _switch, lib.example, learners._t_ns, learners._s_ns
     strings: dict[tuple[int, float], str] = {}
     out = preds.tolist() if score_first else None
-    # The loop is the learner's hot path: the task switches are inlined (:func:`_switch`).
     rows_out = repeat(None) if out is None else out
     for ex, wi, (_, steps), row, o in zip(examples, w.tolist(), plans, labels.tolist(), rows_out):
         last = 1  # the label the example carries: the parse's, then the last set (most rows are
         # negative for every task)
         for k, token, shared, act in steps:
-            if token is not None:
-                pop(ex, t_ns)
-                push(ex, t_ns, *token)
-                if shared is False:
-                    pop(ex, s_ns)
-                elif shared is not None:
-                    ensure(ex, s_ns)
-                    push(ex, s_ns, *shared)
+            if token is not None:  # the first step of a row is already its parsed task
+                switch(example, ex, t_ns, s_ns, token, shared)
             if act == 0:
                 predict(ws, ex)
                 o[k] = get_pred(ex)

@@ -70,7 +70,7 @@ def redis_server(workdir: Path):
             proc.wait()
 
 
-def _bare_chunks(ranker, records, tasks, batch: int = 1024) -> tuple[list, int]:
+def _bare_chunks(ranker, records, tasks, batch: int = 1024) -> list:
     """Join and featurize the workload (untimed): text lines, labels and task masks per batch."""
     from online.joiner import Joiner
     from online.records import Engagement
@@ -87,10 +87,10 @@ def _bare_chunks(ranker, records, tasks, batch: int = 1024) -> tuple[list, int]:
         labels = np.array([[x.labels.get(t, 0) for t in ranker.tasks] for x in part], np.int8)
         mask = np.array([[t in tasks and t in x.tasks for t in ranker.tasks] for x in part], bool)
         chunks.append((lines, labels, mask))
-    return chunks, len(exs)
+    return chunks
 
 
-def _bare_vw(bundle: Path, ranker, chunks, examples: int, tasks) -> dict:
+def _bare_vw(bundle: Path, ranker, chunks, tasks) -> dict:
     """Time bare TaskLearners.learn over the prebuilt lines, resumed from the bundle."""
     from online.learner import vw_config
     from stacker.bundle import VW_MODEL
@@ -101,38 +101,38 @@ def _bare_vw(bundle: Path, ranker, chunks, examples: int, tasks) -> dict:
         learners.learn(lines, labels, mask)
     dt = time.perf_counter() - t0
     learners.close()
-    return {"source": "bare_vw", "events_per_s": examples / dt, "tasks": len(tasks), "examples": examples,
-            "seconds": dt}
+    return _rate("bare_vw", sum(len(labels) for _, labels, _ in chunks), dt, tasks)
 
 
-def _learn_once(run: int, work: Path, bundle: Path, ranker, records, url, single: bool, batch_size: int,
-                progress: bool) -> list[dict]:
+def _rate(source: str, examples: int, seconds: float, tasks, **more) -> dict:
+    return {"source": source, "events_per_s": examples / seconds, "tasks": len(tasks), "examples": examples,
+            "seconds": seconds, **more}
+
+
+def _learn_once(run: int, out_dir: Path, log_dir: Path, bundle: Path, ranker, records, url, single: bool,
+                batch_size: int, progress: bool) -> list[dict]:
     """One measurement of every source but bare pylibvw, each learner from the bundle in fresh state
-    directories (``run`` keeps them, and the Redis streams, apart)."""
+    directories under ``out_dir`` (``run`` keeps the Redis streams of the rounds apart)."""
     from online.bus import RedisBus
     from online.learner import OnlineLearner
     from online.pipeline import PipelinedLearner
     from online.replay import follow_redis, replay
     tasks = ranker.tasks
-    out_dir = work / f"run{run}"
     results = []
     pipe = PipelinedLearner(bundle, out_dir / "state-log", attribution_window_ms=WINDOW_MS,
                             model_dir=out_dir / "models-log", checkpoint_every_s=30.0, batch_size=batch_size)
-    out = pipe.replay(work / "log", progress=progress)
+    out = pipe.replay(log_dir, progress=progress)
     pipe.close()
-    results.append({"source": "log", "events_per_s": out["learned_examples"] / out["seconds"],
-                    "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
-                    "updates": out["updates"], "processes": 2,
-                    "trainer_wait_s": round(out["trainer_wait_s"], 3),
-                    "trainer_s": {k: round(v, 3) for k, v in out["trainer_s"].items()}})
+    results.append(_rate("log", out["learned_examples"], out["seconds"], tasks, updates=out["updates"],
+                         processes=2, trainer_wait_s=round(out["trainer_wait_s"], 3),
+                         trainer_s={k: round(v, 3) for k, v in out["trainer_s"].items()}))
     if single:
         learner = OnlineLearner(bundle, out_dir / "state-log1", attribution_window_ms=WINDOW_MS,
                                 model_dir=out_dir / "models-log1", checkpoint_every_s=30.0)
-        out = replay(learner, work / "log", progress=progress)
+        out = replay(learner, log_dir, progress=progress)
         learner.close()
-        results.append({"source": "log-1proc", "events_per_s": out["learned_examples"] / out["seconds"],
-                        "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
-                        "updates": out["updates"], "processes": 1})
+        results.append(_rate("log-1proc", out["learned_examples"], out["seconds"], tasks, updates=out["updates"],
+                             processes=1))
     if url is None:
         return results
 
@@ -147,9 +147,8 @@ def _learn_once(run: int, work: Path, bundle: Path, ranker, records, url, single
                             model_dir=out_dir / "models-redis", checkpoint_every_s=30.0, batch_size=batch_size)
     out = pipe.follow_redis(url, stream=stream, stop_when_idle=True)
     pending = RedisBus(url, stream=stream).pending_count()
-    results.append({"source": "redis", "events_per_s": out["learned_examples"] / out["seconds"],
-                    "tasks": len(tasks), "examples": out["learned_examples"], "seconds": out["seconds"],
-                    "processes": 2, "acked": out["acked"], "pending_after": pending})
+    results.append(_rate("redis", out["learned_examples"], out["seconds"], tasks, processes=2,
+                         acked=out["acked"], pending_after=pending))
     pipe.close()
     if single:
         stream = f"bench:single:{run}"
@@ -162,12 +161,10 @@ def _learn_once(run: int, work: Path, bundle: Path, ranker, records, url, single
         learner.finish()
         bus.ack_through(learner.replay_from)
         dt = time.perf_counter() - t0
-        results.append({"source": "redis-1proc", "events_per_s": learner.counters["learned_examples"] / dt,
-                        "tasks": len(tasks), "examples": learner.counters["learned_examples"],
-                        "seconds": dt, "processes": 1, "pending_after": bus.pending_count()})
+        results.append(_rate("redis-1proc", learner.counters["learned_examples"], dt, tasks, processes=1,
+                             pending_after=bus.pending_count()))
         learner.close()
         bus.close()
-    shutil.rmtree(out_dir, ignore_errors=True)
     return results
 
 
@@ -217,11 +214,14 @@ def bench_learn(n: int = 100_000, cache_dir: Path = Path(BENCH_CACHE_DIR), bundl
             for run in range(repeat):
                 if progress and repeat > 1:
                     print(f"round {run + 1}/{repeat}", file=sys.stderr)
-                for r in _learn_once(run, work, bundle, ranker, records, url, single, batch_size, progress):
+                out_dir = work / f"run{run}"
+                for r in _learn_once(run, out_dir, work / "log", bundle, ranker, records, url, single, batch_size,
+                                     progress):
                     runs.setdefault(r["source"], []).append(r)
+                shutil.rmtree(out_dir, ignore_errors=True)  # each round's VW models and checkpoints
                 if chunks is None:  # built once, after the learners' first round (as they would find memory)
-                    chunks, examples = _bare_chunks(ranker, records, tasks)
-                runs.setdefault("bare_vw", []).append(_bare_vw(bundle, ranker, chunks, examples, tasks))
+                    chunks = _bare_chunks(ranker, records, tasks)
+                runs.setdefault("bare_vw", []).append(_bare_vw(bundle, ranker, chunks, tasks))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return [_summary(rs, runs["bare_vw"]) for rs in runs.values()]

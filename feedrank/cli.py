@@ -35,7 +35,7 @@ def _train_config(args):
         return TrainConfig(gbdt=GBDTConfig(trees=args.trees, depth=args.depth),
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
                            downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
-                           dense_warmup=not args.no_dense_warmup,
+                           dense_warmup=not args.no_dense_warmup, refit_biases=not args.no_bias_refit,
                            slices=tuple(float(x) for x in args.slices.split(",")))
     except ValueError as e:
         raise SystemExit(f"feedrank: {e}")
@@ -70,6 +70,9 @@ def _add_train_options(p):
     p.add_argument("--no-dense-warmup", action="store_true",
                    help="learn the LR in one pass with every namespace, without the first pass over the dense "
                         "ones alone (leaves, DNN, context)")
+    p.add_argument("--no-bias-refit", action="store_true",
+                   help="keep each task's bias as the LR's passes leave it, without re-fitting it so the LR's "
+                        "weighted mean prediction on its slice matches the slice's label rate")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--served-by", action="append", metavar="DIR",

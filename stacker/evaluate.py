@@ -27,8 +27,8 @@ from .features import CandidateBatch, build_dense
 from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
-from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, split_by_time,
-                    stack_features, time_slices, train_extractors)
+from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, refit_biases,
+                    split_by_time, stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -36,11 +36,14 @@ LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
 def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name,
-                       keep: Path | None = None):
-    """Train one LR variant and score the test slice; ``keep`` saves its VW models there."""
+                       refit, keep: Path | None = None):
+    """Train one LR variant and score the test slice; ``refit`` is ``(features, labels)`` of the rows its
+    biases are re-fitted on (every row of the LR slice); ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
     with progress.task(f"{name}: LR", len(lr_passes(namespaces, config)) * len(Y)) as bar:
         fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
+    if config.refit_biases:
+        refit_biases(learners, *refit, namespaces)
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)
@@ -124,12 +127,14 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
                                    lr_slice["post_id"].to_numpy(object), config.downsample_rate)
         rows = np.flatnonzero(keep)
-        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True), config.vw.values)
+        lr_all = stack_features(ex, lr_slice, config.vw.values)
+        lr_feats = tuple(f[rows] for f in lr_all)
+        refit = (lr_all, Y_lr)
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
-                                                   weights[rows], test_feats, progress, name,
+                                                   weights[rows], test_feats, progress, name, refit,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
         test_ts = test["ts"].to_numpy(np.int64)
@@ -159,7 +164,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows_all = np.flatnonzero(keep_all)
         all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True), config.vw.values)
         timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
-                                                   w_all[rows_all], test_feats, progress, "lr_ids"))
+                                                   w_all[rows_all], test_feats, progress, "lr_ids", refit))
     for name, fn in (peers or {}).items():
         progress.note(f"{name}: training peer")
         timed(name, lambda: np.asarray(fn(train_all, test)).reshape(len(test), len(tasks)))

@@ -49,6 +49,12 @@ class TrainConfig:
     # pass with everything: the ids then learn what the extractors' features leave unexplained instead
     # of sharing what they explain (the global model before the per-id ones, as GLMix fits them).
     dense_warmup: bool = True
+    # After the passes, each task's bias is re-fitted so the LR's mean prediction on every row of its
+    # slice (the negatives downsampling dropped included) equals the slice's label rate: one online pass
+    # with per-coordinate rates does not end at the slice's level, and under FTRL a kept negative of
+    # weight 1/w moves a weight less than 1/w negatives would (on the default world the passes leave the
+    # LR over-predicting its own slice's share by 19%, 12% with every row learned).
+    refit_biases: bool = True
     chunk: int = 4096
     seed: int = 0
 
@@ -179,6 +185,45 @@ def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", 
     return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
 
 
+def bias_shifts(p: np.ndarray, Y: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Per task, the logit shift b with sum sigmoid(logit(p) + b) = sum y (Newton's method on a monotone
+    function); 0 for a task whose rows are all positive or all negative."""
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    z = np.log(p) - np.log1p(-p)
+    out = np.zeros(p.shape[1])
+    for k in range(p.shape[1]):
+        target = float(Y[:, k].sum())
+        if target <= 0 or target >= len(Y):
+            continue
+        b = 0.0
+        for _ in range(iterations):
+            q = 1.0 / (1.0 + np.exp(-(z[:, k] + b)))
+            f, df = q.sum() - target, float((q * (1 - q)).sum())
+            step = float(np.clip(f / max(df, 1e-12), -1.0, 1.0))
+            b -= step
+            if abs(step) < 1e-7:
+                break
+        out[k] = b
+    return out
+
+
+def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str = "ldupac") -> dict:
+    """Shift every task's bias so the LR's mean prediction on ``feats`` equals the rate of ``Y``
+    (:attr:`TrainConfig.refit_biases`); returns, per task, the shift and the calibration (mean prediction
+    / label rate) before it.
+
+    ``feats`` are every row of the LR's slice, not the downsampled rows it learned weighted by 1/w: those
+    understate the predictions to come, since every kept negative was learned (its ids' weights pulled
+    down by its own label) and counts 1/w times (on the default world the weighted rows put the
+    prediction on click at 0.85 of its rate, every row at 0.97, and the test slice at 0.98)."""
+    p = predict_features(learners, feats, namespaces)
+    shifts = bias_shifts(p, Y)
+    learners.shift_biases(shifts)
+    before = p.mean(axis=0) / np.maximum(Y.mean(axis=0), 1e-12)
+    return {t: {"shift": round(float(shifts[k]), 6), "calibration_before": round(float(before[k]), 4)}
+            for k, t in enumerate(learners.tasks)}
+
+
 def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
              progress: Progress, rate: float | None = None) -> dict:
     """Train every task's LR on a table (downsampled; :func:`fit_lr`); returns counts."""
@@ -187,12 +232,16 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     Y = labels_of(df, tasks)
     keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
     rows = np.flatnonzero(keep)
-    sub = df.iloc[rows].reset_index(drop=True)
+    every = stack_features(ex, df, config.vw.values)
     passes = lr_passes("ldupac", config)
     label = "sparse LR (VW, every task" + (f"; {len(passes)} passes)" if len(passes) > 1 else ")")
     with progress.task(label, len(passes) * len(rows)) as bar:
-        fit_lr(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config, bar)
-    return {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
+        fit_lr(learners, tuple(f[rows] for f in every), Y[rows], weights[rows], config, bar)
+    counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
+    if config.refit_biases and len(rows):
+        progress.note("sparse LR: re-fitting each task's bias on its slice")
+        counts["bias_refit"] = refit_biases(learners, every, Y)
+    return counts
 
 
 def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,
@@ -254,6 +303,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
                                             "lr_kept_after_downsampling": counts["kept"],
                                             "test": len(parts[2]) if evaluate_slice else 0},
                          "lr_passes": counts["passes"],
+                         **({"lr_bias_refit": counts["bias_refit"]} if "bias_refit" in counts else {}),
                          "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
                          "wall_time_s": round(wall, 2)},
         }

@@ -44,6 +44,7 @@ predictions.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from itertools import repeat
 
@@ -501,6 +502,23 @@ class TaskLearners:
         get, ws, R = self._pylibvw.vw.get_weight, self.workspace, self.rows
         index = (np.asarray(rows, np.int64)[:, None] + np.arange(SLOTS, dtype=np.int64) * R).ravel().tolist()
         return np.fromiter(map(get, repeat(ws), index, repeat(0)), np.float32, len(index)).reshape(-1, SLOTS)
+
+    def shift_biases(self, shifts) -> None:
+        """Add ``shifts[k]`` to task k's bias (a shift of its logit on every example).
+
+        Under FTRL a weight is recomputed from its state at the coordinate's next update,
+        ``w = -z / (l2 + (beta + sqrt(n)) / alpha)``, so ``z`` is set to match the new weight: learning
+        goes on from the shifted bias (saved, resumed and served alike)."""
+        ws, cfg = self.workspace, self.config
+        for k, shift in enumerate(shifts):
+            if not shift:
+                continue
+            i = token_index(k, cfg.bits)
+            w = ws.get_weight(i, 0) + float(shift)
+            ws.set_weight(i, 0, w)
+            if cfg.optimizer == "ftrl":
+                n = ws.get_weight(i, 2)
+                ws.set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(n)) / cfg.ftrl_alpha))
 
     def save(self, path) -> None:
         self.workspace.save(str(path))

@@ -271,3 +271,41 @@ def _random_batch(bundle, records, n: int, seed: int, p_label: float, p_learn: f
     weights = np.where(rng.uniform(size=len(served)) < 0.5, 1.0, 4.0)
     learners = tuple(TaskLearners(r.tasks, vw_config(r.manifest), bundle / VW_MODEL) for _ in range(2))
     return f, labels, mask, weights, learners
+
+
+def test_a_shifted_bias_moves_every_score_by_its_shift_and_learning_goes_on_from_it(tmp_path, tiny_bundle,
+                                                                                     tiny_records):
+    """``TaskLearners.shift_biases`` (the LR's bias refit after training) moves each task's logit by its
+    shift, in VW and in the served numpy copy of the weights alike; FTRL's state follows the new weight,
+    so a saved and resumed model learning again goes on from the shifted bias instead of snapping back."""
+    from online.learner import vw_config
+    from stacker.vwstack import SparseScorer, TaskLearners, predict_text, token_index
+    from stacker.vwtext import batch_text
+    f, labels, mask, weights, (a, b) = _random_batch(tiny_bundle, tiny_records, 300, 2, 0.2, 1.0)
+    b.close()
+    text = batch_text(f.leaves, f.hidden, f.ids, f.context, f.values, interactions=f.interactions)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    before = predict_text(a, text)
+    shifts = np.linspace(-1.0, 1.0, len(a.tasks))
+    a.shift_biases(shifts)
+    after = predict_text(a, text)
+    np.testing.assert_allclose(logit(after) - logit(before), np.broadcast_to(shifts, after.shape), atol=2e-4)
+    r = StackedRanker.load(tiny_bundle)
+    scorer = SparseScorer(a.weights(), a.namespace_hashes(), a.config, a.tasks,
+                          leaf_space=r.extractor.trees * r.extractor.node_stride)
+    np.testing.assert_allclose(scorer.predict(f.leaves, f.hidden, f.ids, f.context), after, rtol=1e-5, atol=1e-7)
+
+    a.save(tmp_path / "shifted.model")
+    a.close()
+    config = vw_config(r.manifest)
+    resumed = TaskLearners(r.tasks, config, tmp_path / "shifted.model")
+    np.testing.assert_allclose(predict_text(resumed, text), after, rtol=1e-6)
+    bias = [token_index(k, config.bits) for k in range(len(r.tasks))]
+    shifted = np.array([resumed.workspace.get_weight(i, 0) for i in bias])
+    one = slice(0, 1)
+    resumed.learn(f.vw_lines()[one], labels[one], np.ones((1, len(r.tasks)), bool))
+    learned = np.array([resumed.workspace.get_weight(i, 0) for i in bias])
+    resumed.close()
+    # one example moves a bias by a small step, far less than the shifts (up to 1) it would lose if FTRL's
+    # state still described the bias before the shift
+    assert np.all(learned != shifted) and np.max(np.abs(learned - shifted)) < 0.05, learned - shifted

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -485,3 +486,34 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
         assert bar.n == passes * len(Y), (namespaces, config.dense_warmup)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]
+
+
+def test_the_lr_bias_is_refit_so_the_served_bundle_predicts_its_slices_rate(bundle_dir, table):
+    """After its passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
+    (the negatives downsampling dropped included) equals the slice's label rate: the bundle, served from
+    its numpy weights, predicts each task's rate on that slice, and the manifest says by how much each
+    bias moved and how far off the passes had left it."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    refit = manifest["training"]["lr_bias_refit"]
+    assert set(refit) == set(manifest["tasks"]) and any(abs(r["shift"]) > 1e-3 for r in refit.values())
+    lr_slice = split_by_time(table, SMALL.slices)[1]
+    ranker = StackedRanker.load(bundle_dir)
+    p = ranker.predict_features(ranker.features(CandidateBatch.from_table(lr_slice, ranker.spec)))
+    Y = labels_of(lr_slice, ranker.tasks)
+    for k, task in enumerate(ranker.tasks):
+        assert p[:, k].mean() == pytest.approx(Y[:, k].mean(), rel=1e-3), task
+        # the calibration before the refit, as recorded
+        shifted_back = 1 / (1 + np.exp(-(np.log(p[:, k] / (1 - p[:, k])) - refit[task]["shift"])))
+        assert shifted_back.mean() / Y[:, k].mean() == pytest.approx(refit[task]["calibration_before"], abs=2e-3), task
+
+
+def test_without_the_refit_the_bundle_keeps_the_biases_its_passes_learned(tmp_path, table):
+    config = replace(SMALL, refit_biases=False)
+    out = train_bundle(table, tmp_path / "b", config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "lr_bias_refit" not in manifest["training"]
+    lr_slice = split_by_time(table, SMALL.slices)[1]
+    ranker = StackedRanker.load(out)
+    p = ranker.predict_features(ranker.features(CandidateBatch.from_table(lr_slice, ranker.spec)))
+    Y = labels_of(lr_slice, ranker.tasks)
+    assert max(abs(p[:, k].mean() / Y[:, k].mean() - 1) for k in range(len(ranker.tasks))) > 0.01

@@ -8,8 +8,10 @@ with the bundle's online settings (FTRL: its own alpha), scoring the test slice 
 learning each row ``label_delay_ms`` after its time (default 5 minutes, the online learner's default
 attribution window: an impression is learned when its window closes): progressive validation, the
 way the served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
-On simulated data, given the world's logit components, the report also says what each variant
-recovers of each component (``recovery``; :mod:`feedsim.attribution`).
+Every LR variant's biases are re-fitted on the LR slice after its passes, as ``train`` does
+(:func:`stacker.train.refit_biases`; ``lr_bias_refit`` in the report), unless
+``TrainConfig.refit_biases`` is off. On simulated data, given the world's logit components, the
+report also says what each variant recovers of each component (``recovery``; :mod:`feedsim.attribution`).
 """
 from __future__ import annotations
 
@@ -36,14 +38,16 @@ LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
 def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name,
-                       refit, keep: Path | None = None):
+                       refit, refits: dict, keep: Path | None = None):
     """Train one LR variant and score the test slice; ``refit`` is ``(features, labels)`` of the rows its
-    biases are re-fitted on (every row of the LR slice); ``keep`` saves its VW models there."""
+    biases are re-fitted on (every row of the LR slice; None: no refit), what the refit did goes to
+    ``refits[name]``; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
     with progress.task(f"{name}: LR", len(lr_passes(namespaces, config)) * len(Y)) as bar:
         fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
-    if config.refit_biases:
-        refit_biases(learners, *refit, namespaces)
+    if refit is not None:
+        progress.note(f"{name}: re-fitting each task's bias on {len(refit[1]):,} rows of the LR slice")
+        refits[name] = refit_biases(learners, *refit, namespaces)
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)
@@ -129,12 +133,12 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows = np.flatnonzero(keep)
         lr_all = stack_features(ex, lr_slice, config.vw.values)
         lr_feats = tuple(f[rows] for f in lr_all)
-        refit = (lr_all, Y_lr)
+        refit, refits = ((lr_all, Y_lr) if config.refit_biases else None), {}
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
-                                                   weights[rows], test_feats, progress, name, refit,
+                                                   weights[rows], test_feats, progress, name, refit, refits,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
         test_ts = test["ts"].to_numpy(np.int64)
@@ -164,7 +168,8 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows_all = np.flatnonzero(keep_all)
         all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True), config.vw.values)
         timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
-                                                   w_all[rows_all], test_feats, progress, "lr_ids", refit))
+                                                   w_all[rows_all], test_feats, progress, "lr_ids", refit,
+                                                   refits))
     for name, fn in (peers or {}).items():
         progress.note(f"{name}: training peer")
         timed(name, lambda: np.asarray(fn(train_all, test)).reshape(len(test), len(tasks)))
@@ -178,7 +183,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     report = {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
               "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
                                                    "lr_kept": int(len(rows))},
-              "stack_online_label_delay_ms": int(label_delay_ms),
+              "stack_online_label_delay_ms": int(label_delay_ms), "lr_bias_refit": refits,
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),
               "_predictions": {"y": Y_test, **preds}}
     report["calibration_bound"] = {t: calibration_bound(variants["base_rate"][t]["positives"]) for t in tasks}

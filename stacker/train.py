@@ -226,7 +226,8 @@ def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str =
 
 def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
              progress: Progress, rate: float | None = None) -> dict:
-    """Train every task's LR on a table (downsampled; :func:`fit_lr`); returns counts."""
+    """Train every task's LR on a table (downsampled; :func:`fit_lr`), then re-fit its biases on every row
+    of it (:func:`refit_biases`); returns counts."""
     tasks = learners.tasks
     rate = config.downsample_rate if rate is None else rate
     Y = labels_of(df, tasks)
@@ -239,7 +240,7 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
         fit_lr(learners, tuple(f[rows] for f in every), Y[rows], weights[rows], config, bar)
     counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
     if config.refit_biases and len(rows):
-        progress.note("sparse LR: re-fitting each task's bias on its slice")
+        progress.note(f"sparse LR: re-fitting each task's bias on the slice's {len(df):,} rows")
         counts["bias_refit"] = refit_biases(learners, every, Y)
     return counts
 

@@ -72,7 +72,7 @@ def _add_train_options(p):
                         "ones alone (leaves, DNN, context)")
     p.add_argument("--no-bias-refit", action="store_true",
                    help="keep each task's bias as the LR's passes leave it, without re-fitting it so the LR's "
-                        "weighted mean prediction on its slice matches the slice's label rate")
+                        "mean prediction on every row of its slice matches the slice's label rate")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--served-by", action="append", metavar="DIR",

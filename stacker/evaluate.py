@@ -8,7 +8,7 @@ with the bundle's online settings (FTRL: its own alpha), scoring the test slice 
 learning each row ``label_delay_ms`` after its time (default 5 minutes, the online learner's default
 attribution window: an impression is learned when its window closes): progressive validation, the
 way the served stack runs); ``oracle`` (true probabilities, simulated data only); plus any peers passed in.
-Every LR variant's biases are re-fitted on the LR slice after its passes, as ``train`` does
+Every LR variant's biases are re-fitted after its passes, as ``train`` does
 (:func:`stacker.train.refit_biases`; ``lr_bias_refit`` in the report), unless
 ``TrainConfig.refit_biases`` is off. On simulated data, given the world's logit components, the
 report also says what each variant recovers of each component (``recovery``; :mod:`feedsim.attribution`).
@@ -29,8 +29,8 @@ from .features import CandidateBatch, build_dense
 from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
-from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, refit_biases,
-                    split_by_time, stack_features, time_slices, train_extractors)
+from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, split_by_time,
+                    stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -38,16 +38,14 @@ LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
 def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name,
-                       refit, refits: dict, keep: Path | None = None):
-    """Train one LR variant and score the test slice; ``refit`` is ``(features, labels)`` of the rows its
-    biases are re-fitted on (every row of the LR slice; None: no refit), what the refit did goes to
-    ``refits[name]``; ``keep`` saves its VW models there."""
+                       refits: dict, keep: Path | None = None):
+    """Train one LR variant and score the test slice; what its bias refit did goes to ``refits[name]``;
+    ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
     with progress.task(f"{name}: LR", len(lr_passes(namespaces, config)) * len(Y)) as bar:
-        fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
+        refit = fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
     if refit is not None:
-        progress.note(f"{name}: re-fitting each task's bias on {len(refit[1]):,} rows of the LR slice")
-        refits[name] = refit_biases(learners, *refit, namespaces)
+        refits[name] = refit
     p = predict_features(learners, test_feats, namespaces)
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)
@@ -131,14 +129,13 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
                                    lr_slice["post_id"].to_numpy(object), config.downsample_rate)
         rows = np.flatnonzero(keep)
-        lr_all = stack_features(ex, lr_slice, config.vw.values)
-        lr_feats = tuple(f[rows] for f in lr_all)
-        refit, refits = ((lr_all, Y_lr) if config.refit_biases else None), {}
+        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True), config.vw.values)
+        refits: dict = {}
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
-                                                   weights[rows], test_feats, progress, name, refit, refits,
+                                                   weights[rows], test_feats, progress, name, refits,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
         test_ts = test["ts"].to_numpy(np.int64)
@@ -168,8 +165,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         rows_all = np.flatnonzero(keep_all)
         all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True), config.vw.values)
         timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
-                                                   w_all[rows_all], test_feats, progress, "lr_ids", refit,
-                                                   refits))
+                                                   w_all[rows_all], test_feats, progress, "lr_ids", refits))
     for name, fn in (peers or {}).items():
         progress.note(f"{name}: training peer")
         timed(name, lambda: np.asarray(fn(train_all, test)).reshape(len(test), len(tasks)))

@@ -267,7 +267,7 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
     refits = report["lr_bias_refit"]
     assert set(refits) == {"lr_ids", "gbdt_lr", "dnn_lr", "stack"}
     for per_task in refits.values():
-        assert set(per_task) == set(V["stack"]) and all(set(r) == {"shift", "calibration_before"}
+        assert set(per_task) == set(V["stack"]) and all(set(r) == {"shift", "progressive_calibration"}
                                                          for r in per_task.values())
 
     # What each variant recovers of the world's click logit: ids give the stack the users' propensity
@@ -494,23 +494,51 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]
 
 
-def test_the_lr_bias_is_refit_so_the_served_bundle_predicts_its_slices_rate(bundle_dir, table):
-    """After its passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
-    (the negatives downsampling dropped included) equals the slice's label rate: the bundle, served from
-    its numpy weights, predicts each task's rate on that slice, and the manifest says by how much each
-    bias moved and how far off the passes had left it."""
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    refit = manifest["training"]["lr_bias_refit"]
-    assert set(refit) == set(manifest["tasks"]) and any(abs(r["shift"]) > 1e-3 for r in refit.values())
-    lr_slice = split_by_time(table, SMALL.slices)[1]
+def test_the_lr_bias_is_refit_by_what_its_progressive_predictions_miss(bundle_dir, table):
+    """After its passes, each task's bias is shifted so the probabilities the second half of its last
+    pass gave each row before learning it meet their importance-weighted label rate: the refit LR is a
+    twin learned without the refit, its biases moved by exactly those shifts (FTRL's state included);
+    bundles record them."""
+    from stacker.train import bias_shifts, fit_lr, learn_features, lr_passes, predict_features
+
+    class Rows:
+        def update(self, k):
+            pass
+
     ranker = StackedRanker.load(bundle_dir)
-    p = ranker.predict_features(ranker.features(CandidateBatch.from_table(lr_slice, ranker.spec)))
-    Y = labels_of(lr_slice, ranker.tasks)
+    rows = table.iloc[:6000]
+    f = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+    feats = (None, f.leaves, f.hidden, f.ids, f.context)
+    Y = labels_of(rows, ranker.tasks)
+    keep, weights = downsample(Y, rows["request_id"].to_numpy(object), rows["post_id"].to_numpy(object), 0.25)
+    feats, Y, weights = tuple(x[keep] if x is not None else None for x in feats), Y[keep], weights[keep]
+    config = VWConfig(bits=18)
+    refit, twin = TaskLearners(ranker.tasks, config), TaskLearners(ranker.tasks, config)
+    done = fit_lr(refit, feats, Y, weights, SMALL, Rows())
+    first, last = lr_passes("ldupac", SMALL)
+    learn_features(twin, feats, Y, weights, SMALL.chunk, Rows(), first)
+    p = learn_features(twin, feats, Y, weights, SMALL.chunk, Rows(), last, score_first=True)
+    half = len(Y) // 2
+    shifts = bias_shifts(p[half:], Y[half:], weights[half:])
+    assert [done[t]["shift"] for t in ranker.tasks] == pytest.approx(shifts, abs=1e-6)
+    assert any(abs(x) > 1e-3 for x in shifts)
     for k, task in enumerate(ranker.tasks):
-        assert p[:, k].mean() == pytest.approx(Y[:, k].mean(), rel=1e-3), task
-        # the calibration before the refit, as recorded
-        shifted_back = 1 / (1 + np.exp(-(np.log(p[:, k] / (1 - p[:, k])) - refit[task]["shift"])))
-        assert shifted_back.mean() / Y[:, k].mean() == pytest.approx(refit[task]["calibration_before"], abs=2e-3), task
+        calibration = (weights[half:] @ p[half:, k]) / (weights[half:] @ Y[half:, k])
+        assert done[task]["progressive_calibration"] == pytest.approx(calibration, abs=1e-4)
+    twin.shift_biases(shifts)
+    np.testing.assert_allclose(predict_features(refit, feats), predict_features(twin, feats), rtol=1e-6)
+    # and learning goes on alike from both
+    more = slice(0, 500)
+    for learners in (refit, twin):
+        learn_features(learners, tuple(x[more] if x is not None else None for x in feats), Y[more], weights[more],
+                       500, Rows())
+    np.testing.assert_allclose(predict_features(refit, feats), predict_features(twin, feats), rtol=1e-5)
+    refit.close()
+    twin.close()
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    recorded = manifest["training"]["lr_bias_refit"]
+    assert set(recorded) == set(manifest["tasks"])
+    assert all(set(r) == {"shift", "progressive_calibration"} for r in recorded.values())
 
 
 def test_without_the_refit_the_bundle_keeps_the_biases_its_passes_learned(tmp_path, table, bundle_dir):

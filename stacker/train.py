@@ -230,9 +230,8 @@ def refit_biases(learners: TaskLearners, p: np.ndarray, Y: np.ndarray, weights: 
 
     Progressive predictions, not the final weights' predictions on the same rows: those hold what each
     row taught its own ids (a click's pair weight raised by the click), more of it the higher the rates
-    and the fewer the rows, and a refit on them shifts the biases by that rather than by the level the
-    learning left (on a retrain from `feedrank demo`'s served log it put the test slice's click at 0.50
-    of its rate, from 0.77)."""
+    and the fewer the rows, and a refit on them would shift the biases by that rather than by the level
+    the learning left (docs/evaluation.md, "Calibration")."""
     shifts = bias_shifts(p, Y, weights)
     learners.shift_biases(shifts)
     w = np.asarray(weights, np.float64)

@@ -191,13 +191,15 @@ def _calibrations(bundle, rows, online: bool) -> tuple[dict, dict]:
             {t: int(Y[:, k].sum()) for k, t in enumerate(ranker.tasks)})
 
 
-@pytest.mark.parametrize("shared, online", [((), False), (VWConfig().shared_tasks, True)])
+@pytest.mark.parametrize("shared, online", [((), False), (VWConfig().shared_tasks, False),
+                                            (VWConfig().shared_tasks, True)])
 def test_downsampled_training_stays_calibrated(tmp_path, shared, online):
     """Importance-weighted downsampling keeps the calibration that training on every row has.
 
     Per-task LRs keep it frozen. With id weights shared across tasks, FTRL's first steps on a fresh
     shared coordinate saturate under large importance weights (a weight-10 negative moves it less than
-    ten negatives would), so a frozen downsampled bundle over-predicts the shared tasks by a few percent;
+    ten negatives would), and a frozen downsampled bundle would over-predict the shared tasks (dwell by
+    7% against the bundle trained on every row, here) but for the bias refit after the LR's passes;
     served, the stack learns online from every row and is calibrated as if trained on every row."""
     df = simulate(120_000, seed=11)
     base = dict(gbdt=GBDTConfig(trees=30), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=20, shared_tasks=shared))
@@ -214,7 +216,8 @@ def test_downsampled_training_stays_calibrated(tmp_path, shared, online):
         if pos < 300:
             continue
         bound = max(0.05, 3 / np.sqrt(pos))
-        assert abs(cal_ds[task] - cal_full[task]) <= bound, (task, cal_ds[task], cal_full[task])
+        # the two bundles are scored against the same labels: their difference carries no label noise
+        assert abs(cal_ds[task] - cal_full[task]) <= 0.05, (task, cal_ds[task], cal_full[task])
         if online:
             assert abs(cal_ds[task] - 1) <= bound, (task, cal_ds[task])
         checked += 1

@@ -536,9 +536,8 @@ class TaskLearners:
 
 
 def _switch(lib_example, ex, t_ns: int, s_ns: int, token, shared) -> None:
-    """Switch a parsed example from one task to another (``token``, ``shared``: :meth:`TaskLearners.switch_ops`)."""
-    if token is None:
-        return
+    """Switch a parsed example from one task to another (``token``, ``shared``: :meth:`TaskLearners.switch_ops`
+    of two different tasks; callers skip the no-op switch, whose ``token`` is None)."""
     lib_example.pop_feature(ex, t_ns)
     lib_example.push_hashed_feature(ex, t_ns, *token)
     if shared is False:

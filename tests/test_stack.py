@@ -453,6 +453,16 @@ def test_new_bundles_are_format_3(bundle_dir):
     assert m["vw"]["shared_tasks"] == [t for t in m["tasks"] if t != "hide"]
 
 
+class Rows:
+    """A progress bar stand-in for the LR's passes: counts the rows it is told of."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+
+
 def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, table):
     """Training's warm-up pass learns leaves, DNN and context alone (id weights stay zero, so the ids
     change no prediction but where a hashed id shares a slot with a dense feature); the pass with
@@ -463,12 +473,6 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     assert lr_passes("l", SMALL) == ("l",)                   # no ids: one pass
     off = TrainConfig(dense_warmup=False)
     assert lr_passes("ldupac", off) == ("ldupac",)
-
-    class Rows:
-        n = 0
-
-        def update(self, k):
-            self.n += k
 
     ranker = StackedRanker.load(bundle_dir)
     rows = table.iloc[:5000]
@@ -503,10 +507,6 @@ def test_the_lr_bias_is_refit_by_what_its_progressive_predictions_miss(bundle_di
     twin learned without the refit, its biases moved by exactly those shifts (FTRL's state included);
     bundles record them."""
     from stacker.train import bias_shifts, fit_lr, learn_features, lr_passes, predict_features
-
-    class Rows:
-        def update(self, k):
-            pass
 
     ranker = StackedRanker.load(bundle_dir)
     rows = table.iloc[:6000]

@@ -2,6 +2,12 @@
 
 Shared hidden layers (ReLU) and one sigmoid output per task. Once frozen, the last hidden layer is a
 feature block of the sparse LR; the serving path never imports scikit-learn.
+
+The frozen network clips every input to the range it was trained on before standardizing it. A
+feature that barely varies over the training rows (the time of day when a bundle learns from a few
+minutes of a served log, a count that only grows) has a tiny standard deviation, and standardized
+values far outside anything the network saw would move its hidden layer, and with it every task's
+LR, as time goes on. Clipped, such a feature holds at the edge of what the network learned.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ class DNNConfig:
 
 
 def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
-    """Fit the multi-task MLP on X [N, D], Y [N, T] (0/1); returns (scaler, sklearn model)."""
+    """Fit the multi-task MLP on X [N, D], Y [N, T] (0/1); returns (scaler, sklearn model, (min, max) of
+    each input over X)."""
     scaler = StandardScaler().fit(X)
     Xs = scaler.transform(X).astype(np.float32)
     mlp = MLPClassifier(hidden_layer_sizes=config.hidden, activation="relu", solver="adam",
@@ -40,14 +47,18 @@ def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
             mlp.fit(Xs, target)
             if progress:
                 progress(epoch + 1, config.epochs)
-    return scaler, mlp
+    return scaler, mlp, (X.min(axis=0), X.max(axis=0))
 
 
-def freeze(scaler: StandardScaler, mlp: MLPClassifier) -> "FrozenMLP":
-    """Export a fitted scaler + MLP to the numpy-only :class:`FrozenMLP`."""
+def freeze(scaler: StandardScaler, mlp: MLPClassifier, bounds=None) -> "FrozenMLP":
+    """Export a fitted scaler + MLP (and the inputs' training range, see :func:`fit_mlp`) to the
+    numpy-only :class:`FrozenMLP`."""
+    lo, hi = bounds if bounds is not None else (None, None)
     return FrozenMLP(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32),
                      [w.astype(np.float32) for w in mlp.coefs_],
-                     [b.astype(np.float32) for b in mlp.intercepts_])
+                     [b.astype(np.float32) for b in mlp.intercepts_],
+                     lo=None if lo is None else np.asarray(lo, np.float32),
+                     hi=None if hi is None else np.asarray(hi, np.float32))
 
 
 def train_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None) -> "FrozenMLP":
@@ -56,16 +67,21 @@ def train_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None) ->
 
 
 class FrozenMLP:
-    """Numpy forward pass of a frozen MLP."""
+    """Numpy forward pass of a frozen MLP; ``lo``/``hi``: the range each input is clipped to (the
+    training rows' minimum and maximum; ``None`` in networks frozen without it: no clipping)."""
 
-    def __init__(self, mean, scale, weights, biases):
+    def __init__(self, mean, scale, weights, biases, lo=None, hi=None):
         self.mean, self.scale = mean, scale
         self.weights, self.biases = weights, biases
+        self.lo, self.hi = lo, hi
         self.hidden_size = weights[-1].shape[0]
 
     def hidden(self, X: np.ndarray) -> np.ndarray:
         """Activations of the last hidden layer [N, H] (float32)."""
-        h = (np.asarray(X, np.float32) - self.mean) / self.scale
+        X = np.asarray(X, np.float32)
+        if self.lo is not None:
+            X = np.clip(X, self.lo, self.hi)
+        h = (X - self.mean) / self.scale
         for w, b in zip(self.weights[:-1], self.biases[:-1]):
             h = h @ w
             h += b
@@ -79,6 +95,8 @@ class FrozenMLP:
 
     def save(self, path) -> None:
         arrays = {"mean": self.mean, "scale": self.scale}
+        if self.lo is not None:
+            arrays["lo"], arrays["hi"] = self.lo, self.hi
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"W{i}"], arrays[f"b{i}"] = w, b
         with open(path, "wb") as f:
@@ -88,5 +106,7 @@ class FrozenMLP:
     def load(cls, path) -> "FrozenMLP":
         with np.load(path) as z:
             layers = sum(1 for k in z.files if k.startswith("W"))
+            bounded = "lo" in z.files and "hi" in z.files
             return cls(z["mean"], z["scale"], [z[f"W{i}"] for i in range(layers)],
-                       [z[f"b{i}"] for i in range(layers)])
+                       [z[f"b{i}"] for i in range(layers)],
+                       lo=z["lo"] if bounded else None, hi=z["hi"] if bounded else None)

@@ -40,8 +40,8 @@ def bundle_dir(tmp_path_factory, table):
 def test_numpy_mlp_matches_trained_network(tmp_path, table, dense):
     spec, X = dense
     Y = labels_of(table, ("click", "like", "dwell"))
-    scaler, mlp = fit_mlp(X[:5000], Y[:5000], DNNConfig(hidden=(16, 8), epochs=2))
-    frozen = freeze(scaler, mlp)
+    scaler, mlp, bounds = fit_mlp(X[:5000], Y[:5000], DNNConfig(hidden=(16, 8), epochs=2))
+    frozen = freeze(scaler, mlp, bounds)
     frozen.save(tmp_path / "dnn.npz")
     loaded = FrozenMLP.load(tmp_path / "dnn.npz")
     Xs = scaler.transform(X[:500])
@@ -50,6 +50,34 @@ def test_numpy_mlp_matches_trained_network(tmp_path, table, dense):
     activations = mlp._forward_pass(activations)
     np.testing.assert_allclose(loaded.hidden(X[:500]), activations[-2], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(loaded.predict_proba(X[:500]), mlp.predict_proba(Xs), rtol=1e-4, atol=1e-6)
+
+
+def test_the_frozen_network_holds_each_input_at_the_edge_of_its_training_range(tmp_path, table, dense):
+    spec, X = dense
+    Y = labels_of(table, ("click", "like", "dwell"))
+    # The time of day over a few minutes of traffic: a feature that barely varies while the network learns.
+    sin_col = spec.dense_names.index("hour_sin")
+    X_train = X[:5000].copy()
+    X_train[:, sin_col] = np.linspace(0.0, 0.026, 5000)
+    scaler, mlp, bounds = fit_mlp(X_train, Y[:5000], DNNConfig(hidden=(16, 8), epochs=2))
+    frozen = freeze(scaler, mlp, bounds)
+    frozen.save(tmp_path / "dnn.npz")
+    loaded = FrozenMLP.load(tmp_path / "dnn.npz")
+    np.testing.assert_array_equal(loaded.lo, X_train.min(axis=0))
+    np.testing.assert_array_equal(loaded.hi, X_train.max(axis=0))
+    at_edge = X[:500].copy()
+    at_edge[:, sin_col] = 0.026
+    later = at_edge.copy()
+    later[:, sin_col] = 0.13            # half an hour on: 16 standard deviations past the training rows
+    np.testing.assert_array_equal(loaded.hidden(later), loaded.hidden(at_edge))
+    # without the range (a network frozen before it existed) the same half hour moves the hidden layer
+    unbounded = FrozenMLP(loaded.mean, loaded.scale, loaded.weights, loaded.biases)
+    moved = np.abs(unbounded.hidden(later) - unbounded.hidden(at_edge)).mean()
+    assert moved > 0.1 * np.abs(unbounded.hidden(at_edge)).mean()
+    # inside the range nothing changes
+    np.testing.assert_array_equal(loaded.hidden(X_train[:500]), unbounded.hidden(X_train[:500]))
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in np.load(tmp_path / "dnn.npz").items() if k not in ("lo", "hi")})
+    assert FrozenMLP.load(tmp_path / "old.npz").lo is None
 
 
 def test_leaf_features_match_xgboost_pred_leaf(tmp_path, table, dense):

@@ -71,8 +71,8 @@ def _add_train_options(p):
                    help="learn the LR in one pass with every namespace, without the first pass over the dense "
                         "ones alone (leaves, DNN, context)")
     p.add_argument("--no-bias-refit", action="store_true",
-                   help="keep each task's bias as the LR's passes leave it, without shifting it by what the LR's "
-                        "progressive predictions on the second half of its last pass miss of their label rate")
+                   help="keep each task's bias as the LR's passes leave it, without shifting it so the LR's mean "
+                        "prediction on every row of its slice equals the slice's label rate")
     p.add_argument("--slices", default="0.2,0.6,0.2",
                    help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
     p.add_argument("--served-by", action="append", metavar="DIR",

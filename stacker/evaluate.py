@@ -25,11 +25,10 @@ import pandas as pd
 
 from . import schema
 from .dnn import train_mlp
-from .features import CandidateBatch, build_dense
 from .gbdt import train_gbdt
 from .metrics import task_metrics
 from .progress import Progress
-from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_passes, predict_features, split_by_time,
+from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_work, predict_features, split_by_time,
                     stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
@@ -37,13 +36,14 @@ from .vwtext import batch_text
 LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
-def _learn_and_predict(tasks, config, namespaces, train_feats, Y, weights, test_feats, progress, name,
+def _learn_and_predict(tasks, config, namespaces, train_feats, Y, rows, weights, test_feats, progress, name,
                        refits: dict, keep: Path | None = None):
-    """Train one LR variant and score the test slice; what its bias refit did goes to ``refits[name]``;
-    ``keep`` saves its VW models there."""
+    """Train one LR variant on the rows ``rows`` of its slice (features and labels of every row: the
+    refit uses them all, :func:`stacker.train.fit_lr`) and score the test slice; what its bias refit did
+    goes to ``refits[name]``; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
-    with progress.task(f"{name}: LR", len(lr_passes(namespaces, config)) * len(Y)) as bar:
-        refit = fit_lr(learners, train_feats, Y, weights, config, bar, namespaces)
+    with progress.task(f"{name}: LR", lr_work(namespaces, config, len(rows), len(Y))) as bar:
+        refit = fit_lr(learners, train_feats, Y, weights, config, bar, namespaces, rows=rows)
     if refit is not None:
         refits[name] = refit
     p = predict_features(learners, test_feats, namespaces)
@@ -129,12 +129,15 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
                                    lr_slice["post_id"].to_numpy(object), config.downsample_rate)
         rows = np.flatnonzero(keep)
-        lr_feats = stack_features(ex, lr_slice.iloc[rows].reset_index(drop=True), config.vw.values)
+        # Every row of both training slices (the LR variants refit their biases on every row of theirs;
+        # lr_ids learns from both slices); the LR slice's are the last of them.
+        all_feats = stack_features(ex, train_all, config.vw.values)
+        lr_feats = tuple(x[len(extract):] for x in all_feats)
         refits: dict = {}
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
-            timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr[rows],
+            timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr, rows,
                                                    weights[rows], test_feats, progress, name, refits,
                                                    keep=models if name == "stack" else None))
         online_vw = config.vw.with_rate(config.online_rate)
@@ -144,7 +147,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
                                                   label_delay_ms=label_delay_ms))
 
         # Baselines see every row the stack saw, extractor and LR slices together.
-        X_all = build_dense(ex.spec, CandidateBatch.from_table(train_all, ex.spec))
+        X_all = all_feats[0]
         Y_all = labels_of(train_all, tasks)
 
         def gbdt():
@@ -163,8 +166,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep_all, w_all = downsample(Y_all, train_all["request_id"].to_numpy(object),
                                      train_all["post_id"].to_numpy(object), config.downsample_rate)
         rows_all = np.flatnonzero(keep_all)
-        all_feats = stack_features(ex, train_all.iloc[rows_all].reset_index(drop=True), config.vw.values)
-        timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all[rows_all],
+        timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all, rows_all,
                                                    w_all[rows_all], test_feats, progress, "lr_ids", refits))
     for name, fn in (peers or {}).items():
         progress.note(f"{name}: training peer")

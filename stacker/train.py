@@ -49,10 +49,11 @@ class TrainConfig:
     # pass with everything: the ids then learn what the extractors' features leave unexplained instead
     # of sharing what they explain (the global model before the per-id ones, as GLMix fits them).
     dense_warmup: bool = True
-    # After the passes, each task's bias is shifted by what the progressive predictions of the second half
-    # of its last pass (each row scored before it is learned) miss of the importance-weighted label rate:
-    # under FTRL a kept negative of weight 1/w moves a weight less than 1/w negatives would, and the
-    # learning ends off the slice's level (on the default world: like, comment, share and dwell 4-8% high).
+    # After the passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
+    # (the negatives downsampling dropped included) equals the slice's label rate: online passes with
+    # per-coordinate rates do not end at the slice's level, and under FTRL a kept negative of weight 1/w
+    # moves a weight less than 1/w negatives would (on the default world the passes leave share 19% high
+    # on its own slice, like and dwell 4-6%).
     refit_biases: bool = True
     chunk: int = 4096
     seed: int = 0
@@ -154,48 +155,58 @@ def lr_passes(namespaces: str, config: TrainConfig) -> tuple[str, ...]:
     return (dense, namespaces) if config.dense_warmup and dense and dense != namespaces else (namespaces,)
 
 
+def take_rows(feats, rows):
+    """The rows ``rows`` of prepared stack features (a block that is None stays None)."""
+    return tuple(None if x is None else x[rows] for x in feats)
+
+
 def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, config: TrainConfig, bar,
-           namespaces: str = "ldupac") -> dict | None:
-    """Train the LR on prepared stack features, one online pass per entry of :func:`lr_passes`;
-    ``bar`` counts the rows of every pass. With ``config.refit_biases``, the last pass scores each row
-    before learning it and the biases are then re-fitted on the second half of them (:func:`refit_biases`;
-    the first rows of a pass from scratch are scored by a learner still warming up); returns what the
-    refit did (None without it)."""
-    passes = lr_passes(namespaces, config)
-    for pass_namespaces in passes[:-1]:
-        learn_features(learners, feats, Y, weights, config.chunk, bar, pass_namespaces)
-    p = learn_features(learners, feats, Y, weights, config.chunk, bar, passes[-1], score_first=config.refit_biases)
-    if not config.refit_biases or len(Y) < 2:
+           namespaces: str = "ldupac", rows: np.ndarray | None = None) -> dict | None:
+    """Train the LR on the prepared stack features ``feats`` and labels ``Y`` of every row of its slice:
+    it learns the rows ``rows`` (those downsampling kept; every row when None) with their importance
+    ``weights``, one online pass per entry of :func:`lr_passes`. With ``config.refit_biases`` the biases
+    are then re-fitted on every row of the slice (:func:`refit_biases`); returns what the refit did (None
+    without it). ``bar`` counts the rows of every pass, then those the refit scores
+    (:func:`lr_work` rows in all)."""
+    learned = feats if rows is None else take_rows(feats, rows)
+    Y_learned = Y if rows is None else Y[rows]
+    for pass_namespaces in lr_passes(namespaces, config):
+        learn_features(learners, learned, Y_learned, weights, config.chunk, bar, pass_namespaces)
+    del learned
+    if not config.refit_biases or not len(Y):
         return None
-    half = len(Y) // 2
-    return refit_biases(learners, p[half:], Y[half:], weights[half:])
+    return refit_biases(learners, feats, Y, namespaces, bar)
+
+
+def lr_work(namespaces: str, config: TrainConfig, learned: int, slice_rows: int) -> int:
+    """Rows :func:`fit_lr` goes through: ``learned`` rows per pass, then the slice's for the refit."""
+    return len(lr_passes(namespaces, config)) * learned + (slice_rows if config.refit_biases else 0)
 
 
 def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, chunk: int,
-                   bar, namespaces: str = "ldupac", score_first: bool = False) -> np.ndarray | None:
-    """One online pass of every task's LR over prepared stack features, ``chunk`` rows at a time; with
-    ``score_first``, returns each row's probabilities [N, T] from the weights learned before it
-    (progressive validation, :func:`stacker.vwstack.learn_text`)."""
+                   bar, namespaces: str = "ldupac") -> None:
+    """One online pass of every task's LR over prepared stack features, ``chunk`` rows at a time."""
     _, leaves, hidden, ids, ctx = feats
     cfg = learners.config
-    out = []
     for a in range(0, len(Y), chunk):
         b = min(a + chunk, len(Y))
         text = batch_text(leaves[a:b], hidden[a:b], ids[a:b], ctx[a:b], cfg.values, namespaces, cfg.interactions)
-        out.append(learn_text(learners, text, Y[a:b], weights=weights[a:b], score_first=score_first))
+        learn_text(learners, text, Y[a:b], weights=weights[a:b], score_first=False)
         bar.update(b - a)
-    if score_first:
-        return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
-    return None
 
 
-def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 8192) -> np.ndarray:
-    """Every task's probabilities [N, T] from VW itself for prepared stack features."""
+def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", chunk: int = 8192,
+                     bar=None) -> np.ndarray:
+    """Every task's probabilities [N, T] from VW itself for prepared stack features (``bar``, if given,
+    counts the rows)."""
     _, leaves, hidden, ids, ctx = feats
     cfg = learners.config
-    out = [predict_text(learners, batch_text(leaves[a:a + chunk], hidden[a:a + chunk], ids[a:a + chunk],
-                                             ctx[a:a + chunk], cfg.values, namespaces, cfg.interactions))
-           for a in range(0, len(ids), chunk)]
+    out = []
+    for a in range(0, len(ids), chunk):
+        out.append(predict_text(learners, batch_text(leaves[a:a + chunk], hidden[a:a + chunk], ids[a:a + chunk],
+                                                     ctx[a:a + chunk], cfg.values, namespaces, cfg.interactions)))
+        if bar is not None:
+            bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
 
 
@@ -222,21 +233,21 @@ def bias_shifts(p: np.ndarray, Y: np.ndarray, weights: np.ndarray, iterations: i
     return out
 
 
-def refit_biases(learners: TaskLearners, p: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> dict:
-    """Shift every task's bias by the logit shift that brings ``p``, the probabilities the LR gave the rows
-    of its last pass before learning each (progressive validation), to their importance-weighted label
-    rate (:attr:`TrainConfig.refit_biases`); returns, per task, the shift and that calibration
-    (weighted mean prediction / weighted label rate) before it.
+def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str = "ldupac", bar=None) -> dict:
+    """Shift every task's bias so the LR's mean prediction on ``feats``, every row of its slice, equals
+    the rate of ``Y`` (:attr:`TrainConfig.refit_biases`); returns, per task, the shift and the calibration
+    (mean prediction / label rate) on the slice before it.
 
-    Progressive predictions, not the final weights' predictions on the same rows: those hold what each
-    row taught its own ids (a click's pair weight raised by the click), more of it the higher the rates
-    and the fewer the rows, and a refit on them would shift the biases by that rather than by the level
-    the learning left (docs/evaluation.md, "Calibration")."""
-    shifts = bias_shifts(p, Y, weights)
+    Every row, not the downsampled rows the LR learned weighted by 1/w: those understate the predictions
+    to come, since every kept negative was learned (its ids' weights pulled down by its own label) and
+    counts 1/w times (on the default world they put click at 0.85 of its rate where every row puts it at
+    0.97). Nor the predictions each row got before it was learned (progressive validation): the final
+    weights are not at the level the learning passed through (docs/evaluation.md, "Calibration")."""
+    p = predict_features(learners, feats, namespaces, bar=bar)
+    shifts = bias_shifts(p, Y, np.ones(len(Y)))
     learners.shift_biases(shifts)
-    w = np.asarray(weights, np.float64)
-    before = (w @ p) / np.maximum(w @ Y, 1e-12)
-    return {t: {"shift": round(float(shifts[k]), 6), "progressive_calibration": round(float(before[k]), 4)}
+    before = p.mean(axis=0) / np.maximum(Y.mean(axis=0), 1e-12)
+    return {t: {"shift": round(float(shifts[k]), 6), "slice_calibration": round(float(before[k]), 4)}
             for k, t in enumerate(learners.tasks)}
 
 
@@ -249,11 +260,12 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     Y = labels_of(df, tasks)
     keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
     rows = np.flatnonzero(keep)
-    sub = df.iloc[rows].reset_index(drop=True)
     passes = lr_passes("ldupac", config)
-    label = "sparse LR (VW, every task" + (f"; {len(passes)} passes)" if len(passes) > 1 else ")")
-    with progress.task(label, len(passes) * len(rows)) as bar:
-        refit = fit_lr(learners, stack_features(ex, sub, config.vw.values), Y[rows], weights[rows], config, bar)
+    label = "sparse LR (VW, every task" + (f"; {len(passes)} passes" if len(passes) > 1 else "") \
+        + ("; bias refit)" if config.refit_biases else ")")
+    every = stack_features(ex, df, config.vw.values)
+    with progress.task(label, lr_work("ldupac", config, len(rows), len(df))) as bar:
+        refit = fit_lr(learners, every, Y, weights[rows], config, bar, rows=rows)
     counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
     if refit is not None:
         counts["bias_refit"] = refit

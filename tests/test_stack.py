@@ -222,13 +222,14 @@ def _calibrations(bundle, rows, online: bool) -> tuple[dict, dict]:
 @pytest.mark.parametrize("shared, online", [((), False), (VWConfig().shared_tasks, False),
                                             (VWConfig().shared_tasks, True)])
 def test_downsampled_training_stays_calibrated(tmp_path, shared, online):
-    """Importance-weighted downsampling keeps the calibration that training on every row has.
+    """Trained on 10% of the all-negative rows (importance weight 10), a bundle is calibrated on the test
+    slice within the issue's bound, max(0.05, 3/sqrt(positives)), as one trained on every row is: frozen,
+    with per-task or shared id crosses, and served (learning online from every test row).
 
-    Per-task LRs keep it frozen. With id weights shared across tasks, FTRL's first steps on a fresh
-    shared coordinate saturate under large importance weights (a weight-10 negative moves it less than
-    ten negatives would), and a frozen downsampled bundle would over-predict the shared tasks (dwell by
-    7% against the bundle trained on every row, here) but for the bias refit after the LR's passes;
-    served, the stack learns online from every row and is calibrated as if trained on every row."""
+    Frozen, that takes the bias refit on every row of the LR slice: the online passes leave the LR off
+    its slice's level (without the refit both bundles over-predict click, like and dwell on the test slice
+    by 13-33% here), more so with shared crosses under large importance weights (FTRL's first steps on a
+    fresh coordinate saturate: a weight-10 negative moves it less than ten negatives would)."""
     df = simulate(120_000, seed=11)
     base = dict(gbdt=GBDTConfig(trees=30), dnn=DNNConfig(epochs=3), vw=VWConfig(bits=20, shared_tasks=shared))
     full = train_bundle(df, tmp_path / "full", TrainConfig(**base, downsample_rate=1.0))
@@ -244,10 +245,8 @@ def test_downsampled_training_stays_calibrated(tmp_path, shared, online):
         if pos < 300:
             continue
         bound = max(0.05, 3 / np.sqrt(pos))
-        # the two bundles are scored against the same labels: their difference carries no label noise
-        assert abs(cal_ds[task] - cal_full[task]) <= 0.05, (task, cal_ds[task], cal_full[task])
-        if online:
-            assert abs(cal_ds[task] - 1) <= bound, (task, cal_ds[task])
+        assert abs(cal_ds[task] - 1) <= bound, (task, cal_ds[task], bound)
+        assert abs(cal_full[task] - 1) <= bound, (task, cal_full[task], bound)
         checked += 1
     assert checked >= 3
 
@@ -298,7 +297,7 @@ def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):
     refits = report["lr_bias_refit"]
     assert set(refits) == {"lr_ids", "gbdt_lr", "dnn_lr", "stack"}
     for per_task in refits.values():
-        assert set(per_task) == set(V["stack"]) and all(set(r) == {"shift", "progressive_calibration"}
+        assert set(per_task) == set(V["stack"]) and all(set(r) == {"shift", "slice_calibration"}
                                                          for r in per_task.values())
 
     # What each variant recovers of the world's click logit: ids give the stack the users' propensity
@@ -495,7 +494,7 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     """Training's warm-up pass learns leaves, DNN and context alone (id weights stay zero, so the ids
     change no prediction but where a hashed id shares a slot with a dense feature); the pass with
     everything then learns the ids on top. Bundles record it."""
-    from stacker.train import fit_lr, learn_features, lr_passes, predict_features
+    from stacker.train import fit_lr, learn_features, lr_passes, lr_work, predict_features
     assert lr_passes("ldupac", SMALL) == ("ldc", "ldupac")
     assert lr_passes("upac", SMALL) == ("c", "upac")         # lr_ids: context first
     assert lr_passes("l", SMALL) == ("l",)                   # no ids: one pass
@@ -520,20 +519,24 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
                       rtol=1e-6, atol=0).all(axis=1)
     assert same.mean() < 0.1 and bar.n == 2 * len(Y)
     learners.close()
-    for config, namespaces, passes in ((SMALL, "ldupac", 2), (off, "ldupac", 1), (SMALL, "l", 1)):
+    kept = np.arange(0, len(Y), 2)
+    for config, namespaces, passes in ((SMALL, "ldupac", 2), (off, "ldupac", 1), (SMALL, "l", 1),
+                                       (replace(off, refit_biases=False), "ldupac", 1)):
         learners, bar = TaskLearners(ranker.tasks, VWConfig(bits=18)), Rows()
-        fit_lr(learners, feats, Y, np.ones(len(Y)), config, bar, namespaces)
+        fit_lr(learners, feats, Y, np.ones(len(kept)), config, bar, namespaces, rows=kept)
         learners.close()
-        assert bar.n == passes * len(Y), (namespaces, config.dense_warmup)
+        # each pass learns the kept rows; the bias refit then scores every row
+        refit_rows = len(Y) if config.refit_biases else 0
+        assert bar.n == passes * len(kept) + refit_rows == lr_work(namespaces, config, len(kept), len(Y))
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]
 
 
-def test_the_lr_bias_is_refit_by_what_its_progressive_predictions_miss(bundle_dir, table):
-    """After its passes, each task's bias is shifted so the probabilities the second half of its last
-    pass gave each row before learning it meet their importance-weighted label rate: the refit LR is a
-    twin learned without the refit, its biases moved by exactly those shifts (FTRL's state included);
-    bundles record them."""
+def test_the_lr_bias_is_refit_on_every_row_of_its_slice(bundle_dir, table):
+    """After its passes over the rows downsampling kept, each task's bias is shifted so the LR's mean
+    prediction on every row of its slice (the dropped negatives too) equals the slice's label rate: the
+    refit LR is a twin learned without the refit, its biases moved by exactly those shifts (FTRL's state
+    included, so both go on learning alike); bundles record them."""
     from stacker.train import bias_shifts, fit_lr, learn_features, lr_passes, predict_features
 
     ranker = StackedRanker.load(bundle_dir)
@@ -542,34 +545,37 @@ def test_the_lr_bias_is_refit_by_what_its_progressive_predictions_miss(bundle_di
     feats = (None, f.leaves, f.hidden, f.ids, f.context)
     Y = labels_of(rows, ranker.tasks)
     keep, weights = downsample(Y, rows["request_id"].to_numpy(object), rows["post_id"].to_numpy(object), 0.25)
-    feats, Y, weights = tuple(x[keep] if x is not None else None for x in feats), Y[keep], weights[keep]
+    kept = np.flatnonzero(keep)
+    assert len(kept) < 0.6 * len(Y)
     config = VWConfig(bits=18)
     refit, twin = TaskLearners(ranker.tasks, config), TaskLearners(ranker.tasks, config)
-    done = fit_lr(refit, feats, Y, weights, SMALL, Rows())
-    first, last = lr_passes("ldupac", SMALL)
-    learn_features(twin, feats, Y, weights, SMALL.chunk, Rows(), first)
-    p = learn_features(twin, feats, Y, weights, SMALL.chunk, Rows(), last, score_first=True)
-    half = len(Y) // 2
-    shifts = bias_shifts(p[half:], Y[half:], weights[half:])
+    done = fit_lr(refit, feats, Y, weights[kept], SMALL, Rows(), rows=kept)
+    learned = tuple(x[kept] if x is not None else None for x in feats)
+    for namespaces in lr_passes("ldupac", SMALL):
+        learn_features(twin, learned, Y[kept], weights[kept], SMALL.chunk, Rows(), namespaces)
+    p = predict_features(twin, feats)
+    shifts = bias_shifts(p, Y, np.ones(len(Y)))
     assert [done[t]["shift"] for t in ranker.tasks] == pytest.approx(shifts, abs=1e-6)
-    assert any(abs(x) > 1e-3 for x in shifts)
+    assert any(abs(x) > 1e-2 for x in shifts)
     for k, task in enumerate(ranker.tasks):
-        calibration = (weights[half:] @ p[half:, k]) / (weights[half:] @ Y[half:, k])
-        assert done[task]["progressive_calibration"] == pytest.approx(calibration, abs=1e-4)
+        assert done[task]["slice_calibration"] == pytest.approx(p[:, k].mean() / Y[:, k].mean(), abs=1e-4)
+    after = predict_features(refit, feats)
     twin.shift_biases(shifts)
-    np.testing.assert_allclose(predict_features(refit, feats), predict_features(twin, feats), rtol=1e-6)
+    np.testing.assert_allclose(after, predict_features(twin, feats), rtol=1e-6)
+    # the refit LR's mean prediction on its slice is the slice's rate, task by task
+    np.testing.assert_allclose(after.mean(axis=0), Y.mean(axis=0), rtol=1e-3)
     # and learning goes on alike from both
     more = slice(0, 500)
     for learners in (refit, twin):
-        learn_features(learners, tuple(x[more] if x is not None else None for x in feats), Y[more], weights[more],
-                       500, Rows())
+        learn_features(learners, tuple(x[more] if x is not None else None for x in learned), Y[kept][more],
+                       weights[kept][more], 500, Rows())
     np.testing.assert_allclose(predict_features(refit, feats), predict_features(twin, feats), rtol=1e-5)
     refit.close()
     twin.close()
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     recorded = manifest["training"]["lr_bias_refit"]
     assert set(recorded) == set(manifest["tasks"])
-    assert all(set(r) == {"shift", "progressive_calibration"} for r in recorded.values())
+    assert all(set(r) == {"shift", "slice_calibration"} for r in recorded.values())
 
 
 def test_without_the_refit_the_bundle_keeps_the_biases_its_passes_learned(tmp_path, table, bundle_dir):

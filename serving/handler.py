@@ -68,6 +68,8 @@ class RankResult:
     dropped_seen: int
     timings: dict[str, float]              # seconds per stage
     covered_offset: int = -1               # event-log offset the applied online updates cover
+    # Dense input -> candidates whose value lay outside the DNN's training range (clipped to it).
+    out_of_range: dict[str, int] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -75,6 +77,12 @@ class RankResult:
 
 
 Remaining = Callable[[], float | None]
+
+
+def out_of_range(ranker: StackedRanker, dense: np.ndarray) -> dict[str, int]:
+    """Dense inputs some candidate carried outside the DNN's training range -> how many candidates."""
+    counts = ranker.mlp.out_of_range(dense)
+    return {ranker.spec.dense_names[j]: int(counts[j]) for j in np.flatnonzero(counts)}
 
 
 def _check_strings(values: list[str], name: str, limit: int) -> None:
@@ -254,7 +262,8 @@ class RankingHandler:
             timings["explain"] = time.perf_counter() - t0
         result = RankResult(r.request_id or uuid.uuid4().hex, ranker.bundle_id, update_seq, ranker.tasks,
                             [r.post_ids[i] for i in order], scores, ev[order], probs[order], explained,
-                            ignored, int((~keep).sum()), timings, covered_offset)
+                            ignored, int((~keep).sum()), timings, covered_offset,
+                            out_of_range(ranker, f.dense))
         self.sink.submit(ServedBatch(result.request_id, r.user_id, ts, ranker.bundle_id, update_seq,
                                      r.device, r.surface, user, result.post_ids,
                                      [r.author_ids[i] for i in order],

@@ -16,6 +16,11 @@ class ServingMetrics:
                                     buckets=_CANDIDATE_BUCKETS, registry=self.registry)
         self.errors = Counter("feedrank_rpc_errors_total", "RPC errors by status code", ["method", "code"],
                               registry=self.registry)
+        self.out_of_range = Counter(
+            "feedrank_rank_inputs_out_of_range_total",
+            "Ranked candidates whose dense input lay outside the range the bundle's DNN was trained on "
+            "(clipped to it); against feedrank_rank_candidates_sum, the share of traffic the bundle never saw",
+            ["feature"], registry=self.registry)
         self.events = Counter("feedrank_events_total", "LogEvents results", ["status"], registry=self.registry)
         self.model = Info("feedrank_model", "The model version being served", registry=self.registry)
         self.swaps = Counter("feedrank_model_swaps_total", "Bundles made live", registry=self.registry)

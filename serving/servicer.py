@@ -102,6 +102,8 @@ class RankerServicer(pb_grpc.RankerServicer):
         plain = convert.rank_input(request)
         t1 = time.perf_counter()
         result = self.handler.rank(plain, context.time_remaining)
+        for name, n in result.out_of_range.items():
+            self.metrics.out_of_range.labels(name).inc(n)
         t2 = time.perf_counter()
         response = convert.rank_response(result)
         t3 = time.perf_counter()

@@ -88,6 +88,14 @@ class FrozenMLP:
             np.maximum(h, 0.0, out=h)
         return h
 
+    def out_of_range(self, X: np.ndarray) -> np.ndarray:
+        """Per input column, how many rows of ``X`` lie outside the training range (and are clipped):
+        int64 [D], zeros for a network frozen without its range."""
+        if self.lo is None:
+            return np.zeros(self.mean.shape[0], np.int64)
+        X = np.asarray(X, np.float32)
+        return ((X < self.lo) | (X > self.hi)).sum(axis=0)
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Per-task probabilities [N, T] from the network's own output layer."""
         z = self.hidden(X) @ self.weights[-1] + self.biases[-1]

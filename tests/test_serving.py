@@ -443,6 +443,27 @@ def test_metrics_count_latency_errors_and_model(live, feeds):
                                                         "path": str(rs.model.current().path)}) == 1
 
 
+def test_inputs_outside_the_training_range_are_counted_per_feature(live, feeds):
+    """A candidate value past what the bundle's DNN was trained on is counted in
+    ``feedrank_rank_inputs_out_of_range_total{feature}`` (the network clips it to its range); the
+    request is ranked as usual."""
+    import copy
+    rs, stub, _, _ = live
+    reg = rs.metrics.registry
+    ranker = rs.model.current()
+    feed = copy.deepcopy(feeds[1])
+    name = feed.feature_names[0]
+    col = ranker.spec.dense_names.index(name)
+    lo, hi = float(ranker.mlp.lo[col]), float(ranker.mlp.hi[col])
+    feed.features[:, 0] = (lo + hi) / 2
+    feed.features[:7, 0] = hi + 10 * (hi - lo) + 1
+    before = reg.get_sample_value("feedrank_rank_inputs_out_of_range_total", {"feature": name}) or 0.0
+    resp = stub.Rank(rank_request(feed, request_id=""))
+    assert len(resp.posts) == 50
+    after = reg.get_sample_value("feedrank_rank_inputs_out_of_range_total", {"feature": name})
+    assert after - before == 7
+
+
 def test_info_returns_online_metrics_when_the_learner_publishes_them(serving_server, tiny_bundle, tmp_path):
     path = tmp_path / "online.json"
     rs = serving_server(bundle=tiny_bundle, online_metrics_file=path)

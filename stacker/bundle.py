@@ -25,8 +25,10 @@ import numpy as np
 
 # 3: every task's LR in one VW workspace (task tokens, a shared token, rows of 8 slots; see
 # stacker.vwstack). Versions 1 and 2 held one VW model per task and are refused.
-FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (3,)
+# 4: dnn.npz also holds each input's training range (lo, hi), which the network clips its inputs to; a
+# server that predates it refuses the bundle rather than score it unclipped. Version 3 still loads.
+FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = (3, 4)
 VW_MODEL = "vw/lr.model"
 MANIFEST = "manifest.json"
 

@@ -115,6 +115,8 @@ class FrozenMLP:
         with np.load(path) as z:
             layers = sum(1 for k in z.files if k.startswith("W"))
             bounded = "lo" in z.files and "hi" in z.files
+            if bounded != ("lo" in z.files or "hi" in z.files):
+                raise ValueError(f"{path}: holds only one of the inputs' range arrays lo, hi")
             return cls(z["mean"], z["scale"], [z[f"W{i}"] for i in range(layers)],
                        [z[f"b{i}"] for i in range(layers)],
                        lo=z["lo"] if bounded else None, hi=z["hi"] if bounded else None)

@@ -65,10 +65,14 @@ class StackedRanker:
             raise bundles.BundleError(f"{path / 'lr_weights.npz'}: shape {weights.shape} does not match "
                                       f"-b {vw['bits']} (expected {(1 << (vw['bits'] - 3), SLOTS)})")
         n_dense = len(FeatureSpec.from_dict(manifest["feature_spec"]).dense_names)
-        if mlp.mean.shape[0] != n_dense or (mlp.lo is not None and mlp.lo.shape != mlp.mean.shape):
-            raise bundles.BundleError(f"{path / 'dnn.npz'}: expects {mlp.mean.shape[0]} inputs"
-                                      f"{'' if mlp.lo is None else f' ({mlp.lo.shape[0]} input ranges)'}, "
-                                      f"the feature spec has {n_dense}")
+        ranges = "" if mlp.lo is None else f" ({mlp.lo.shape[0]} and {mlp.hi.shape[0]} input bounds)"
+        if mlp.mean.shape[0] != n_dense or (mlp.lo is not None and not mlp.lo.shape == mlp.hi.shape == mlp.mean.shape):
+            raise bundles.BundleError(f"{path / 'dnn.npz'}: expects {mlp.mean.shape[0]} inputs{ranges}, the "
+                                      f"feature spec has {n_dense}")
+        clipped = manifest.get("dnn", {}).get("inputs_clipped_to_training_range")
+        if clipped is not None and clipped != (mlp.lo is not None):
+            raise bundles.BundleError(f"{path / 'dnn.npz'}: the manifest says inputs_clipped_to_training_range "
+                                      f"{clipped}, the file {'holds' if mlp.lo is not None else 'lacks'} the ranges")
         if extractor.trees != manifest["gbdt"]["trees"]:
             raise bundles.BundleError(f"{path / 'gbdt.ubj'}: has {extractor.trees} trees, manifest "
                                       f"says {manifest['gbdt']['trees']}")

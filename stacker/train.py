@@ -156,8 +156,9 @@ def lr_passes(namespaces: str, config: TrainConfig) -> tuple[str, ...]:
 
 
 def take_rows(feats, rows):
-    """The rows ``rows`` of prepared stack features (a block that is None stays None)."""
-    return tuple(None if x is None else x[rows] for x in feats)
+    """The rows ``rows`` of prepared stack features, for the LR (the dense matrix, which it does not read,
+    is left out)."""
+    return (None,) + tuple(None if x is None else x[rows] for x in feats[1:])
 
 
 def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, config: TrainConfig, bar,
@@ -168,6 +169,9 @@ def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, co
     are then re-fitted on every row of the slice (:func:`refit_biases`); returns what the refit did (None
     without it). ``bar`` counts the rows of every pass, then those the refit scores
     (:func:`lr_work` rows in all)."""
+    if len(weights) != (len(Y) if rows is None else len(rows)):
+        raise ValueError(f"{len(weights)} importance weights for {len(Y) if rows is None else len(rows)} "
+                         "learned rows")
     learned = feats if rows is None else take_rows(feats, rows)
     Y_learned = Y if rows is None else Y[rows]
     for pass_namespaces in lr_passes(namespaces, config):
@@ -263,9 +267,13 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     passes = lr_passes("ldupac", config)
     label = "sparse LR (VW, every task" + (f"; {len(passes)} passes" if len(passes) > 1 else "") \
         + ("; bias refit)" if config.refit_biases else ")")
-    every = stack_features(ex, df, config.vw.values)
     with progress.task(label, lr_work("ldupac", config, len(rows), len(df))) as bar:
-        refit = fit_lr(learners, every, Y, weights[rows], config, bar, rows=rows)
+        if config.refit_biases:   # the refit scores every row of the slice
+            refit = fit_lr(learners, stack_features(ex, df, config.vw.values), Y, weights[rows], config, bar,
+                           rows=rows)
+        else:
+            refit = fit_lr(learners, stack_features(ex, df.iloc[rows].reset_index(drop=True), config.vw.values),
+                           Y[rows], weights[rows], config, bar)
     counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
     if refit is not None:
         counts["bias_refit"] = refit

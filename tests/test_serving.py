@@ -456,12 +456,14 @@ def test_inputs_outside_the_training_range_are_counted_per_feature(live, feeds):
     col = ranker.spec.dense_names.index(name)
     lo, hi = float(ranker.mlp.lo[col]), float(ranker.mlp.hi[col])
     feed.features[:, 0] = (lo + hi) / 2
-    feed.features[:7, 0] = hi + 10 * (hi - lo) + 1
-    before = reg.get_sample_value("feedrank_rank_inputs_out_of_range_total", {"feature": name}) or 0.0
+    feed.features[:5, 0] = hi + 10 * (hi - lo) + 1      # above the range
+    feed.features[5:7, 0] = lo - 1                        # below it
+    feed.features[7, 0], feed.features[8, 0] = lo, hi     # at its edges: inside
+    counted = lambda: reg.get_sample_value("feedrank_rank_inputs_out_of_range_total", {"feature": name}) or 0.0  # noqa: E731
+    before = counted()
     resp = stub.Rank(rank_request(feed, request_id=""))
-    assert len(resp.posts) == 50
-    after = reg.get_sample_value("feedrank_rank_inputs_out_of_range_total", {"feature": name})
-    assert after - before == 7
+    assert len(resp.posts) == 50 and len({p.post_id for p in resp.posts}) == 50
+    assert counted() - before == 7
 
 
 def test_info_returns_online_metrics_when_the_learner_publishes_them(serving_server, tiny_bundle, tmp_path):

@@ -453,6 +453,38 @@ def test_bundles_of_an_older_format_are_refused_with_a_reason(bundle_dir, tmp_pa
         StackedRanker.load(old)
 
 
+def test_a_format_3_bundle_loads_and_scores_its_inputs_unclipped(bundle_dir, table, tmp_path):
+    """Bundles written before the DNN kept its inputs' range (format 3) still load, and score as they
+    did: no clipping. A range that does not match the manifest's word on it is refused."""
+    from stacker.bundle import BundleError, copy_bundle, finalize, sha256_file
+    old = copy_bundle(bundle_dir, tmp_path / "old")
+    with np.load(old / "dnn.npz") as z:
+        arrays = {k: z[k] for k in z.files if k not in ("lo", "hi")}
+    with open(old / "dnn.npz", "wb") as f:
+        np.savez(f, **arrays)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["dnn"]["inputs_clipped_to_training_range"]
+    finalize(old, m)
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = 3
+    (old / "manifest.json").write_text(json.dumps(m))
+    new, ranker = StackedRanker.load(bundle_dir), StackedRanker.load(old)
+    assert ranker.mlp.lo is None and new.mlp.lo is not None
+    batch = CandidateBatch.from_table(table.iloc[-300:], new.spec)
+    batch.ts = np.asarray(batch.ts) + 90 * 86_400_000    # a quarter of a year on: tenure, ages out of range
+    assert new.mlp.out_of_range(new.features(batch).dense).sum() > 0
+    assert not np.allclose(ranker.predict(batch), new.predict(batch))
+    np.testing.assert_allclose(ranker.mlp.hidden(new.features(batch).dense),
+                               FrozenMLP(new.mlp.mean, new.mlp.scale, new.mlp.weights, new.mlp.biases).hidden(
+                                   new.features(batch).dense), rtol=1e-6)
+    # the manifest says clipped, the file holds no range: refused, naming the file
+    m["dnn"]["inputs_clipped_to_training_range"] = True
+    m["files"]["dnn.npz"]["sha256"] = sha256_file(old / "dnn.npz")
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="dnn.npz.*inputs_clipped_to_training_range"):
+        StackedRanker.load(old)
+
+
 def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
     """The layout does not depend on the optimizer or on what is shared: a bundle learned with VW's
     adaptive update on unit values, shared value 0.5, user and author ids shared too, loads, and the
@@ -473,9 +505,9 @@ def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
     vw.close()
 
 
-def test_new_bundles_are_format_3(bundle_dir):
+def test_new_bundles_are_format_4(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert m["format_version"] == 3 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
+    assert m["format_version"] == 4 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
     assert m["vw"]["layout"] == "task-slots-v1" and "vw/lr.model" in m["files"]
     assert m["vw"]["shared_tasks"] == [t for t in m["tasks"] if t != "hide"]
 

@@ -158,6 +158,11 @@ def cmd_train(args):
     for task, m in metrics.items():
         print(f"  {task:<8} NE {m['ne']:.4f}  AUC {m['auc']:.4f}  calibration {m['calibration']:.3f}  "
               f"positives {m['positives']}")
+    outside = sorted(((v, k) for k, v in manifest.get("offline_metrics", {}).get("inputs_out_of_range", {}).items()
+                      if v >= 0.01), reverse=True)
+    if outside:
+        print("  test rows with an input outside the DNN's training range (the network clips it): "
+              + ", ".join(f"{k} {v:.0%}" for v, k in outside[:6]))
     return 0
 
 

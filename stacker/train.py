@@ -347,13 +347,18 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
         if evaluate_slice and len(parts[2]):
             test = parts[2]
             progress.note(f"scoring the test slice ({len(test):,} rows)")
-            p = predict_features(learners, stack_features(ex, test, config.vw.values))
+            feats = stack_features(ex, test, config.vw.values)
+            p = predict_features(learners, feats)
             base = labels_of(parts[1], tasks).mean(axis=0)
             Y = labels_of(test, tasks)
+            outside = ex.mlp.out_of_range(feats[0]) / len(test)
             meta["offline_metrics"] = {
                 "test_rows": len(test),
                 "test_time_range_ms": [int(test["ts"].min()), int(test["ts"].max())],
-                "tasks": {t: task_metrics(Y[:, k], p[:, k], base[k]) for k, t in enumerate(tasks)}}
+                "tasks": {t: task_metrics(Y[:, k], p[:, k], base[k]) for k, t in enumerate(tasks)},
+                # Share of the test slice's rows with each dense input outside the DNN's training range.
+                "inputs_out_of_range": {ex.spec.dense_names[j]: round(float(outside[j]), 6)
+                                        for j in np.flatnonzero(outside)}}
         out = write_bundle(Path(out_dir), ex, learners, config, meta)
         learners.close()
     return out

@@ -214,21 +214,20 @@ def predict_features(learners: TaskLearners, feats, namespaces: str = "ldupac", 
     return np.concatenate(out) if out else np.empty((0, len(learners.tasks)))
 
 
-def bias_shifts(p: np.ndarray, Y: np.ndarray, weights: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """Per task, the logit shift b with sum w * sigmoid(logit(p) + b) = sum w * y (Newton's method on a
-    monotone function); 0 for a task whose rows are all positive or all negative."""
+def bias_shifts(p: np.ndarray, Y: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Per task, the logit shift b with sum sigmoid(logit(p) + b) = sum y (Newton's method on a monotone
+    function); 0 for a task whose rows are all positive or all negative."""
     p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
     z = np.log(p) - np.log1p(-p)
-    w = np.asarray(weights, np.float64)
     out = np.zeros(p.shape[1])
     for k in range(p.shape[1]):
-        target = float(w @ Y[:, k])
-        if target <= 0 or target >= w.sum():
+        target = float(Y[:, k].sum())
+        if target <= 0 or target >= len(Y):
             continue
         b = 0.0
         for _ in range(iterations):
             q = 1.0 / (1.0 + np.exp(-(z[:, k] + b)))
-            f, df = w @ q - target, float(w @ (q * (1 - q)))
+            f, df = q.sum() - target, float((q * (1 - q)).sum())
             step = float(np.clip(f / max(df, 1e-12), -1.0, 1.0))
             b -= step
             if abs(step) < 1e-7:
@@ -248,7 +247,7 @@ def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str =
     0.97). Nor the predictions each row got before it was learned (progressive validation): the final
     weights are not at the level the learning passed through (docs/evaluation.md, "Calibration")."""
     p = predict_features(learners, feats, namespaces, bar=bar)
-    shifts = bias_shifts(p, Y, np.ones(len(Y)))
+    shifts = bias_shifts(p, Y)
     learners.shift_biases(shifts)
     before = p.mean(axis=0) / np.maximum(Y.mean(axis=0), 1e-12)
     return {t: {"shift": round(float(shifts[k]), 6), "slice_calibration": round(float(before[k]), 4)}
@@ -267,13 +266,12 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     passes = lr_passes("ldupac", config)
     label = "sparse LR (VW, every task" + (f"; {len(passes)} passes" if len(passes) > 1 else "") \
         + ("; bias refit)" if config.refit_biases else ")")
+    # The refit scores every row of the slice; without it, only the kept rows are featurized.
+    table, labels, learned = (df, Y, rows) if config.refit_biases else \
+        (df.iloc[rows].reset_index(drop=True), Y[rows], None)
     with progress.task(label, lr_work("ldupac", config, len(rows), len(df))) as bar:
-        if config.refit_biases:   # the refit scores every row of the slice
-            refit = fit_lr(learners, stack_features(ex, df, config.vw.values), Y, weights[rows], config, bar,
-                           rows=rows)
-        else:
-            refit = fit_lr(learners, stack_features(ex, df.iloc[rows].reset_index(drop=True), config.vw.values),
-                           Y[rows], weights[rows], config, bar)
+        refit = fit_lr(learners, stack_features(ex, table, config.vw.values), labels, weights[rows], config, bar,
+                       rows=learned)
     counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
     if refit is not None:
         counts["bias_refit"] = refit

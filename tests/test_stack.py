@@ -499,11 +499,11 @@ def test_a_format_3_bundle_loads_and_scores_its_inputs_unclipped(bundle_dir, tab
     assert ranker.mlp.lo is None and new.mlp.lo is not None
     batch = CandidateBatch.from_table(table.iloc[-300:], new.spec)
     batch.ts = np.asarray(batch.ts) + 90 * 86_400_000    # a quarter of a year on: tenure, ages out of range
-    assert new.mlp.out_of_range(new.features(batch).dense).sum() > 0
+    dense = new.features(batch).dense
+    assert new.mlp.out_of_range(dense).sum() > 0
     assert not np.allclose(ranker.predict(batch), new.predict(batch))
-    np.testing.assert_allclose(ranker.mlp.hidden(new.features(batch).dense),
-                               FrozenMLP(new.mlp.mean, new.mlp.scale, new.mlp.weights, new.mlp.biases).hidden(
-                                   new.features(batch).dense), rtol=1e-6)
+    unclipped = FrozenMLP(new.mlp.mean, new.mlp.scale, new.mlp.weights, new.mlp.biases)
+    np.testing.assert_allclose(ranker.mlp.hidden(dense), unclipped.hidden(dense), rtol=1e-6)
     # the manifest says clipped, the file holds no range: refused, naming the file
     m["dnn"]["inputs_clipped_to_training_range"] = True
     m["files"]["dnn.npz"]["sha256"] = sha256_file(old / "dnn.npz")
@@ -613,7 +613,7 @@ def test_the_lr_bias_is_refit_on_every_row_of_its_slice(bundle_dir, table):
     for namespaces in lr_passes("ldupac", SMALL):
         learn_features(twin, learned, Y[kept], weights[kept], SMALL.chunk, Rows(), namespaces)
     p = predict_features(twin, feats)
-    shifts = bias_shifts(p, Y, np.ones(len(Y)))
+    shifts = bias_shifts(p, Y)
     assert [done[t]["shift"] for t in ranker.tasks] == pytest.approx(shifts, abs=1e-6)
     assert any(abs(x) > 1e-2 for x in shifts)
     for k, task in enumerate(ranker.tasks):

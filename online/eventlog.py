@@ -199,6 +199,29 @@ class EventLog:
                             self.end_offset = max(self.end_offset, off + 1)
                     off += 1
 
+    def recent_event_ids(self, n: int) -> list[str]:
+        """The ids of the last ``n`` engagement events (oldest first), read newest segment first and
+        decoding only event lines, however many served records lie between them."""
+        found: list[list[str]] = []
+        count = 0
+        end = None if self.readonly else self.end_offset
+        for base in reversed(self._scan() if self.readonly else self._segments):
+            if count >= n:
+                break
+            ids = []
+            with open(self._seg_path(base), "rb") as f:
+                f.readline()
+                for off, line in enumerate(f, start=base):
+                    if end is not None and off >= end:
+                        break
+                    if line[9:14] == b'["E",':
+                        rec = decode(line)
+                        if rec is not None:
+                            ids.append(rec.event_id)
+            found.append(ids[-(n - count):] if n > count else [])
+            count += len(found[-1])
+        return [e for ids in reversed(found) for e in ids]
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -1,6 +1,8 @@
 """Protobuf ↔ plain objects. Only this module and the servicer know the generated types."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from google.protobuf import json_format, struct_pb2
 
@@ -25,7 +27,7 @@ def rank_input(req: pb.RankRequest) -> RankInput:
     if len(c.features) != 4 * n * f:  # reported by the handler after the candidate-count checks
         features_error = (f"{len(c.features)} bytes, expected 4 × {n} candidates × {f} feature_names = "
                           f"{4 * n * f} (float32 little-endian)")
-        features = np.zeros((n, f), np.float32)
+        features = np.zeros((0, f), np.float32)  # never sized by the request: n may be past every limit
     else:
         features = np.frombuffer(c.features, dtype="<f4").reshape(n, f) if f else np.zeros((n, 0), np.float32)
     try:
@@ -40,7 +42,22 @@ def rank_input(req: pb.RankRequest) -> RankInput:
         candidate_feature_names=names, candidate_features=features,
         time_ms=req.context.time_ms, device=req.context.device, surface=req.context.surface,
         seen_post_ids=list(req.seen_post_ids), limit=req.limit, task_weights=dict(req.task_weights),
-        explain=req.explain, features_error=features_error)
+        explain=req.explain, features_error=features_error,
+        fingerprint=fingerprint(req) if req.request_id else b"")
+
+
+def fingerprint(req: pb.RankRequest) -> bytes:
+    """What a retry under the same request_id must repeat: everything but the context's time (a client
+    may stamp each attempt anew)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (req.user.SerializeToString(deterministic=True),
+                 req.candidates.SerializeToString(deterministic=True),
+                 req.context.device.encode(), req.context.surface.encode(),
+                 "\x00".join(req.seen_post_ids).encode(), str(req.limit).encode(),
+                 repr(sorted(req.task_weights.items())).encode(), b"1" if req.explain else b"0"):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
 
 
 def model_version(bundle_id: str, update_seq: int, covered_offset: int = -1) -> pb.ModelVersion:

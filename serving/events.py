@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from online.records import Engagement, validate_event
@@ -21,22 +23,24 @@ class EventResult:
 
 
 class EventIngest:
-    """Per-event results for a batch; event ids accepted recently (bounded window) are duplicates."""
+    """Per-event results for a batch; the last ``dedup_window`` event ids accepted are duplicates
+    (across restarts too: they are read back from the log).
 
-    def __init__(self, log: SharedEventLog, dedup_window: int = 1_000_000, max_string_len: int = 256):
+    An event more than ``max_future_ms`` ahead of the server's clock is rejected: the learner runs on
+    event time, and one record from the future would move its clock forward and close every open
+    impression's attribution window early."""
+
+    def __init__(self, log: SharedEventLog, dedup_window: int = 1_000_000, max_string_len: int = 256,
+                 max_future_ms: int = 5_000, clock: Callable[[], float] = time.time):
         self.log = log
         self.window = dedup_window
         self.max_string_len = max_string_len
+        self.max_future_ms = max_future_ms
+        self.clock = clock
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
-        self._recover()
-
-    def _recover(self) -> None:
-        """Remember the event ids already in the log (its last ``window`` records)."""
-        inner = self.log.log
-        for _, rec in inner.read(max(0, inner.end_offset - self.window)):
-            if isinstance(rec, Engagement):
-                self._remember(rec.event_id)
+        for event_id in self.log.log.recent_event_ids(self.window):
+            self._remember(event_id)
 
     def _remember(self, event_id: str) -> None:
         self._seen[event_id] = None
@@ -46,6 +50,7 @@ class EventIngest:
     def log_events(self, events: list[dict]) -> list[EventResult]:
         results: list[EventResult | None] = [None] * len(events)
         accepted: list[tuple[int, Engagement]] = []
+        now_ms = int(self.clock() * 1000)
         with self._lock:  # one batch at a time, so two concurrent copies of an event cannot both pass
             batch_ids: set[str] = set()
             for i, d in enumerate(events):
@@ -57,6 +62,9 @@ class EventIngest:
                     ev = validate_event(d)
                     if ev.kind == "dwell" and ev.dwell_ms <= 0:
                         raise ValueError("event.dwell_ms: must be > 0 for kind 'dwell'")
+                    if ev.ts > now_ms + self.max_future_ms:
+                        raise ValueError(f"event.ts_ms: {ev.ts} is {(ev.ts - now_ms) / 1000:.1f} s ahead of the "
+                                         f"server's clock (limit {self.max_future_ms / 1000:g} s)")
                 except ValueError as e:
                     results[i] = EventResult(eid, REJECTED, str(e))
                     continue

@@ -51,6 +51,8 @@ class RankInput:
     task_weights: dict[str, float] = field(default_factory=dict)
     explain: bool = False
     features_error: str | None = None      # set by the decoder when the packed features do not fit
+    # Digest of what a retry under request_id must repeat (the transport's; "" = compare nothing).
+    fingerprint: bytes = b""
 
 
 @dataclass
@@ -124,20 +126,27 @@ class RankingHandler:
         self.policy = RerankPolicy(settings.author_penalty_mult, settings.author_penalty_add,
                                    settings.media_penalty_mult, settings.media_penalty_add,
                                    settings.freshness_boost, settings.freshness_half_life_h)
-        self._recent: OrderedDict[str, RankResult] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[bytes, RankResult]] = OrderedDict()
         self._recent_lock = threading.Lock()
 
     # -- idempotency -------------------------------------------------------------------------
-    def _cached(self, request_id: str) -> RankResult | None:
+    def _cached(self, request_id: str, fingerprint: bytes) -> RankResult | None:
+        """The answer already given under ``request_id``; a different request under the same id is an
+        error, never another request's answer."""
         with self._recent_lock:
             hit = self._recent.get(request_id)
-            if hit is not None:
-                self._recent.move_to_end(request_id)
-            return hit
+            if hit is None:
+                return None
+            self._recent.move_to_end(request_id)
+        if hit[0] != fingerprint:
+            raise InvalidInput("request_id", f"{request_id!r} was already used for a different request (a retry "
+                                             f"must repeat the user, candidates and options; use a new request_id "
+                                             f"for a new request)")
+        return hit[1]
 
-    def _remember(self, result: RankResult) -> None:
+    def _remember(self, result: RankResult, fingerprint: bytes) -> None:
         with self._recent_lock:
-            self._recent[result.request_id] = result
+            self._recent[result.request_id] = (fingerprint, result)
             while len(self._recent) > self.settings.idempotency_cache:
                 self._recent.popitem(last=False)
 
@@ -192,6 +201,11 @@ class RankingHandler:
                                                   f"future (limit {s.max_future_ms / 1000:.0f} s)")
         if len(r.seen_post_ids) > s.max_seen:
             raise TooLarge("seen_post_ids", f"{len(r.seen_post_ids)} ids, limit {s.max_seen}")
+        if r.seen_post_ids:
+            lengths = np.fromiter(map(len, r.seen_post_ids), np.int64, len(r.seen_post_ids))
+            if (lengths > s.max_string_len).any():
+                i = int(np.argmax(lengths > s.max_string_len))
+                raise InvalidInput(f"seen_post_ids[{i}]", f"{lengths[i]} characters, limit {s.max_string_len}")
         for task, w in r.task_weights.items():
             if task not in ranker.tasks:
                 raise InvalidInput("task_weights", f"unknown task {task!r}; the model's tasks are "
@@ -222,7 +236,7 @@ class RankingHandler:
     def rank(self, r: RankInput, remaining: Remaining = lambda: None) -> RankResult:
         t_start = time.perf_counter()
         if r.request_id:
-            hit = self._cached(r.request_id)
+            hit = self._cached(r.request_id, r.fingerprint)
             if hit is not None:
                 return hit
         ranker = self.model.current()  # one reference for the whole request: swaps happen between requests
@@ -270,7 +284,7 @@ class RankingHandler:
                                      [spec.media_types[media[i]] for i in order], r.created_at[order],
                                      posts[order]))
         if r.request_id:
-            self._remember(result)
+            self._remember(result, r.fingerprint)
         return result
 
     @staticmethod

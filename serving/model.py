@@ -32,7 +32,9 @@ class LiveModel:
         self._ranker: StackedRanker | None = None
         self._load_lock = threading.Lock()
         self.loaded_at_ms = 0
-        self.refused: dict[Path, str] = {}
+        # Refused bundle -> (its files' sizes and mtimes then, why): tried again once they change,
+        # so a bundle copied in file by file loads when the copy completes.
+        self.refused: dict[Path, tuple[tuple, str]] = {}
 
     @property
     def ready(self) -> bool:
@@ -52,9 +54,18 @@ class LiveModel:
             try:
                 ranker = StackedRanker.load(path, threads=self.xgb_threads)
                 _warm_up(ranker)
-            except BundleError as e:
-                self.refused[path.resolve()] = str(e)
-                log.error("refused bundle %s: %s", path, e)
+            except Exception as e:  # whatever fails, the bundle is refused and the old model kept
+                shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "…"
+                if isinstance(e, OSError):  # an unusable path: too long, unreadable, ...
+                    e = BundleError(f"{shown}: {e.strerror or type(e).__name__}")
+                elif not isinstance(e, BundleError):
+                    log.warning("loading %s raised", shown, exc_info=True)
+                    e = BundleError(f"{shown}: cannot load ({type(e).__name__}: {e})")
+                try:
+                    self.refused[path.resolve()] = (_files_state(path), str(e))
+                except (OSError, ValueError):
+                    pass
+                log.error("refused bundle %s: %s", shown, e)
                 raise RefusedBundle(f"bundle refused, still serving "
                                     f"{self._ranker.version if self._ranker else 'nothing'}: {e}") from e
             self._ranker = ranker
@@ -72,13 +83,22 @@ class LiveModel:
             rp = p.resolve()
             if rp == live:
                 return None
-            if rp in self.refused:
+            if rp in self.refused and self.refused[rp][0] == _files_state(p):
                 continue
             try:
                 return self.load(p)
             except RefusedBundle:
                 continue
         return None
+
+
+def _files_state(path: Path) -> tuple:
+    """Every file under a bundle directory with its size and mtime (empty if the directory is gone)."""
+    try:
+        return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
+                            for p in Path(path).rglob("*") if (st := p.stat()) and p.is_file()))
+    except OSError:
+        return ()
 
 
 def _warm_up(ranker: StackedRanker) -> None:

@@ -122,10 +122,10 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
         event_log = BusEventLog(path, settings.bus_url, settings.eventlog_fsync) if settings.bus_url \
             else SharedEventLog(path, fsync=settings.eventlog_fsync)
         sink = EventLogSink(event_log, settings.served_batch, settings.served_flush_ms, settings.served_queue)
-        ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len)
+        ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len, settings.max_future_ms)
     handler = RankingHandler(model, settings, sink)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file)
+    ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events)
     admin_svc = AdminServicer(model, token, metrics, lambda r: write_snapshot(r, settings.snapshot_dir))
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads), options=options)

@@ -14,7 +14,7 @@ from feedrank.v1 import ranking_pb2 as pb
 from feedrank.v1 import ranking_pb2_grpc as pb_grpc
 
 from . import convert
-from .errors import InvalidInput, NotReady, PermissionDenied, ServingError, Unauthenticated
+from .errors import InvalidInput, NotReady, PermissionDenied, ServingError, TooLarge, Unauthenticated
 from .events import EventIngest
 from .handler import RankingHandler
 from .metrics import ServingMetrics
@@ -81,8 +81,9 @@ def mapped(method: str):
 
 class RankerServicer(pb_grpc.RankerServicer):
     def __init__(self, handler: RankingHandler, ingest: EventIngest | None, metrics: ServingMetrics,
-                 online_metrics_file: Path | None = None):
+                 online_metrics_file: Path | None = None, max_events: int = 10_000):
         self.handler, self.ingest, self.metrics = handler, ingest, metrics
+        self.max_events = max_events
         self.online_metrics_file = online_metrics_file
 
     def _online_metrics(self) -> dict | None:
@@ -120,7 +121,7 @@ class RankerServicer(pb_grpc.RankerServicer):
         m = ranker.manifest
         window = m.get("training", {}).get("time_range_ms", [0, 0])
         return pb.InfoResponse(
-            model_version=convert.model_version(ranker.bundle_id, ranker.update_seq),
+            model_version=convert.model_version(ranker.bundle_id, ranker.update_seq, ranker.covered_offset),
             bundle_path=str(ranker.path or ""), training_start_ms=window[0], training_end_ms=window[1],
             tasks=list(ranker.tasks), ev_weights=ranker.ev_weights,
             user_feature_names=list(ranker.spec.user_features),
@@ -133,6 +134,8 @@ class RankerServicer(pb_grpc.RankerServicer):
     def LogEvents(self, request: pb.LogEventsRequest, context) -> pb.LogEventsResponse:
         if self.ingest is None:
             raise NotReady("LogEvents: no event log configured (set eventlog_dir)")
+        if len(request.events) > self.max_events:
+            raise TooLarge("events", f"{len(request.events)} events, limit {self.max_events} per call")
         results = self.ingest.log_events(convert.event_dicts(request))
         for r in results:
             self.metrics.events.labels(r.status).inc()
@@ -147,7 +150,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.snapshot, self.reload_hook = snapshot, reload_hook
 
     def _authorize(self, context) -> None:
-        header = dict(context.invocation_metadata()).get("authorization")
+        headers = [v for k, v in context.invocation_metadata() if k == "authorization"]
+        if len(headers) > 1:
+            raise Unauthenticated(f"authorization: {len(headers)} 'authorization' metadata entries, expected one")
+        header = headers[0] if headers else None
         if not header:
             raise Unauthenticated("authorization: missing metadata 'authorization: Bearer <token>'")
         scheme, _, token = header.partition(" ")
@@ -167,8 +173,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         ranker = self.model.load(request.bundle_path)  # loads on this RPC's thread, Rank keeps going
         if self.reload_hook:
             self.reload_hook(request.bundle_path)
-        prev = convert.model_version(previous.bundle_id, previous.update_seq) if previous else None
-        return pb.ReloadResponse(model_version=convert.model_version(ranker.bundle_id, ranker.update_seq),
+        prev = convert.model_version(previous.bundle_id, previous.update_seq, previous.covered_offset) \
+            if previous else None
+        return pb.ReloadResponse(model_version=convert.model_version(ranker.bundle_id, ranker.update_seq,
+                                                                     ranker.covered_offset),
                                  previous_version=prev)
 
     @mapped("Snapshot")
@@ -176,5 +184,5 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._authorize(context)
         ranker = self.model.current()
         path = self.snapshot(ranker)
-        return pb.SnapshotResponse(path=str(path), model_version=convert.model_version(ranker.bundle_id,
-                                                                                       ranker.update_seq))
+        return pb.SnapshotResponse(path=str(path), model_version=convert.model_version(
+            ranker.bundle_id, ranker.update_seq, ranker.covered_offset))

@@ -39,7 +39,10 @@ class ServingSettings(BaseSettings):
     max_string_len: int = Field(256, description="longest id / name / device string accepted")
     max_seen: int = Field(10_000, description="most seen_post_ids accepted")
     default_limit: int = Field(50, description="posts returned when the request's limit is 0")
-    max_future_ms: int = Field(300_000, description="context.time_ms may be at most this far ahead of server time")
+    # The learner runs on event time: a record from further ahead than its allowed lateness (5 s) moves its
+    # clock forward and closes other impressions' attribution windows early.
+    max_future_ms: int = Field(5_000, description="context.time_ms and event ts_ms may be at most this far ahead of the server's clock")
+    max_events: int = Field(10_000, description="more events than this in one LogEvents call → RESOURCE_EXHAUSTED")
     unknown_features: Literal["ignore", "reject"] = Field(
         "ignore", description="feature names the bundle does not know: ignore (and list them) or reject")
     author_penalty_mult: float = Field(0.8, description="score factor for a post by the same author as the one above")

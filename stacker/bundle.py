@@ -88,6 +88,8 @@ def read_manifest(directory) -> dict:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format_version") not in SUPPORTED_VERSIONS:
         raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
                           f"one of the supported {SUPPORTED_VERSIONS} (bundles before version 3 hold one "
@@ -112,6 +114,9 @@ def verify(directory) -> dict:
     directory = Path(directory)
     manifest = read_manifest(directory)
     files = manifest.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("bytes"), int)
+                                              and isinstance(m.get("sha256"), str) for m in files.values()):
+        raise BundleError(f"{directory / MANIFEST}: 'files' must map each file to its bytes and sha256")
     for required in ("gbdt.ubj", "dnn.npz", "lr_weights.npz"):
         if required not in files:
             raise BundleError(f"{directory / MANIFEST}: lists no {required}")

@@ -75,6 +75,20 @@ def test_segments_roll_at_size_limit_and_read_across(tmp_path):
     assert EventLog(tmp_path, segment_bytes=2_000).end_offset == 100
 
 
+def test_recent_event_ids_skip_served_records_across_segments(tmp_path):
+    log = EventLog(tmp_path, segment_bytes=2_000, fsync=False)
+    for b in range(6):
+        log.append([event(b * 2), *(served(b * 100 + i) for i in range(10)), event(b * 2 + 1)])
+    assert len(segment_files(tmp_path)) == 3                    # four events in each
+    assert log.recent_event_ids(3) == ["e9", "e10", "e11"]
+    assert log.recent_event_ids(6) == [f"e{i}" for i in range(6, 12)]
+    assert log.recent_event_ids(100) == [f"e{i}" for i in range(12)]
+    assert log.recent_event_ids(0) == []
+    log.close()
+    reader = EventLog(tmp_path, readonly=True)
+    assert reader.recent_event_ids(5) == [f"e{i}" for i in range(7, 12)]
+
+
 def test_corruption_inside_an_old_segment_raises(tmp_path):
     log = EventLog(tmp_path, segment_bytes=500)
     for i in range(6):

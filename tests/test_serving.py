@@ -1,6 +1,7 @@
 """The gRPC ranking service against a real server on port 0: contract, errors, swaps, events."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -146,6 +147,11 @@ BAD_INPUT = [
      "candidates.media_types: has 59 entries"),
     ("unknown media", lambda r: r.candidates.media_types.__setitem__(0, 42), grpc.StatusCode.INVALID_ARGUMENT,
      "candidates.media_types: unknown value 42"),
+    ("oversize seen id", lambda r: r.seen_post_ids.extend(["p", "s" * 300]), grpc.StatusCode.INVALID_ARGUMENT,
+     "seen_post_ids[1]: 300 characters, limit 256"),
+    ("too many, without features", lambda r: (r.candidates.post_ids.extend(f"x{i}" for i in range(200_000)),
+                                              r.candidates.feature_names.extend(f"f{i}" for i in range(100_000))),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "candidates.post_ids: 200060 candidates, limit 100"),
     ("duplicate feature name", lambda r: r.user.feature_names.__setitem__(1, r.user.feature_names[0]),
      grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: duplicate feature name 'user.activity'"),
 ]
@@ -230,17 +236,37 @@ def test_admin_rpcs_need_the_bearer_token(live):
     assert err.details() == "authorization: token not accepted"
     err = _error(admin.Reload, pb.ReloadRequest(bundle_path="x"), metadata=(("authorization", "Basic abc"),))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    for twice in ((("authorization", "Bearer nope"),) + AUTH, AUTH + (("authorization", "Bearer nope"),)):
+        err = _error(admin.Snapshot, pb.SnapshotRequest(), metadata=twice)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.details() == "authorization: 2 'authorization' metadata entries, expected one"
 
 
 def test_retry_with_same_request_id_gets_same_answer(live, feeds):
-    _, stub, _, _ = live
+    rs, stub, _, _ = live
     first = stub.Rank(rank_request(feeds[0], request_id="retry-1", limit=20))
     req = rank_request(feeds[0], request_id="retry-1", limit=20)
-    req.seen_post_ids.append(first.posts[0].post_id)  # even a changed retry gets the first answer
+    req.context.time_ms = int(time.time() * 1000)  # a retry may stamp its own time
     again = stub.Rank(req)
     assert again.request_id == "retry-1"
     assert [p.post_id for p in again.posts] == [p.post_id for p in first.posts]
     assert [p.score for p in again.posts] == [p.score for p in first.posts]
+
+
+def test_a_request_id_reused_for_another_request_is_refused(live, feeds):
+    rs, stub, _, _ = live
+    first = stub.Rank(rank_request(feeds[0], request_id="used", limit=20))
+    changed = [rank_request(feeds[1], request_id="used", limit=20),           # another user's request
+               _mutated(feeds[0], lambda r: r.seen_post_ids.append(first.posts[0].post_id), limit=20),
+               _mutated(feeds[0], lambda r: r.task_weights.__setitem__("poke", 1.0), limit=20),  # also bad
+               _mutated(feeds[0], lambda r: r.candidates.post_ids.extend(f"x{i}" for i in range(2000)), limit=20)]
+    for req in changed:
+        req.request_id = "used"
+        err = _error(stub.Rank, req)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert err.details().startswith("request_id: 'used' was already used for a different request")
+    again = stub.Rank(rank_request(feeds[0], request_id="used", limit=20))
+    assert [p.post_id for p in again.posts] == [p.post_id for p in first.posts]
 
 
 def test_seen_posts_dropped_and_weights_override(live, feeds):
@@ -306,6 +332,18 @@ def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_
     assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) == 50
     err = _error(admin.Reload, pb.ReloadRequest(bundle_path=str(tmp_path / "nope")), metadata=AUTH)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not a bundle directory" in err.details()
+    listed = copy_bundle(tiny_bundle, tmp_path / "list")
+    (listed / "manifest.json").write_text("[]")
+    no_depth = copy_bundle(tiny_bundle, tmp_path / "nodepth")
+    m = json.loads((no_depth / "manifest.json").read_text())
+    del m["gbdt"]["depth"]
+    (no_depth / "manifest.json").write_text(json.dumps(m))
+    for path, why in ((str(tmp_path / "nul\x00byte"), "not a bundle directory"), ("/" + "x" * 10_000, "File name too long"),
+                      (str(listed), "manifest is a JSON list, not an object"), (str(no_depth), "cannot load model files ('depth')")):
+        err = _error(admin.Reload, pb.ReloadRequest(bundle_path=path), metadata=AUTH)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and why in err.details(), err.details()
+        assert rs.model.current().path == good
+    assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) == 50
 
 
 def test_swaps_under_load_fail_no_request(live, feeds, tiny_bundle, tmp_path):
@@ -370,9 +408,40 @@ def test_log_events_per_event_results_and_durability(live, tmp_path):
     assert resp.results[5].reason.startswith("event.kind: unknown kind 'EVENT_KIND_UNSPECIFIED'")
     again = stub.LogEvents(pb.LogEventsRequest(events=events[:1]))
     assert again.results[0].status == S.STATUS_DUPLICATE
+    now = int(time.time() * 1000)
+    timed = stub.LogEvents(pb.LogEventsRequest(events=[
+        E(event_id="f1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=2**63 - 1),
+        E(event_id="f2", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=now + 60_000)]))
+    assert [r.status for r in timed.results] == [S.STATUS_REJECTED] * 2
+    assert timed.results[1].reason.startswith("event.ts_ms: ") and \
+        timed.results[1].reason.endswith("s ahead of the server's clock (limit 5 s)")
+    err = _error(stub.LogEvents, pb.LogEventsRequest(events=[E(event_id=f"m{i}", request_id="r", post_id="p",
+                                                                 kind=pb.EVENT_KIND_VIEW, ts_ms=now)
+                                                               for i in range(10_001)]))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.details() == "events: 10001 events, limit 10000 per call"
     logged = [r for _, r in EventLog(tmp_path / "eventlog", readonly=True).read() if isinstance(r, Engagement)]
     assert [e.event_id for e in logged] == ["e1", "e2"]
     assert logged[1].dwell_ms == 12_000 and logged[0].kind == "click"
+
+
+def test_duplicates_are_recognised_after_a_restart_past_any_number_of_served_records(tmp_path):
+    from online.records import ServedRecord
+    from serving.events import EventIngest
+    from serving.sink import SharedEventLog
+    def events(ids):
+        return [{"event_id": f"e{i}", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1} for i in ids]
+    log = SharedEventLog(tmp_path / "log", fsync=False)
+    ingest = EventIngest(log, dedup_window=3)
+    assert [r.status for r in ingest.log_events(events(range(5)))] == ["accepted"] * 5
+    log.append([ServedRecord(f"r{i}", "p", "u", "a", 0, 1, "b", 0, "text", 0, "ios", "home", [], [])
+                for i in range(50)])
+    log.close()
+    log = SharedEventLog(tmp_path / "log", fsync=False)  # the last 3 records are served ones, not events
+    restarted = [r.status for r in EventIngest(log, dedup_window=3).log_events(events(range(5)))]
+    log.close()
+    # as before the restart: the last three ids accepted are remembered, the two before them forgotten
+    assert restarted == ["accepted", "accepted", "duplicate", "duplicate", "duplicate"]
 
 
 def test_served_records_reach_the_event_log(live, feeds, tmp_path):
@@ -666,6 +735,26 @@ def test_reload_reaches_sibling_workers(serving_server, tiny_bundle, tmp_path):
     assert a.model.current().path == new and b.model.current().path == new
 
 
+def test_a_bundle_copied_in_file_by_file_loads_once_complete(serving_server, tiny_bundle, tmp_path, feeds):
+    models = tmp_path / "models"
+    (models / "b").mkdir(parents=True)
+    shutil.copy(tiny_bundle / "manifest.json", models / "b")          # the manifest first, the rest later
+    rs = serving_server(model_dir=models, poll_interval_s=0.1)
+    channel = grpc.insecure_channel(f"127.0.0.1:{rs.port}")
+    assert not rs.model.ready and _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    time.sleep(0.3)                                                   # polled and refused again meanwhile
+    assert "listed in the manifest but missing" in rs.model.refused[(models / "b").resolve()][1]
+    for f in tiny_bundle.rglob("*"):
+        if f.is_file() and f.name != "manifest.json":
+            (models / "b" / f.relative_to(tiny_bundle)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, models / "b" / f.relative_to(tiny_bundle))
+    deadline = time.time() + 10
+    while not rs.model.ready and time.time() < deadline:
+        time.sleep(0.05)
+    assert rs.model.current().path == models / "b"
+    assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[0], request_id="")).posts) == 50
+
+
 def test_published_online_updates_are_applied(serving_server, tiny_bundle, tmp_path, feeds):
     from online.publish import UpdatePublisher
     from stacker.bundle import copy_bundle
@@ -685,7 +774,9 @@ def test_published_online_updates_are_applied(serving_server, tiny_bundle, tmp_p
     after = stub.Rank(req)
     assert after.model_version.update_seq == 1 and after.model_version.version.endswith("+1")
     assert after.posts[0].probabilities[0] > before.posts[0].probabilities[0]
-    assert stub.Info(pb.InfoRequest()).model_version.update_seq == 1
+    info = stub.Info(pb.InfoRequest()).model_version
+    assert (info.update_seq, info.covered_offset) == (1, 0) == (after.model_version.update_seq,
+                                                                after.model_version.covered_offset)
 
 
 def test_learner_status_is_exported_to_prometheus(tmp_path):

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from feedrank import argtypes as T
 
 
 def _progress(args):
@@ -21,6 +24,10 @@ def _train_config(args):
     interactions = tuple(args.interactions.split(",")) if args.interactions else ()
     shared = ({} if args.shared_tasks is None else
               {"shared_tasks": () if args.shared_tasks in ("", "none") else tuple(args.shared_tasks.split(","))})
+    from stacker.schema import TASKS
+    unknown = [t for t in shared.get("shared_tasks", ()) if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"feedrank: --shared-tasks: unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
     if args.shared_ids is not None:
         shared["shared_ids"] = args.shared_ids
     if args.optimizer != "ftrl" and args.ftrl_alpha is not None:
@@ -36,17 +43,24 @@ def _train_config(args):
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
                            downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
                            dense_warmup=not args.no_dense_warmup, refit_biases=not args.no_bias_refit,
-                           slices=tuple(float(x) for x in args.slices.split(",")))
+                           slices=_fractions(args.slices))
     except ValueError as e:
         raise SystemExit(f"feedrank: {e}")
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--slices {text!r}: three comma-separated fractions, e.g. 0.2,0.6,0.2") from None
+
+
 def _add_train_options(p):
     from online.cli import add_join_options
-    p.add_argument("--trees", type=int, default=200, help="GBDT trees (default 200)")
-    p.add_argument("--depth", type=int, default=6, help="GBDT depth (default 6)")
-    p.add_argument("--epochs", type=int, default=8, help="DNN epochs (default 8)")
-    p.add_argument("--bits", type=int, default=26,
+    p.add_argument("--trees", type=T.positive_int, default=200, help="GBDT trees (default 200)")
+    p.add_argument("--depth", type=T.positive_int, default=6, help="GBDT depth (default 6)")
+    p.add_argument("--epochs", type=T.positive_int, default=8, help="DNN epochs (default 8)")
+    p.add_argument("--bits", type=T.bits, default=26,
                    help="VW -b hash bits of the one workspace every task shares (default 26: 2**23 rows "
                         "of 8 task slots; 1 GiB of VW state, 256 MiB served)")
     p.add_argument("--interactions", default="ua,up",
@@ -61,10 +75,10 @@ def _add_train_options(p):
     p.add_argument("--optimizer", choices=("ftrl", "adaptive"), default="ftrl",
                    help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
                         "or VW's adaptive update on unit values")
-    p.add_argument("--ftrl-alpha", type=float, default=None, help="FTRL alpha (default 0.1)")
-    p.add_argument("--downsample", type=float, default=0.25,
+    p.add_argument("--ftrl-alpha", type=T.positive_float, default=None, help="FTRL alpha (default 0.1)")
+    p.add_argument("--downsample", type=T.rate, default=0.25,
                    help="negative downsampling rate w (1 = off); kept negatives weigh 1/w")
-    p.add_argument("--online-learning-rate", type=float, default=None,
+    p.add_argument("--online-learning-rate", type=T.positive_float, default=None,
                    help="VW -l for online learning with --optimizer adaptive (default 0.15); FTRL "
                         "models keep their alpha online")
     p.add_argument("--no-dense-warmup", action="store_true",
@@ -138,6 +152,13 @@ def cmd_simulate(args):
     if not args.out:
         print("feedrank simulate: give --out PATH (.parquet or .jsonl) or --describe", file=sys.stderr)
         return 2
+    if args.json:
+        print("feedrank simulate: --json goes with --describe", file=sys.stderr)
+        return 2
+    if Path(args.out).suffix.lower() not in (".parquet", ".jsonl"):
+        print(f"feedrank simulate: --out {args.out}: use .parquet or .jsonl", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     df = simulate(args.n, seed=args.seed, progress=not args.quiet)
     write_table(df, args.out)
@@ -145,8 +166,24 @@ def cmd_simulate(args):
     return 0
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write a bundle over anything but an empty directory, or a bundle with --force."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"feedrank train: --out {out} exists and is not a directory")
+    if (out / "manifest.json").is_file():
+        if not force:
+            raise SystemExit(f"feedrank train: --out {out} holds a bundle already; give another directory, or "
+                             f"--force to replace it")
+    elif any(out.iterdir()):
+        raise SystemExit(f"feedrank train: --out {out} is a directory of other files, not a bundle; give a new "
+                         f"or empty directory")
+
+
 def cmd_train(args):
     from stacker.train import train_bundle
+    _check_out(Path(args.out), args.force)
     config = _train_config(args)
     df, source = _load_data(args)
     out = Path(args.out)
@@ -154,6 +191,10 @@ def cmd_train(args):
     path = train_bundle(df, out, config, progress=_progress(args))
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle {manifest['bundle_id']} written to {path} ({time.time() - t0:.1f}s, source: {source})")
+    from stacker.schema import TASKS
+    absent = [t for t in TASKS if t not in manifest["tasks"]]
+    if absent:
+        print(f"  tasks: {', '.join(manifest['tasks'])} (no label column for {', '.join(absent)})")
     metrics = manifest.get("offline_metrics", {}).get("tasks", {})
     for task, m in metrics.items():
         print(f"  {task:<8} NE {m['ne']:.4f}  AUC {m['auc']:.4f}  calibration {m['calibration']:.3f}  "
@@ -207,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="write simulated impressions or describe the default world")
-    p.add_argument("-n", type=int, default=1_000_000, help="impressions (default 1,000,000)")
+    p.add_argument("-n", type=T.positive_int, default=1_000_000, help="impressions (default 1,000,000)")
     p.add_argument("--out", help="output table (.parquet or .jsonl)")
     p.add_argument("--describe", action="store_true", help="print the default world's statistics")
     p.add_argument("--json", help="with --describe: also write the statistics as JSON")
@@ -219,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="impression table (.parquet or .jsonl), or an event-log directory "
                                     "(with --served-by)")
-    src.add_argument("--simulate", type=int, metavar="N", help="train on N simulated impressions")
+    src.add_argument("--simulate", type=T.positive_int, metavar="N", help="train on N simulated impressions")
     p.add_argument("--out", default="bundles/default", help="bundle directory (default bundles/default)")
+    p.add_argument("--force", action="store_true", help="replace the bundle already in --out")
     _add_train_options(p)
     p.set_defaults(func=cmd_train, dataset=None)
 
@@ -228,11 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="impression table (.parquet or .jsonl), or an event-log directory "
                                     "(with --served-by)")
-    src.add_argument("--simulate", type=int, metavar="N", help="evaluate on N simulated impressions")
+    src.add_argument("--simulate", type=T.positive_int, metavar="N", help="evaluate on N simulated impressions")
     src.add_argument("--dataset", choices=["movielens-100k"], help="a public dataset")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plots", default="runs/eval", help="directory for PNG plots (default runs/eval)")
-    p.add_argument("--label-delay-s", type=float, default=300.0,
+    p.add_argument("--label-delay-s", type=T.non_negative_float, default=300.0,
                    help="stack_online learns each test row this long after its time, as the online learner "
                         "learns an impression when its attribution window closes (default 300)")
     _add_train_options(p)
@@ -241,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-online", help="the same bundle on a later stream: learning online vs frozen")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="impression table (.parquet or .jsonl)")
-    src.add_argument("--simulate", type=int, metavar="N", help="N simulated impressions")
-    p.add_argument("--bundle-share", type=float, default=0.5,
+    src.add_argument("--simulate", type=T.positive_int, metavar="N", help="N simulated impressions")
+    p.add_argument("--bundle-share", type=T.share, default=0.5,
                    help="share of the (time-ordered) rows the bundle is trained on; the rest is streamed")
     p.add_argument("--plot", default="runs/eval-online.png", help="PNG of NE over time, frozen vs online")
     p.add_argument("--json", help="write the comparison as JSON")
@@ -254,9 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(e: BaseException) -> str:
+    """One line for a user's mistake: what was wrong, where."""
+    errors = getattr(e, "errors", None)
+    if callable(errors) and type(e).__name__ == "ValidationError":  # pydantic: settings
+        return "; ".join(f"setting {'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}" for err in e.errors())
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e.strerror or ""):
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    from stacker.bundle import BundleError
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, RuntimeError, BundleError) as e:
+        if os.environ.get("FEEDRANK_DEBUG"):
+            raise
+        print(f"feedrank {args.command}: error: {_message(e)}\n(FEEDRANK_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

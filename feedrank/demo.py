@@ -273,16 +273,17 @@ def _plot(client, server, path: Path) -> None:
 
 
 def register(sub) -> None:
+    from feedrank import argtypes as T
     p = sub.add_parser("demo", help="train, serve and drive the embedded default with simulated users")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--impressions", type=int, default=200_000, help="simulated impressions to train on")
-    p.add_argument("--trees", type=int, default=100)
-    p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--candidates", type=int, default=300)
-    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
-    p.add_argument("--window-ms", type=int, default=300_000, help="attribution window (simulated ms)")
-    p.add_argument("--report-every", type=float, default=5.0)
+    p.add_argument("--impressions", type=T.positive_int, default=200_000, help="simulated impressions to train on")
+    p.add_argument("--trees", type=T.positive_int, default=100)
+    p.add_argument("--seconds", type=T.positive_float, default=30.0)
+    p.add_argument("--concurrency", type=T.positive_int, default=2)
+    p.add_argument("--candidates", type=T.positive_int, default=300)
+    p.add_argument("--speed", type=T.positive_float, default=60.0, help="simulated seconds per wall second")
+    p.add_argument("--window-ms", type=T.positive_int, default=300_000, help="attribution window (simulated ms)")
+    p.add_argument("--report-every", type=T.positive_float, default=5.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_demo)

@@ -100,8 +100,9 @@ def cmd_export(args) -> int:
 def add_join_options(p, when: str = "") -> None:
     """The joiner's options (``--window-ms``, ``--lateness-ms``, ``--returned-is-viewed``), shared by every
     command that joins served records with events; ``when`` prefixes their help."""
-    p.add_argument("--window-ms", type=int, default=300_000, help=f"{when}attribution window (default 300000)")
-    p.add_argument("--lateness-ms", type=int, default=5_000, help=f"{when}allowed event lateness (default 5000)")
+    from feedrank import argtypes as T
+    p.add_argument("--window-ms", type=T.positive_int, default=300_000, help=f"{when}attribution window (default 300000)")
+    p.add_argument("--lateness-ms", type=T.non_negative_int, default=5_000, help=f"{when}allowed event lateness (default 5000)")
     p.add_argument("--returned-is-viewed", action="store_true", help=f"{when}treat every returned post as viewed")
 
 

@@ -155,7 +155,8 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
                 if rec.bundle_id not in specs:
                     raise ValueError(f"{log}: the record at offset {offset} was served by bundle {rec.bundle_id}, "
                                      f"whose manifest was not given (known: {', '.join(sorted(specs))}); add its "
-                                     "directory with --bundle. Nothing was written.")
+                                     "directory to the bundles given (export --bundle, train --served-by). "
+                                     "Nothing was written.")
                 take(joiner.add_served(rec, offset))
             else:
                 take(joiner.add_event(rec, offset))

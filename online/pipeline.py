@@ -332,8 +332,8 @@ class PipelinedLearner:
         env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         fd = b.fileno()
         code = f"from online.pipeline import _feeder_main; _feeder_main({fd}, {os.getpid()})"
-        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), env=env, cwd=str(_ROOT),
-                                stdin=subprocess.DEVNULL)
+        # In the caller's working directory, so the paths it was given (bundle, log, state) resolve alike.
+        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         b.close()
         return proc, Connection(a.detach())
 

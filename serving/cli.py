@@ -49,15 +49,16 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
+    from feedrank import argtypes as T
     p = sub.add_parser("serve", help="run the gRPC ranking server")
     p.add_argument("--config", help="settings file (.toml, .json or .yaml); env FEEDRANK_* and flags override it")
     p.add_argument("--bundle", help="bundle directory to serve")
     p.add_argument("--model-dir", help="serve the newest valid bundle here and hot-swap newer ones")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--threads", type=int, help="gRPC handler threads per process")
-    p.add_argument("--metrics-port", type=int, help="Prometheus HTTP port")
+    p.add_argument("--port", type=T.port)
+    p.add_argument("--workers", type=T.positive_int, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--threads", type=T.positive_int, help="gRPC handler threads per process")
+    p.add_argument("--metrics-port", type=T.port, help="Prometheus HTTP port")
     p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN)")
     p.add_argument("--eventlog-dir", help="local event log directory")
     p.add_argument("--tls-cert")
@@ -65,10 +66,10 @@ def register(sub) -> None:
     p.add_argument("--learner", action=argparse.BooleanOptionalAction, default=None,
                    help="run the online learner in its own process beside the server (default: on)")
     p.add_argument("--learner-state-dir", help="the learner's checkpoints, status and published updates")
-    p.add_argument("--attribution-window-ms", type=int, help="attribution window in ms of event time")
+    p.add_argument("--attribution-window-ms", type=T.positive_int, help="attribution window in ms of event time")
     p.add_argument("--returned-is-viewed", action="store_true", default=None,
                    help="treat every returned post as viewed")
-    p.add_argument("--downsample-rate", type=float, help="online negative downsampling rate (1 = off)")
+    p.add_argument("--downsample-rate", type=T.rate, help="online negative downsampling rate (1 = off)")
     p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
     p.set_defaults(func=cmd_serve)
 
@@ -81,13 +82,13 @@ def register(sub) -> None:
         p = bench.add_parser(name, help=help_)
         p.add_argument("--bundle", help="bundle to serve (default: train one into --cache-dir if missing)")
         p.add_argument("--cache-dir", default=BENCH_CACHE_DIR, help="where the benchmark bundle is kept")
-        p.add_argument("--candidates", type=int, default=500, help="candidates per Rank request")
-        p.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
-        p.add_argument("--threads", type=int, default=4, help="gRPC threads per server process")
-        p.add_argument("--xgb-threads", type=int, default=1, help="XGBoost threads per prediction")
+        p.add_argument("--candidates", type=T.positive_int, default=500, help="candidates per Rank request")
+        p.add_argument("--workers", type=T.positive_int, default=1, help="server processes (SO_REUSEPORT)")
+        p.add_argument("--threads", type=T.positive_int, default=4, help="gRPC threads per server process")
+        p.add_argument("--xgb-threads", type=T.positive_int, default=1, help="XGBoost threads per prediction")
         if name == "serve":
-            p.add_argument("--requests", type=int, default=400, help="Rank requests per concurrency level")
-            p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
+            p.add_argument("--requests", type=T.positive_int, default=400, help="Rank requests per concurrency level")
+            p.add_argument("--concurrency", default="1,4,16", type=_levels, help="comma-separated concurrency levels")
             p.add_argument("--setup", default="both", choices=["alone", "with_learner", "both"],
                            help="alone: the server only; with_learner: its online learner learning "
                                 "--events-per-s events; both (default)")
@@ -95,12 +96,12 @@ def register(sub) -> None:
                            help="with_learner: LogEvents rate for served posts")
             p.add_argument("--json", help="write results as JSON and a latency histogram PNG beside it")
         if name == "swap":
-            p.add_argument("--swaps", type=int, default=10, help="hot swaps")
+            p.add_argument("--swaps", type=T.positive_int, default=10, help="hot swaps")
             p.add_argument("--steady-s", type=float, default=8.0, help="steady-state load before the swaps")
             p.add_argument("--json", help="write the figures as JSON")
         if name == "freshness":
             p.add_argument("--mode", default="both", choices=["embedded", "redis", "both"])
-            p.add_argument("--samples", type=int, default=200, help="freshness samples per mode")
+            p.add_argument("--samples", type=T.positive_int, default=200, help="freshness samples per mode")
             p.add_argument("--window-ms", type=int, default=300_000,
                            help="attribution window (default: the production 5 minutes)")
             p.add_argument("--rank-per-s", type=float, default=100.0, help="background Rank requests/s")
@@ -109,8 +110,18 @@ def register(sub) -> None:
             p.add_argument("--timeout-s", type=float, default=10.0, help="give a sample up after this")
             p.add_argument("--json", help="write [{mode, p50_s, p99_s, samples}] and a histogram PNG")
         if name == "flood":
-            p.add_argument("--flood", type=int, default=100_000, help="malformed requests")
+            p.add_argument("--flood", type=T.positive_int, default=100_000, help="malformed requests")
         p.set_defaults(func=cmd_bench, what=name)
+
+
+def _levels(text: str) -> str:
+    try:
+        ok = all(int(c) >= 1 for c in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return text
 
 
 def _bench_subparsers(sub):

@@ -51,6 +51,7 @@ class LiveModel:
         path = Path(path)
         with self._load_lock:
             t0 = time.perf_counter()
+            before = _files_state(path)  # as the load found them: a copy still under way differs later
             try:
                 ranker = StackedRanker.load(path, threads=self.xgb_threads)
                 _warm_up(ranker)
@@ -62,7 +63,7 @@ class LiveModel:
                     log.warning("loading %s raised", shown, exc_info=True)
                     e = BundleError(f"{shown}: cannot load ({type(e).__name__}: {e})")
                 try:
-                    self.refused[path.resolve()] = (_files_state(path), str(e))
+                    self.refused[path.resolve()] = (before, str(e))
                 except (OSError, ValueError):
                     pass
                 log.error("refused bundle %s: %s", shown, e)
@@ -97,7 +98,7 @@ def _files_state(path: Path) -> tuple:
     try:
         return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
                             for p in Path(path).rglob("*") if (st := p.stat()) and p.is_file()))
-    except OSError:
+    except (OSError, ValueError):   # gone, or not a path the system takes
         return ()
 
 

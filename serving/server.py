@@ -180,6 +180,11 @@ def _load_initial(rs: RankingServer) -> None:
 def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
     """Run until SIGTERM/SIGINT: health NOT_SERVING, drain for ``grace_s``, stop."""
     rs = build(settings, worker, learner=learner)
+    if settings.bundle is not None and not rs.model.ready:  # the one bundle named cannot be served
+        rs.stop(0)
+        log.error("not serving: the bundle given with --bundle was refused (see above); fix it, or serve a "
+                  "directory of bundles with --model-dir to start without one")
+        return 2
     log.info("worker %d listening on %s:%d (%s)", worker, settings.host, rs.port,
              "ready: " + rs.model.current().version if rs.model.ready else "no model yet")
     done = threading.Event()

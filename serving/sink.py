@@ -91,8 +91,12 @@ class BusEventLog(SharedEventLog):
     def __init__(self, path: Path, bus_url: str, fsync: bool = True):
         from online.bus import RedisBus
 
+        try:
+            self.bus = RedisBus(bus_url)
+            self.bus.client.ping()
+        except Exception as e:  # fail at start, not on every batch of served records
+            raise ConnectionError(f"bus {bus_url}: not reachable ({e})") from None
         super().__init__(path, fsync)
-        self.bus = RedisBus(bus_url)
 
     def append(self, records: list[Record]) -> list[int]:
         from online.bus import id_to_offset

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import FEATURE_PREFIX, LABEL_PREFIX, SCHEMA_VERSION, TRUE_PREFIX
+from .schema import FEATURE_PREFIX, KEY_COLUMNS, LABEL_PREFIX, SCHEMA_VERSION, TRUE_PREFIX, tasks_in
 
 META_KEY = b"feedrank.schema_version"
 
@@ -35,8 +35,23 @@ def _fix_dtypes(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _version_error(path, found) -> ValueError:
+    how = ("; a table of your own: write it with stacker.dataset.write_table(df, path), which records the "
+           "version (Parquet metadata feedrank.schema_version, or a schema_version field on every JSON line)"
+           if found is None else "; regenerate or convert the table")
+    if found is not None and not isinstance(found, str):
+        found = found.item() if hasattr(found, "item") else found
     return ValueError(f"{path}: table schema version {found!r}, but this feedrank reads "
-                      f"feedrank.schema_version {SCHEMA_VERSION}; regenerate or convert the table")
+                      f"feedrank.schema_version {SCHEMA_VERSION}{how}")
+
+
+def _check_columns(path, df: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in KEY_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                         f"(an impression table has {', '.join(KEY_COLUMNS)}, f.* features and label.* tasks)")
+    if not tasks_in(df.columns):
+        raise ValueError(f"{path}: no label.<task> column, so nothing to learn")
+    return df
 
 
 def write_table(df: pd.DataFrame, path) -> None:
@@ -99,20 +114,44 @@ class TableWriter:
 def read_table(path) -> pd.DataFrame:
     """Read a table written by :func:`write_table`, refusing any other schema version."""
     path = Path(path)
-    if _suffix(path) == ".parquet":
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
+            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
         meta = table.schema.metadata or {}
         found = meta.get(META_KEY)
         if found is None:
             raise _version_error(path, None)
         if found.decode() != str(SCHEMA_VERSION):
             raise _version_error(path, found.decode())
-        return _fix_dtypes(table.to_pandas())
-    df = pd.read_json(path, lines=True, dtype=False)
+        return _check_columns(path, _fix_dtypes(table.to_pandas()))
+    try:
+        df = pd.read_json(path, lines=True, dtype=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON Lines ({e}){_bad_line(path)}") from None
     if "schema_version" not in df.columns:
         raise _version_error(path, None)
     bad = df["schema_version"][df["schema_version"] != SCHEMA_VERSION]
     if len(bad):
         raise _version_error(path, bad.iloc[0])
-    return _fix_dtypes(df.drop(columns=["schema_version"]))
+    return _check_columns(path, _fix_dtypes(df.drop(columns=["schema_version"])))
+
+
+def _bad_line(path) -> str:
+    """Where the first line that is not a JSON object is, for the error message."""
+    import json
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"; line {i} is not a JSON object"
+            except ValueError as e:
+                return f"; line {i}: {e}"
+    return ""

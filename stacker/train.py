@@ -59,6 +59,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if len(self.slices) != 3 or not (self.slices[0] > 0 and self.slices[1] > 0 and self.slices[2] >= 0) \
+                or abs(sum(self.slices) - 1) > 1e-6:
+            raise ValueError(f"slices {','.join(map(str, self.slices))}: three fractions that sum to 1, "
+                             f"extractors and LR above 0 (extractors, LR, evaluation)")
+        if not 0 < self.downsample_rate <= 1:
+            raise ValueError(f"downsample rate {self.downsample_rate}: must be in (0, 1]")
         self.vw.with_rate(self.online_rate)    # FTRL refuses an online alpha other than its own
 
     @property
@@ -278,10 +284,20 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     return counts
 
 
+def _writable(out_dir) -> Path:
+    """``out_dir``, once it is sure that writing a bundle there replaces nothing but a bundle."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / bundles.MANIFEST).is_file() and \
+            (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir}: exists and is not a bundle; a bundle is written to a new or empty "
+                         f"directory, or over another bundle")
+    return out_dir
+
+
 def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,
                  meta: dict) -> Path:
     """Write a complete, checksummed bundle directory and return its path."""
-    out_dir = Path(out_dir)
+    out_dir = _writable(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "vw").mkdir(parents=True)
@@ -324,6 +340,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     """Train the full stack on a table of impressions and write a bundle."""
     from .metrics import task_metrics
 
+    _writable(out_dir)
     progress = progress or Progress()
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()

@@ -92,6 +92,8 @@ class VWConfig:
         for pair in self.interactions:
             if len(pair) != 2 or not set(pair) <= set("upa") or pair[0] == pair[1]:
                 raise ValueError(f"id cross {pair!r}: two different letters of u (user), p (post), a (author)")
+        if len({frozenset(pair) for pair in self.interactions}) != len(self.interactions):
+            raise ValueError(f"id crosses {','.join(self.interactions)}: a cross is listed twice")
         if not set(self.shared_ids) <= set("upa"):
             raise ValueError(f"shared ids {self.shared_ids!r}: letters of u (user), p (post), a (author)")
 

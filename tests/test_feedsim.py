@@ -186,6 +186,33 @@ def test_wrong_schema_version_refused(small, tmp_path):
         read_table(path)
 
 
+def test_unreadable_tables_are_refused_with_the_file_and_the_fault(small, tmp_path):
+    df = small.head(50)
+    with pytest.raises(FileNotFoundError, match="nope.parquet: no such file"):
+        read_table(tmp_path / "nope.parquet")
+    with pytest.raises(ValueError, match="unknown table format '.csv'"):
+        read_table(tmp_path / "t.csv")
+    write_table(df.drop(columns=["user_id", "ts"]), tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match="cols.parquet: missing columns ts, user_id"):
+        read_table(tmp_path / "cols.parquet")
+    write_table(df[[c for c in df.columns if not c.startswith("label.")]], tmp_path / "nolabel.jsonl")
+    with pytest.raises(ValueError, match="no label.<task> column"):
+        read_table(tmp_path / "nolabel.jsonl")
+    path = tmp_path / "torn.jsonl"
+    write_table(df, path)
+    lines = path.read_text().splitlines()
+    lines[7] = lines[7][:40]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"torn.jsonl: not valid JSON Lines .*; line 8: "):
+        read_table(path)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="junk.parquet: not a readable Parquet file"):
+        read_table(tmp_path / "junk.parquet")
+    df.to_parquet(tmp_path / "mine.parquet")
+    with pytest.raises(ValueError, match=r"version None, .*write it with stacker.dataset.write_table"):
+        read_table(tmp_path / "mine.parquet")
+
+
 def test_closed_loop_shapes():
     world = get_world(DEFAULT_WORLD)
     users = FeedUsers(world, seed=3)

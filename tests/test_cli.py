@@ -1,0 +1,133 @@
+"""The `feedrank` command on bad input: one line naming what is wrong, exit code 2, nothing destroyed."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feedrank.cli import main
+from tests.conftest_online import WINDOW_MS, tiny_records  # noqa: F401  (a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--trees", "5", "--epochs", "1", "--bits", "18", "--quiet"]
+
+
+def _fails(capsys, argv) -> str:
+    """Run ``feedrank argv`` in-process; it must exit 2 with a one-line reason (argparse's usage aside)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse, or a command's own refusal
+        code = 2 if isinstance(e.code, str) or e.code == 2 else e.code
+        if isinstance(e.code, str):
+            return e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", "--simulate", "0"], "--simulate: must be at least 1, got 0"),
+    (["eval", "--simulate", "-5"], "--simulate: must be at least 1, got -5"),
+    (["train", "--simulate", "100", "--downsample", "0"], "--downsample: must be in (0, 1], got 0"),
+    (["train", "--simulate", "100", "--bits", "40"], "--bits: must be between 12 and 30, got 40"),
+    (["eval", "--simulate", "100", "--label-delay-s", "-100"], "--label-delay-s: must be a finite number, 0 or more"),
+    (["train", "--simulate", "100", "--ftrl-alpha", "-1"], "--ftrl-alpha: must be a finite number above 0"),
+    (["eval-online", "--simulate", "100", "--bundle-share", "1"], "--bundle-share: must be between 0 and 1"),
+    (["serve", "--port", "99999"], "--port: must be a TCP port, 0 to 65535, got 99999"),
+    (["serve", "--threads", "0"], "--threads: must be at least 1, got 0"),
+    (["demo", "--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
+    (["bench", "serve", "--concurrency", "1,0"], "--concurrency: expected comma-separated positive integers"),
+    (["train", "--simulate", "100", "--slices", "0.5,0.6,0.2"], "slices 0.5,0.6,0.2: three fractions that sum to 1"),
+    (["train", "--simulate", "100", "--slices", "0.5,0.5"], "slices 0.5,0.5: three fractions"),
+    (["train", "--simulate", "100", "--slices", "a,b,c"], "--slices 'a,b,c': three comma-separated fractions"),
+    (["train", "--simulate", "100", "--shared-tasks", "clik,like"], "--shared-tasks: unknown task 'clik'"),
+    (["train", "--simulate", "100", "--interactions", "ua,au"], "id crosses ua,au: a cross is listed twice"),
+])
+def test_bad_arguments_are_refused_before_any_work(capsys, argv, says):
+    assert says in _fails(capsys, argv)
+
+
+def test_bad_tables_and_paths_get_one_line(capsys, tmp_path):
+    assert "nope.parquet: no such file" in _fails(capsys, ["train", "--data", str(tmp_path / "nope.parquet"),
+                                                            "--out", str(tmp_path / "b")])
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+    err = _fails(capsys, ["eval", "--data", str(tmp_path / "bad.jsonl")])
+    assert err.startswith("feedrank eval: error: ") and "bad.jsonl: not valid JSON Lines" in err and "line 2" in err
+    assert "use .parquet or .jsonl" in _fails(capsys, ["simulate", "-n", "100", "--out", str(tmp_path / "x.csv")])
+    assert not (tmp_path / "b").exists()
+
+
+def test_simulate_creates_the_directory_of_its_output(tmp_path):
+    out = tmp_path / "data" / "deeper" / "t.parquet"
+    assert main(["simulate", "-n", "300", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file()
+
+
+def test_train_never_writes_over_other_files_and_replaces_a_bundle_only_when_told(capsys, tmp_path, tiny_bundle):
+    notes = tmp_path / "data"
+    notes.mkdir()
+    (notes / "impressions.parquet").write_bytes(b"precious")
+    err = _fails(capsys, ["train", "--simulate", "3000", "--out", str(notes), *TINY])
+    assert "is a directory of other files, not a bundle" in err
+    assert (notes / "impressions.parquet").read_bytes() == b"precious"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    old_id = (bundle / "manifest.json").read_text()
+    assert "holds a bundle already" in _fails(capsys, ["train", "--simulate", "3000", "--out", str(bundle), *TINY])
+    assert (bundle / "manifest.json").read_text() == old_id
+    assert main(["train", "--simulate", "3000", "--out", str(bundle), "--force", *TINY]) == 0
+    assert (bundle / "manifest.json").read_text() != old_id
+    from stacker.train import train_bundle
+    with pytest.raises(ValueError, match="exists and is not a bundle"):   # the library refuses as well
+        train_bundle(None, notes)
+
+
+def _serve(tmp_path, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "feedrank.cli", "serve", "--port", "0", "--eventlog-dir", str(tmp_path / "ev"),
+           "--learner-state-dir", str(tmp_path / "learner"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_serve_exits_when_the_bundle_it_was_given_is_refused(tmp_path, tiny_bundle):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    with open(bad / "gbdt.ubj", "r+b") as f:
+        f.truncate(1000)
+    done = _serve(tmp_path, "--bundle", str(bad))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "gbdt.ubj: truncated or resized" in done.stderr
+    assert "not serving: the bundle given with --bundle was refused" in done.stderr
+
+
+def test_serve_refuses_an_unreachable_bus_and_bad_settings(tmp_path, tiny_bundle):
+    done = _serve(tmp_path, "--bundle", str(tiny_bundle), "--bus", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2 and "bus redis://127.0.0.1:1/0: not reachable" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (tmp_path / "s.toml").write_text("max_candidates = 0\n")
+    done = _serve(tmp_path, "--bundle", str(tiny_bundle), "--config", str(tmp_path / "s.toml"))
+    assert done.returncode == 2 and "setting max_candidates: Input should be greater than or equal to 1" \
+        in done.stderr, done.stderr[-2000:]
+    done = _serve(tmp_path, "--bundle", str(tiny_bundle), "--tls-cert", str(tmp_path / "cert.pem"))
+    assert done.returncode == 2 and "tls_cert and tls_key go together" in done.stderr, done.stderr[-2000:]
+
+
+def test_learn_takes_paths_relative_to_where_it_runs(tmp_path, tiny_bundle, tiny_records):
+    """The learner's feeder is a child process: it must resolve --replay and --bundle as the caller does."""
+    from online.eventlog import EventLog
+    with EventLog(tmp_path / "log", fsync=False) as log:
+        log.append(tiny_records)
+    shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    done = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle", "bundle",
+                           "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["learned_examples"] > 1000

@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-online", help="the same bundle on a later stream: learning online vs frozen")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="impression table (.parquet or .jsonl)")
+    src.add_argument("--data", help="impression table (.parquet or .jsonl), or an event-log directory "
+                                    "(with --served-by)")
     src.add_argument("--simulate", type=T.positive_int, metavar="N", help="N simulated impressions")
     p.add_argument("--bundle-share", type=T.share, default=0.5,
                    help="share of the (time-ordered) rows the bundle is trained on; the rest is streamed")

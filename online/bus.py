@@ -12,12 +12,16 @@ them like event-log offsets.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import deque
 
 import redis
 
 from online.eventlog import Record, _to_json
-from online.records import Engagement, ServedRecord, SERVED_FIELDS
+from online.records import SERVED_FIELDS, Engagement, Malformed, record_from_row
+
+log = logging.getLogger(__name__)
 
 _SEQ_BITS = 22
 
@@ -39,9 +43,15 @@ def encode(rec: Record) -> bytes:
     return _to_json(row)
 
 
-def decode(payload: bytes) -> Record:
-    row = json.loads(payload)
-    return Engagement(*row[1:]) if row[0] == "E" else ServedRecord(*row[1:])
+def decode(payload: bytes | None) -> Record | Malformed:
+    """The record of a stream entry's ``r`` field; :class:`Malformed` when it is missing or not one."""
+    if payload is None:
+        return Malformed("stream entry without field 'r'")
+    try:
+        row = json.loads(payload)
+    except ValueError as e:
+        return Malformed(f"payload is not JSON ({e})")
+    return record_from_row(row)
 
 
 class RedisBus:
@@ -95,7 +105,7 @@ class RedisBus:
             off = id_to_offset(entry_id)
             if self.track_acks:
                 self._unacked.append((off, entry_id))
-            out.append((off, decode(fields[b"r"])))
+            out.append((off, decode(fields.get(b"r"))))
         return out
 
     def ack_through(self, offset: int) -> int:
@@ -127,6 +137,29 @@ class RedisBus:
             if g["name"] in (self.group, self.group.encode()):
                 return g.get("lag")
         return None
+
+    def consume_or_wait(self, count: int = 1000, block_ms: int | None = 100) -> list[tuple[int, Record]] | None:
+        """:meth:`consume`, riding out a Redis outage: on a lost connection or timeout it logs, waits
+        (0.5 s, doubling to 10 s while the outage lasts) and returns None, which is not an idle stream
+        (the caller must not close windows by the clock meanwhile: their events may be in Redis)."""
+        try:
+            out = self.consume(count, block_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self._outage = min(10.0, 2 * getattr(self, "_outage", 0.25))
+            log.warning("Redis %s: %s; retrying in %.1f s", self.stream, e, self._outage)
+            time.sleep(self._outage)
+            return None
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.error("Redis %s: the consumer group %r is gone (Redis restarted without its data?); "
+                      "creating it again from the stream's start", self.stream, self.group)
+            self._group_ready, self._reading_pending, self._pending_from = False, True, "0"
+            return None
+        if getattr(self, "_outage", 0):
+            log.warning("Redis %s: reachable again", self.stream)
+            self._outage = 0
+        return out
 
     def close(self) -> None:
         self.client.close()

@@ -23,10 +23,17 @@ def _learner(args):
     return OnlineLearner(args.bundle, args.state, **_learner_kwargs(args))
 
 
-def _summary(out: dict, learner) -> None:
-    """One JSON line after a replay: what was read, learned, published and checkpointed."""
+def _summary(out: dict, learner) -> int:
+    """One JSON line after a replay: what was read, learned, skipped, published and checkpointed; exit
+    code 2 when nothing was learned because every example was served by another bundle."""
     print(json.dumps({k: out[k] for k in ("records", "learned_examples", "updates", "checkpoints")}
+                     | {k: out.get(k, 0) for k in ("other_bundle_examples", "bad_records", "future_records")}
                      | {"seconds": round(out["seconds"], 2), "update_seq": learner.update_seq}))
+    if not out["learned_examples"] and out.get("other_bundle_examples"):
+        print(f"feedrank learn: learned nothing: all {out['other_bundle_examples']:,} examples were served by "
+              f"other bundles than {learner.bundle_id} (give the bundle that served the log)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_learn(args) -> int:
@@ -42,9 +49,8 @@ def cmd_learn(args) -> int:
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
         try:
             if args.replay:
-                _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                        stop_after=args.stop_after), learner)
-                return 0
+                return _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
+                                               stop_after=args.stop_after), learner)
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
             if args.redis:
@@ -58,9 +64,8 @@ def cmd_learn(args) -> int:
     learner = _learner(args)
     try:
         if args.replay:
-            _summary(replay.replay(learner, args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                   stop_after=args.stop_after), learner)
-            return 0
+            return _summary(replay.replay(learner, args.replay, progress=not args.quiet,
+                                          finish=not args.keep_open, stop_after=args.stop_after), learner)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         if args.redis:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pydantic_core
 
-from online.records import SERVED_FIELDS, Engagement, ServedRecord
+from online.records import SERVED_FIELDS, Engagement, Malformed, ServedRecord, record_from_row
 
 FORMAT_VERSION = 1
 HEADER = f"feedrank-eventlog {FORMAT_VERSION}\n".encode()
-Record = ServedRecord | Engagement
+Record = ServedRecord | Engagement  # readers may yield Malformed in a record's place
 log = logging.getLogger(__name__)
 # pydantic_core's encoder writes the same compact JSON as json.dumps(separators=(",", ":")) ~6x faster
 # (the server encodes every served record while holding the GIL).
@@ -66,10 +66,11 @@ def decode(line: bytes) -> Record | None:
             return None
     except ValueError:
         return None
-    row = _loads(payload)
-    if row[0] == "E":
-        return Engagement(*row[1:])
-    return ServedRecord(*row[1:])
+    try:
+        row = _loads(payload)
+    except ValueError as e:
+        return Malformed(f"payload is not JSON ({e})")
+    return record_from_row(row)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,9 +141,15 @@ class EventLog:
                 return base
             raise CorruptLogError(f"{p}: bad header (expected format version {FORMAT_VERSION})")
         good, n = len(HEADER), 0
-        for line in data[len(HEADER):].splitlines(keepends=True):
+        lines = data[len(HEADER):].splitlines(keepends=True)
+        for i, line in enumerate(lines):
             if decode(line) is None:
-                break
+                if i == len(lines) - 1:
+                    break  # the torn tail of an interrupted append
+                # Records follow it: a damaged record, not a torn tail. Cutting here would delete every
+                # acknowledged record after it; it keeps its offset and readers yield it as Malformed.
+                log.error("%s: the record at offset %d fails its checksum; kept in place (readers skip it), "
+                          "%d records after it kept", p, base + n, len(lines) - 1 - i)
             good += len(line)
             n += 1
         if good < len(data):
@@ -185,19 +192,29 @@ class EventLog:
             with open(p, "rb") as f:
                 f.readline()
                 off = base
+                bad = None  # offset of a line failing its checksum, until we know whether one follows it
                 for line in f:
+                    if bad is not None:  # something follows it: a damaged record, not a torn tail
+                        yield bad, Malformed("fails its checksum")
+                        bad = None
                     if end is not None and off >= end:
                         return
                     if off >= from_offset:
                         rec = decode(line)
                         if rec is None:
-                            if nxt is None and self.readonly:
-                                return  # the writer's append in progress (or a torn tail it will cut)
-                            raise CorruptLogError(f"{p}: record at offset {off} fails its checksum")
-                        yield off, rec
+                            bad = off
+                        else:
+                            yield off, rec
                         if self.readonly:
                             self.end_offset = max(self.end_offset, off + 1)
                     off += 1
+                if bad is not None:
+                    if nxt is None and self.readonly:
+                        self.end_offset = bad
+                        return  # the writer's append in progress (or a torn tail it will cut)
+                    if nxt is None:
+                        raise CorruptLogError(f"{p}: record at offset {bad} fails its checksum")
+                    yield bad, Malformed("fails its checksum")  # an older segment has no torn tail
 
     def recent_event_ids(self, n: int) -> list[str]:
         """The ids of the last ``n`` engagement events (oldest first), read newest segment first and
@@ -216,7 +233,7 @@ class EventLog:
                         break
                     if line[9:14] == b'["E",':
                         rec = decode(line)
-                        if rec is not None:
+                        if type(rec) is Engagement:
                             ids.append(rec.event_id)
             found.append(ids[-(n - count):] if n > count else [])
             count += len(found[-1])

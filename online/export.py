@@ -28,7 +28,7 @@ import pandas as pd
 
 from online.eventlog import CorruptLogError
 from online.joiner import Joiner
-from online.records import DEFAULT_DWELL_THRESHOLD_MS, ServedRecord
+from online.records import DEFAULT_DWELL_THRESHOLD_MS, Malformed, ServedRecord
 from online.replay import count_records, read_records
 from stacker import schema
 from stacker.bundle import MANIFEST, BundleError, candidate_bundles, read_manifest
@@ -127,7 +127,7 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
     joiner = Joiner(tasks, window_ms, allowed_lateness_ms=lateness_ms, max_open=1 << 62,
                     returned_is_viewed=returned_is_viewed, dwell_threshold_ms=dwell_threshold_ms)
     rows = _Rows(specs, tasks)
-    records = 0
+    records = malformed = 0
     positives = np.zeros(len(tasks), np.int64)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +151,9 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
         for offset, rec in read_records(log):
             records += 1
             bar.update(1)
+            if type(rec) is Malformed:
+                malformed += 1
+                continue
             if isinstance(rec, ServedRecord):
                 if rec.bundle_id not in specs:
                     raise ValueError(f"{log}: the record at offset {offset} was served by bundle {rec.bundle_id}, "
@@ -184,5 +187,5 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
             "served": stats["served"], "never_viewed": stats["expired_unviewed"],
             "open_at_end": open_at_end, "open_at_end_exported": open_at_end if include_open else 0,
             "duplicate_served": stats["duplicate_served"], "duplicate_events": stats["duplicates"],
-            "late_events": stats["late"], "unmatched_events": stats["unmatched"],
+            "late_events": stats["late"], "unmatched_events": stats["unmatched"], "malformed_records": malformed,
             "seconds": round(time.time() - started, 2)}

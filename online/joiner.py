@@ -156,8 +156,12 @@ class Joiner:
     def advance(self, watermark_ms: int) -> list[JoinedExample]:
         """Move event time so that the watermark is at least ``watermark_ms``; close what is due."""
         out: list[JoinedExample] = []
+        # The source is quiet, so any replay after a restart is done: restore the checkpoint's clock and
+        # counters first, and tag what closes now one past ``learned_through`` (as ``flush`` does), or
+        # the impressions the checkpoint left open would be dropped as already learned.
+        self._restore(out)
         self._bump(watermark_ms + self.allowed_lateness_ms)
-        self._close_due(self.through_offset, out)
+        self._close_due(max(self.through_offset, self.resume_through + 1 if self.resume_through >= 0 else -1), out)
         return self._emit(out)
 
     def flush(self) -> list[JoinedExample]:

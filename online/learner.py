@@ -39,7 +39,7 @@ from online.checkpoint import load_latest, write_checkpoint
 from online.joiner import JoinedExample, Joiner
 from online.progressive import ProgressiveMetrics
 from online.publish import UpdatePublisher
-from online.records import Engagement, ServedRecord
+from online.records import Engagement, Malformed, ServedRecord
 from online.reproduce import batch_from_records, fits_spec
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
@@ -59,7 +59,12 @@ def vw_config(manifest: dict) -> VWConfig:
     return config if config.optimizer == "ftrl" else config.with_rate(vw.get("online_learning_rate") or config.rate)
 
 
-FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "downsampled_out", "nothing_to_learn")
+FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "future_records", "downsampled_out",
+                  "nothing_to_learn")
+# A record stamped further ahead of the learner's clock is skipped (``future_records``): the joiner runs on
+# event time, and one far-future record would close every open window at once. The server refuses
+# anything over 5 s ahead; this catches producers that bypass it and replicas whose clocks are off.
+FUTURE_LIMIT_MS = 60_000
 BACK_COUNTERS = ("learned_examples", "checkpoints", "updates")
 
 
@@ -196,11 +201,18 @@ class Featurizer:
         joiner, pending, counters = self.joiner, self._pending, self.counters
         ingested, replay_from, n = self._ingested, self.replay_from, 0
         add_event, add_served = joiner.add_event, joiner.add_served
+        future = int(time.time() * 1000) + FUTURE_LIMIT_MS
         try:
             for off, rec in records:
                 if off <= ingested or off < replay_from:
                     continue  # already ingested in this process, or before the checkpoint's replay point
-                out = add_event(rec, off) if type(rec) is Engagement else add_served(rec, off)
+                kind = type(rec)
+                if kind is Malformed or rec.ts > future:
+                    self._skip(off, rec, future)
+                    ingested = self._ingested = off
+                    n += 1
+                    continue
+                out = add_event(rec, off) if kind is Engagement else add_served(rec, off)
                 ingested = self._ingested = off
                 n += 1
                 if out:
@@ -211,6 +223,16 @@ class Featurizer:
                         emit(self.cut())
         finally:
             counters["records"] += n
+
+    def _skip(self, off: int, rec, future: int) -> None:
+        """Count a record the learner cannot use, and say why (the first few of each kind, then every 1000th)."""
+        name = "bad_records" if type(rec) is Malformed else "future_records"
+        self.counters[name] += 1
+        n = self.counters[name]
+        if n <= 5 or n % 1000 == 0:
+            why = rec.reason if name == "bad_records" else \
+                f"ts {rec.ts} is {(rec.ts - (future - FUTURE_LIMIT_MS)) / 1000:.0f} s ahead of this clock"
+            log.warning("skipped the record at offset %d (%s, %d so far): %s", off, name, n, why)
 
     def advance(self, watermark_ms: int) -> None:
         """Close windows by the clock when the source is idle (live mode); call :meth:`cut` after."""
@@ -246,7 +268,7 @@ class Featurizer:
                 self.counters["nothing_to_learn"] += 1
             elif x.served.bundle_id != self.bundle_id and not self.learn_other_bundles:
                 self.counters["other_bundle_examples"] += 1
-            elif not fits_spec(x.served, spec):
+            elif not fits_spec(x.served, spec):  # wrong lengths, or values that are not finite numbers
                 self.counters["bad_records"] += 1
             else:
                 keep.append(x)

@@ -239,7 +239,10 @@ def _feed_redis(front, sender: _Sender, url: str, stream: str, group: str, consu
     gc_at = time.monotonic() + _GC_EVERY_S
     while True:
         gc_at = _maybe_collect(gc_at)
-        entries = bus.consume(count, block_ms)
+        entries = bus.consume_or_wait(count, block_ms)
+        if entries is None:  # Redis unreachable: wait for it, without closing windows by the clock
+            idle_since = time.monotonic()
+            continue
         if entries:
             front.ingest(entries, sender.send)
             batch = front.cut()

@@ -135,3 +135,58 @@ def validate_event(ev: dict[str, Any] | Engagement) -> Engagement:
     if kind == "dwell" and "dwell_ms" not in d:
         raise ValueError("event.dwell_ms: missing (required for kind 'dwell')")
     return Engagement(event_id, request_id, post_id, kind, ts, dwell_ms)
+
+
+MAX_TS = 1 << 62   # timestamps and offsets stay int64 throughout (numpy, VW text, checkpoints)
+
+
+@dataclass(slots=True)
+class Malformed:
+    """What a log line or stream entry decoded to when it is not a well-formed record: readers yield it
+    in the record's place (its offset is consumed), and the learner counts and skips it."""
+
+    reason: str
+
+
+def _served_fault(r: ServedRecord) -> str | None:
+    for name in ("request_id", "post_id", "user_id", "author_id", "bundle_id", "media_type", "device", "surface"):
+        if type(getattr(r, name)) is not str:
+            return f"served.{name}: not a string"
+    for name in ("position", "ts", "update_seq", "created_at"):
+        v = getattr(r, name)
+        if type(v) is not int or not -MAX_TS < v < MAX_TS:
+            return f"served.{name}: not an int64 ({v!r})"
+    if type(r.user_features) is not list or type(r.post_features) is not list:
+        return "served features: not lists"
+    return None
+
+
+def _event_fault(e: Engagement) -> str | None:
+    for name in ("event_id", "request_id", "post_id"):
+        if type(getattr(e, name)) is not str:
+            return f"event.{name}: not a string"
+    if e.kind not in EVENT_KINDS:
+        return f"event.kind: unknown kind {e.kind!r}"
+    for name in ("ts", "dwell_ms"):
+        v = getattr(e, name)
+        if type(v) is not int or not -MAX_TS < v < MAX_TS:
+            return f"event.{name}: not an int64 ({v!r})"
+    return None
+
+
+def record_from_row(row) -> Engagement | ServedRecord | Malformed:
+    """The record a decoded payload (``["E", fields...]`` or ``["S", fields...]``) holds, checked field by
+    field; anything else is :class:`Malformed`, never an exception."""
+    try:
+        tag = row[0]
+        if tag == "E":
+            rec = Engagement(*row[1:])
+            fault = _event_fault(rec)
+        elif tag == "S":
+            rec = ServedRecord(*row[1:])
+            fault = _served_fault(rec)
+        else:
+            return Malformed(f"unknown record tag {tag!r}")
+    except (TypeError, IndexError, KeyError) as e:
+        return Malformed(f"not a record ({e})")
+    return rec if fault is None else Malformed(fault)

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import redis
+
 from online.eventlog import HEADER, Record, decode
 from online.learner import OnlineLearner
 from online.tail import LogTailer
@@ -114,7 +116,10 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
     idle_since = time.monotonic()
     idle_polls = 0
     while not should_stop():
-        batch = bus.consume(count, block_ms)
+        batch = bus.consume_or_wait(count, block_ms)
+        if batch is None:  # Redis unreachable: wait for it, without closing windows by the clock
+            idle_since = time.monotonic()
+            continue
         if batch:
             learner.process(batch)
             idle_since, idle_polls = time.monotonic(), 0
@@ -128,7 +133,10 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
             learner.maybe_publish()
             learner.maybe_checkpoint()
         if learner.counters["checkpoints"] != ckpts:
-            ckpts = learner.counters["checkpoints"]
-            bus.ack_through(learner.replay_from)
+            try:
+                bus.ack_through(learner.replay_from)
+                ckpts = learner.counters["checkpoints"]
+            except redis.RedisError as e:  # unacknowledged entries are redelivered: nothing is lost
+                log.warning("could not acknowledge (%s); retrying after the next read", e)
     learner.checkpoint()
     bus.ack_through(learner.replay_from)

@@ -8,6 +8,7 @@ deterministic), so the learner never learns from a later state of the world.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,4 +46,10 @@ def batch_from_records(records: Sequence[ServedRecord], spec: FeatureSpec) -> Ca
 
 
 def fits_spec(rec: ServedRecord, spec: FeatureSpec) -> bool:
-    return len(rec.user_features) == len(spec.user_features) and len(rec.post_features) == len(spec.post_features)
+    """The record's features have the spec's lengths and are finite numbers (the extractors take nothing else)."""
+    if len(rec.user_features) != len(spec.user_features) or len(rec.post_features) != len(spec.post_features):
+        return False
+    try:
+        return all(map(math.isfinite, rec.user_features)) and all(map(math.isfinite, rec.post_features))
+    except TypeError:  # a string, None, a list...
+        return False

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from online.eventlog import HEADER, CorruptLogError, Record
-from online.records import Engagement, ServedRecord
+from online.records import Malformed, record_from_row
 
 _CHUNK = 8 << 20
 try:  # Rust JSON parser shipped with pydantic (a dependency): ~2x json.loads on these payloads
@@ -29,23 +29,35 @@ _crc32 = zlib.crc32
 
 
 def decode_block(lines: list[bytes]) -> list[Record]:
-    """Records of complete lines (without their newline), stopping before the first torn or bad one."""
+    """Records of complete lines (without their newline); a line failing its checksum is a damaged
+    record (a torn append never has its newline), and comes out :class:`Malformed` in its place."""
     payloads = []
     append = payloads.append
+    damaged = b"!"  # placeholder of a complete line that fails its checksum (a damaged record)
     for line in lines:
-        if len(line) < 10 or line[8] != 32:  # b" "
-            break
         p = line[9:]
         try:
-            if int(line[:8], 16) != _crc32(p):
-                break
+            ok = len(line) >= 10 and line[8] == 32 and int(line[:8], 16) == _crc32(p)  # 32: b" "
         except ValueError:
-            break
-        append(p)
+            ok = False
+        append(p if ok else damaged)
     if not payloads:
         return []
-    rows = _loads(b"[" + b",".join(payloads) + b"]")
-    return [Engagement(*r[1:]) if r[0] == "E" else ServedRecord(*r[1:]) for r in rows]
+    try:
+        if damaged in payloads:
+            raise ValueError("damaged line")
+        rows = _loads(b"[" + b",".join(payloads) + b"]")
+    except ValueError:  # a damaged line, or a payload that passed its CRC but is not JSON: line by line
+        rows = []
+        for p in payloads:
+            if p is damaged:
+                rows.append(Malformed("fails its checksum"))
+                continue
+            try:
+                rows.append(_loads(p))
+            except ValueError as e:
+                rows.append(Malformed(f"payload is not JSON ({e})"))
+    return [r if type(r) is Malformed else record_from_row(r) for r in rows]
 
 
 class LogTailer:

@@ -80,3 +80,76 @@ def test_pipelined_learner_over_redis_acks_only_what_a_checkpoint_covers(tmp_pat
         assert len(rows) == len(tiny_records) - out["acked"] - b.acked
         assert all(id_to_offset(r["message_id"]) >= b.trainer.replay_from for r in rows)
     ref.close()
+
+
+def test_entries_that_hold_no_record_come_out_malformed_in_their_place(redis_url):
+    from online.records import Malformed
+    bus = RedisBus(redis_url)
+    bus.publish([Engagement("e0", "r", "p", "view", 1)])
+    for fields in ({b"x": b"1"}, {b"r": b"{oops"}, {b"r": b'["E","e1"]'}, {b"r": b'["E","e2","r","p","view","1",0]'}):
+        bus.client.xadd(bus.stream, fields)
+    bus.publish([Engagement("e3", "r", "p", "view", 2)])
+    got = [r for _, r in RedisBus(redis_url).consume(count=100, block_ms=10)]
+    assert [type(r) for r in got] == [Engagement, Malformed, Malformed, Malformed, Malformed, Engagement]
+    assert [r.reason.split(" (")[0] for r in got[1:5]] == [
+        "stream entry without field 'r'", "payload is not JSON", "not a record", "event.ts: not an int64"]
+
+
+def test_the_learner_rides_out_a_redis_restart_that_lost_the_stream(tmp_path, tiny_bundle, tiny_records, caplog):
+    """Redis goes away while the two-process learner follows it and comes back empty: the learner waits,
+    logs, recreates its group and learns what is published afterwards (it used to exit)."""
+    import logging
+    import subprocess
+    import threading
+    import time
+
+    from online.bench import REDIS_SERVER, free_port
+    from online.pipeline import PipelinedLearner
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    cmd = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp_path)]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                RedisBus(url).client.ping()
+                return proc
+            except Exception:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    half = len(tiny_records) // 2
+    server = start()
+    stop = threading.Event()
+    caplog.set_level(logging.WARNING)
+    try:
+        RedisBus(url).publish(tiny_records[:half])
+        with PipelinedLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS,
+                              checkpoint_every_s=0.5) as learner:
+            follow = threading.Thread(target=learner.follow_redis, args=(url,),
+                                      kwargs={"should_stop": stop.is_set, "idle_close_s": 1.0})
+            follow.start()
+            deadline = time.time() + 60
+            while learner.counters["learned_examples"] < 1000 and time.time() < deadline:
+                time.sleep(0.1)
+            first = learner.counters["learned_examples"]
+            assert first >= 1000
+            server.terminate()
+            server.wait(10)
+            time.sleep(3)                         # the outage: the learner must neither exit nor stall for good
+            assert follow.is_alive()
+            server = start()                      # back, empty: no stream, no group
+            RedisBus(url).publish(tiny_records[half:])
+            while learner.counters["learned_examples"] < first + 1000 and time.time() < deadline + 60:
+                time.sleep(0.1)
+            assert learner.counters["learned_examples"] >= first + 1000
+            assert follow.is_alive()
+            stop.set()
+            follow.join(60)
+            assert not follow.is_alive()
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(10)

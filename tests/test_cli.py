@@ -131,3 +131,15 @@ def test_learn_takes_paths_relative_to_where_it_runs(tmp_path, tiny_bundle, tiny
     import json
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["learned_examples"] > 1000
+
+
+def test_learn_says_so_when_the_log_was_served_by_another_bundle(tmp_path, other_bundle, tiny_records):
+    from online.eventlog import EventLog
+    with EventLog(tmp_path / "log", fsync=False) as log:
+        log.append(tiny_records)
+    done = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle",
+                           str(other_bundle), "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "learned nothing: all " in done.stderr and "examples were served by other bundles" in done.stderr

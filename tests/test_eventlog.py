@@ -89,16 +89,43 @@ def test_recent_event_ids_skip_served_records_across_segments(tmp_path):
     assert reader.recent_event_ids(5) == [f"e{i}" for i in range(7, 12)]
 
 
-def test_corruption_inside_an_old_segment_raises(tmp_path):
+def test_a_damaged_record_is_read_as_malformed_in_its_place_and_nothing_after_it_is_lost(tmp_path):
+    from online.records import Malformed
+    from online.replay import read_records
     log = EventLog(tmp_path, segment_bytes=500)
     for i in range(6):
         log.append([served(i)])
-    first = tmp_path / segment_files(tmp_path)[0]
-    data = bytearray(first.read_bytes())
-    data[len(HEADER) + 12] ^= 1
-    first.write_bytes(bytes(data))
-    with pytest.raises(CorruptLogError, match="offset 0"):
-        list(log.read())
+    log.append([event(i) for i in range(6, 12)])
+    log.close()
+    segs = [tmp_path / s for s in segment_files(tmp_path)]
+    for seg, at in ((segs[0], len(HEADER) + 12), (segs[-1], len(HEADER) + 12)):  # an old segment; the last
+        data = bytearray(seg.read_bytes())
+        data[at] ^= 1
+        seg.write_bytes(bytes(data))
+    damaged = [0, int(segs[-1].name[4:-4])]
+    for reader in (EventLog(tmp_path, readonly=True).read, lambda: read_records(tmp_path)):
+        got = list(reader())
+        assert [o for o, _ in got] == list(range(12))
+        assert [o for o, r in got if type(r) is Malformed] == damaged
+        assert all(r.reason == "fails its checksum" for o, r in got if o in damaged)
+    writer = EventLog(tmp_path, segment_bytes=500)   # reopening keeps every record after the damaged one
+    assert writer.end_offset == 12 and writer.append([event(12)]) == [12]
+    assert [o for o, _ in writer.read()] == list(range(13))
+    assert writer.recent_event_ids(100)[-1] == "e12"
+
+
+def test_a_damaged_last_line_of_the_last_segment_is_a_torn_tail_the_writer_cuts(tmp_path):
+    log = EventLog(tmp_path)
+    log.append([event(0), event(1)])
+    log.close()
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[-5] ^= 1
+    seg.write_bytes(bytes(data))
+    assert [o for o, _ in EventLog(tmp_path, readonly=True).read()] == [0]   # maybe still being written
+    writer = EventLog(tmp_path)
+    assert writer.end_offset == 1 and writer.append([event(2)]) == [1]
+    assert [r.event_id for _, r in writer.read()] == ["e0", "e2"]
 
 
 @pytest.mark.parametrize("patch, field", [

@@ -154,3 +154,26 @@ def test_doctests():
     import online.joiner
 
     assert doctest.testmod(online.joiner).failed == 0
+
+
+def test_a_quiet_source_after_a_restart_closes_the_checkpoint_s_open_impressions_once():
+    """Restarted at the checkpoint with nothing new in the log: the idle clock (``advance``) must close
+    the impressions the checkpoint left open and emit them, with the checkpoint's counters."""
+    recs = random_stream(2, n=60)
+    cut = len(recs)
+    j = Joiner(TASKS, W)
+    for off, r in enumerate(recs):
+        j.add_served(r, off) if isinstance(r, ServedRecord) else j.add_event(r, off)
+    state = j.state()
+    far = j.max_ts + 10 * W
+    expected = summary(j.advance(far))
+    assert state["open"] > 0 and expected
+    r2 = Joiner(TASKS, W)
+    r2.resume(state["through_offset"], state["max_ts"], state["stats"])
+    for off in range(state["oldest_open_offset"], cut):  # the replay: everything already learned
+        r = recs[off]
+        assert (r2.add_served(r, off) if isinstance(r, ServedRecord) else r2.add_event(r, off)) == []
+    got = r2.advance(far)
+    assert [x[:4] for x in summary(got)] == [x[:4] for x in expected]
+    assert all(x.offset > state["through_offset"] for x in got)   # not suppressed as learned
+    assert r2.stats == j.stats and r2.open_count == 0

@@ -110,3 +110,49 @@ def test_run_follow_in_a_spawned_process_publishes_live_records_within_a_second(
     state, _ = load_latest(tmp_path / "state" / "checkpoints")
     assert state["learned_through"] == 2_399
     assert state["counters"]["learned_examples"] > 0
+
+
+def _raw_line(payload: bytes) -> bytes:
+    import zlib
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def test_malformed_and_far_future_records_are_counted_and_skipped_and_learning_goes_on(tmp_path, tiny_bundle,
+                                                                                     tiny_records):
+    """Lines that pass their checksum but hold no usable record, in the middle of a log: both learners skip
+    and count each one and learn everything around them, exactly as from the log without them."""
+    import time as _time
+    from online.eventlog import EventLog
+    from online.records import Engagement
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    half = len(tiny_records) // 2
+    with EventLog(clean, fsync=False) as log:
+        log.append(tiny_records)
+    with EventLog(dirty, fsync=False) as log:
+        log.append(tiny_records[:half])
+    junk = [b"{oops", b'["E","e1","r1"]', b'["X",1]', b"{}", b"42",
+            b'["S","rq","p","u","a",0,"abc","b",0,"text",0,"ios","home",[],[]]',
+            b'["E","e2","rq","p","poke",1,0]', b'["E","e3","rq","p","view",%d,0]' % (1 << 63)]
+    with open(sorted(dirty.glob("seg-*.log"))[-1], "ab") as f:
+        f.write(b"".join(map(_raw_line, junk)))
+    future = int(_time.time() * 1000) + 10 * 86_400_000
+    nan = ServedRecord("rn", "pn", "u", "a", 0, tiny_records[half - 1].ts, StackedRanker.load(tiny_bundle).bundle_id,
+                       0, "text", 0, "ios", "home", [float("nan")] * 12, [0.0] * 26)
+    with EventLog(dirty, fsync=False) as log:
+        assert log.end_offset == half + len(junk)      # kept, not cut as a torn tail
+        log.append([Engagement("ef", "rf", "pf", "click", future), nan,
+                    Engagement("en", "rn", "pn", "view", nan.ts + 1), *tiny_records[half:]])
+    ref = OnlineLearner(tiny_bundle, tmp_path / "ref", attribution_window_ms=WINDOW_MS, batch_size=300)
+    replay(ref, clean, progress=False)
+    one = OnlineLearner(tiny_bundle, tmp_path / "one", attribution_window_ms=WINDOW_MS, batch_size=300)
+    out = replay(one, dirty, progress=False)
+    assert out["learned_examples"] == ref.counters["learned_examples"] > 3_000
+    assert one.task_learned == ref.task_learned
+    assert (one.counters["bad_records"], one.counters["future_records"]) == (len(junk) + 1, 1)  # + the NaN row
+    with PipelinedLearner(tiny_bundle, tmp_path / "pipe", attribution_window_ms=WINDOW_MS, batch_size=300) as pipe:
+        got = pipe.replay(dirty)
+        assert got["learned_examples"] == ref.counters["learned_examples"]
+        counters = pipe.trainer.front_state["counters"]
+        assert (counters["bad_records"], counters["future_records"]) == (len(junk) + 1, 1)
+    ref.close()
+    one.close()

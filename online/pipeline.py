@@ -110,7 +110,10 @@ class _Sender:
 
 def _feeder_main(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
+    # The trainer decides when to stop: a SIGINT or SIGTERM sent to the whole process group (Ctrl-C,
+    # `timeout`, systemd stopping the unit) reaches it too, and it shuts the feeder down in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         cfg = conn.recv()

@@ -143,3 +143,32 @@ def test_learn_says_so_when_the_log_was_served_by_another_bundle(tmp_path, other
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "learned nothing: all " in done.stderr and "examples were served by other bundles" in done.stderr
+
+
+def test_sigterm_to_the_learner_s_process_group_stops_it_cleanly(tmp_path, tiny_bundle, tiny_records):
+    """`timeout`, systemd and Ctrl-C signal the whole group: the feeder child must leave the shutdown to
+    the trainer, which checkpoints and exits 0 (it used to die of FeederDied, exit 1)."""
+    import json
+    import signal
+    import time
+    from online.eventlog import EventLog
+    with EventLog(tmp_path / "log", fsync=False) as log:
+        log.append(tiny_records)
+    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "learn", "--log", "log", "--bundle",
+                             str(tiny_bundle), "--state", "state", "--window-ms", str(WINDOW_MS)],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    status = tmp_path / "state" / "status.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(status.read_text()).get("learned_through", -1) >= len(tiny_records) - 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "FeederDied" not in err
+    assert json.loads(status.read_text())["learned_through"] == len(tiny_records) - 1

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from online.eventlog import HEADER, CorruptLogError, EventLog
+from online.eventlog import HEADER, EventLog
 from online.records import Engagement, ServedRecord, validate_event
 
 

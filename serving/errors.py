@@ -27,7 +27,7 @@ class TooLarge(InvalidInput):
 
 
 class NotReady(ServingError):
-    """No model is loaded (yet), or the server is shutting down."""
+    """No model is loaded (yet), the server is shutting down, or the event log cannot take a batch."""
 
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from online.records import Engagement, validate_event
 
+from .errors import NotReady
 from .sink import SharedEventLog
 
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
@@ -74,7 +75,11 @@ class EventIngest:
                 batch_ids.add(ev.event_id)
                 accepted.append((i, ev))
             if accepted:
-                offsets = self.log.append([ev for _, ev in accepted])  # raises: nothing acknowledged
+                try:
+                    offsets = self.log.append([ev for _, ev in accepted])
+                except Exception as e:  # nothing is acknowledged: the client retries the batch
+                    raise NotReady(f"LogEvents: the event log could not take the batch ({type(e).__name__}: "
+                                   f"{e}); no event of it was acknowledged, retry it") from e
                 for (i, ev), offset in zip(accepted, offsets):
                     self._remember(ev.event_id)
                     results[i] = EventResult(ev.event_id, ACCEPTED, log_offset=offset)

@@ -82,7 +82,7 @@ class SharedEventLog:
 
 
 class BusEventLog(SharedEventLog):
-    """Scale-out: every record goes to the local log and then to the Redis stream the learner reads.
+    """Scale-out: every record goes to the Redis stream the learner reads, then to the local log.
 
     Offsets returned (and so ``EventResult.log_offset``) are the stream's, the numbering the
     learner's published ``covered_offset`` uses; a record is acknowledged only after both writes.
@@ -102,8 +102,13 @@ class BusEventLog(SharedEventLog):
         from online.bus import id_to_offset
 
         with self._lock:
+            # The stream first: if Redis is down nothing is written, the caller is told, and a retried
+            # event is not taken for a duplicate (the dedup window is read back from the local log). The
+            # other failure, the local append after the stream's, leaves a duplicate that the learner's
+            # joiner drops by event id.
+            offsets = [id_to_offset(i) for i in self.bus.publish(records)]
             self.log.append(records)
-            return [id_to_offset(i) for i in self.bus.publish(records)]
+            return offsets
 
     def close(self) -> None:
         super().close()

@@ -65,3 +65,29 @@ def test_embedded_learner_follows_the_bus(tmp_path, tiny_bundle, redis_url):
     finally:
         stop_learner(proc, timeout_s=30)
     assert proc.exitcode == 0
+
+
+def test_an_event_that_did_not_reach_the_stream_is_not_a_duplicate_when_retried(tmp_path):
+    """Redis down: LogEvents fails, nothing is written anywhere, and after a restart the client's retry
+    is accepted (it used to be in the local log already, so the replica answered DUPLICATE although the
+    learner never saw it)."""
+    from online.bench import redis_server
+    from serving.errors import NotReady
+    from serving.events import EventIngest
+    from serving.sink import BusEventLog
+    event = {"event_id": "e1", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1}
+    with redis_server(tmp_path) as url:
+        log = BusEventLog(tmp_path / "log", url, fsync=False)
+        ingest = EventIngest(log)
+        RedisBus(url).client.shutdown(nosave=True)
+        with pytest.raises(NotReady, match="no event of it was acknowledged, retry it"):
+            ingest.log_events([event])
+        assert log.log.end_offset == 0                   # not in the local log either
+        log.log.close()
+    with redis_server(tmp_path) as url:                  # the replica restarts, Redis is back
+        log = BusEventLog(tmp_path / "log", url, fsync=False)
+        results = EventIngest(log).log_events([event])
+        assert [r.status for r in results] == ["accepted"]
+        got = RedisBus(url).consume(count=10, block_ms=10)
+        assert [(type(r), r.event_id) for _, r in got] == [(Engagement, "e1")]
+        log.close()

@@ -135,6 +135,7 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
         if learner.counters["checkpoints"] != ckpts:
             try:
                 bus.ack_through(learner.replay_from)
+                bus.trim_acknowledged()  # what every consumer group acknowledged leaves the stream
                 ckpts = learner.counters["checkpoints"]
             except redis.RedisError as e:  # unacknowledged entries are redelivered: nothing is lost
                 log.warning("could not acknowledge (%s); retrying after the next read", e)

@@ -153,3 +153,20 @@ def test_the_learner_rides_out_a_redis_restart_that_lost_the_stream(tmp_path, ti
         stop.set()
         server.terminate()
         server.wait(10)
+
+
+def test_the_stream_is_trimmed_of_what_every_group_acknowledged(redis_url):
+    recs = [Engagement(f"e{i}", "r", "p", "view", i) for i in range(1000)]
+    RedisBus(redis_url).publish(recs)
+    bus = RedisBus(redis_url)
+    got = bus.consume(count=1000, block_ms=10)
+    bus.ack_through(got[600][0])                                   # e0..e599 acknowledged
+    other = RedisBus(redis_url, group="shadow")                    # a second group that read nothing yet
+    other.ensure_group()
+    assert bus.trim_acknowledged() == 0 and bus.client.xlen(bus.stream) == 1000
+    other.client.xgroup_destroy(other.stream, "shadow")
+    assert bus.trim_acknowledged() >= 500                           # whole radix-tree nodes only
+    left = bus.client.xrange(bus.stream)
+    assert len(left) <= 500 and id_to_offset(left[0][0]) <= got[600][0]   # nothing pending went
+    again = RedisBus(redis_url).consume(count=1000, block_ms=10)  # the pending entries come back
+    assert [r.event_id for _, r in again] == [f"e{i}" for i in range(600, 1000)]

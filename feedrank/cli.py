@@ -11,6 +11,10 @@ from pathlib import Path
 from feedrank import argtypes as T
 
 
+class UsageError(ValueError):
+    """A mistake in what the command was given: one line, exit code 2 (see :func:`main`)."""
+
+
 def _progress(args):
     from stacker.progress import Progress
     return Progress(enabled=not getattr(args, "quiet", False))
@@ -27,11 +31,11 @@ def _train_config(args):
     from stacker.schema import TASKS
     unknown = [t for t in shared.get("shared_tasks", ()) if t not in TASKS]
     if unknown:
-        raise SystemExit(f"feedrank: --shared-tasks: unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+        raise UsageError(f"--shared-tasks: unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
     if args.shared_ids is not None:
         shared["shared_ids"] = args.shared_ids
     if args.optimizer != "ftrl" and args.ftrl_alpha is not None:
-        raise SystemExit("feedrank: --ftrl-alpha applies to --optimizer ftrl only")
+        raise UsageError("--ftrl-alpha applies to --optimizer ftrl only")
     try:
         if args.optimizer == "ftrl":
             vw = VWConfig(bits=args.bits, interactions=interactions, **shared,
@@ -45,7 +49,7 @@ def _train_config(args):
                            dense_warmup=not args.no_dense_warmup, refit_biases=not args.no_bias_refit,
                            slices=_fractions(args.slices))
     except ValueError as e:
-        raise SystemExit(f"feedrank: {e}")
+        raise UsageError(f"{e}")
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -103,7 +107,7 @@ def _log_table(args):
     from online.export import EXPORT_ERRORS, export_table
     from stacker.dataset import read_table
     if not args.served_by:
-        raise SystemExit(f"feedrank: {args.data} is a directory (an event log?): give the bundles its records "
+        raise UsageError(f"{args.data} is a directory (an event log?): give the bundles its records "
                          "were served with, --served-by DIR (repeatable)")
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -111,7 +115,7 @@ def _log_table(args):
                                    window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                                    returned_is_viewed=args.returned_is_viewed, progress=not args.quiet)
         except EXPORT_ERRORS as e:
-            raise SystemExit(f"feedrank: {e}")
+            raise UsageError(f"{e}")
         print(f"joined {summary['rows']:,} viewed impressions from {summary['records']:,} log records "
               f"({summary['open_at_end']:,} still in their attribution window left out)", file=sys.stderr)
         return read_table(Path(tmp) / "served.parquet")
@@ -171,13 +175,13 @@ def _check_out(out: Path, force: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise SystemExit(f"feedrank train: --out {out} exists and is not a directory")
+        raise UsageError(f"--out {out} exists and is not a directory")
     if (out / "manifest.json").is_file():
         if not force:
-            raise SystemExit(f"feedrank train: --out {out} holds a bundle already; give another directory, or "
+            raise UsageError(f"--out {out} holds a bundle already; give another directory, or "
                              f"--force to replace it")
     elif any(out.iterdir()):
-        raise SystemExit(f"feedrank train: --out {out} is a directory of other files, not a bundle; give a new "
+        raise UsageError(f"--out {out} is a directory of other files, not a bundle; give a new "
                          f"or empty directory")
 
 
@@ -317,8 +321,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError, BundleError) as e:
         if os.environ.get("FEEDRANK_DEBUG"):
             raise
-        print(f"feedrank {args.command}: error: {_message(e)}\n(FEEDRANK_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        hint = "" if isinstance(e, UsageError) else "\n(FEEDRANK_DEBUG=1 shows the traceback)"
+        print(f"feedrank {args.command}: error: {_message(e)}{hint}", file=sys.stderr)
         return 2
 
 

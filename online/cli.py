@@ -116,7 +116,8 @@ def cmd_bench_learn(args) -> int:
     limits = (("-n", args.n, 1_000), ("--repeat", args.repeat, 1), ("--batch-size", args.batch_size, 1))
     for name, value, least in limits:
         if value < least:
-            raise SystemExit(f"feedrank bench learn: {name} must be at least {least:,}, got {value}")
+            print(f"feedrank bench learn: {name} must be at least {least:,}, got {value}", file=sys.stderr)
+            return 2
     results = bench_learn(n=args.n, cache_dir=Path(args.cache_dir), bundle=args.bundle,
                           progress=not args.quiet, redis=not args.no_redis, single=not args.no_single,
                           batch_size=args.batch_size, repeat=args.repeat)

@@ -8,9 +8,10 @@ Layout: ``<dir>/seg-<first offset:020d>.log``. Each segment starts with the head
 where the payload is ``["S", <ServedRecord fields in order>]`` or ``["E", <Engagement fields>]``.
 Offsets are global and dense: the n-th record of the segment starting at ``b`` has offset ``b + n``.
 A batch is written with one ``write`` and one ``fsync``, so once :meth:`EventLog.append` returns the
-records survive ``kill -9`` and power loss. A torn tail (partial line or checksum mismatch in the last
-segment) is truncated on open and never mis-read; a bad line in an older segment raises
-:class:`CorruptLogError`.
+records survive ``kill -9`` and power loss. A torn tail (a partial line, or a last line failing its
+checksum, at the end of the last segment) is truncated on open and never mis-read. A damaged line
+with anything after it is not a torn tail: it keeps its offset, the writer rewrites it in place as a
+tombstone of the same length, and readers yield :class:`~online.records.Malformed` in its place.
 
 >>> import tempfile
 >>> from online.records import Engagement
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pydantic_core
 
-from online.records import SERVED_FIELDS, Engagement, Malformed, ServedRecord, record_from_row
+from online.records import DAMAGED, SERVED_FIELDS, Engagement, Malformed, ServedRecord, record_from_row
 
 FORMAT_VERSION = 1
 HEADER = f"feedrank-eventlog {FORMAT_VERSION}\n".encode()
@@ -56,8 +57,9 @@ def encode(rec: Record) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
-def decode(line: bytes) -> Record | None:
-    """The record in one line, or None when the line is torn or fails its checksum."""
+def decode(line: bytes) -> Record | Malformed | None:
+    """The record in one line; None when the line is torn or fails its checksum; :class:`Malformed`
+    when it passes its checksum but holds no well-formed record (a tombstone among them)."""
     if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
         return None
     payload = line[9:-1]
@@ -71,6 +73,16 @@ def decode(line: bytes) -> Record | None:
     except ValueError as e:
         return Malformed(f"payload is not JSON ({e})")
     return record_from_row(row)
+
+
+def _tombstone(length: int) -> bytes:
+    """A valid line of exactly ``length`` bytes (newline excluded) standing for a damaged record: it
+    decodes to :class:`Malformed` ("damaged record"). Lines too short for one are left as they are."""
+    pad = length - 9 - len(b'["X",""]')
+    if pad < 0:
+        return b"#" * length
+    payload = b'["X","' + b"-" * pad + b'"]'
+    return b"%08x %s" % (zlib.crc32(payload), payload)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,17 +153,27 @@ class EventLog:
                 return base
             raise CorruptLogError(f"{p}: bad header (expected format version {FORMAT_VERSION})")
         good, n = len(HEADER), 0
-        lines = data[len(HEADER):].splitlines(keepends=True)
+        lines = data[len(HEADER):].split(b"\n")   # as every reader splits: on newlines only
+        tail = lines.pop()                         # after the last newline: a partial append, or b""
+        tombstones = []
         for i, line in enumerate(lines):
-            if decode(line) is None:
-                if i == len(lines) - 1:
-                    break  # the torn tail of an interrupted append
-                # Records follow it: a damaged record, not a torn tail. Cutting here would delete every
-                # acknowledged record after it; it keeps its offset and readers yield it as Malformed.
-                log.error("%s: the record at offset %d fails its checksum; kept in place (readers skip it), "
-                          "%d records after it kept", p, base + n, len(lines) - 1 - i)
-            good += len(line)
+            if decode(line + b"\n") is None:
+                if i == len(lines) - 1 and not tail:
+                    break  # the torn tail of an interrupted append: the last line, nothing after it
+                # Something follows it: a damaged record, not a torn tail. Cutting here would delete
+                # every acknowledged record after it; it keeps its offset, rewritten in place as an
+                # explicit tombstone so that every reader, now and after any reopen, skips it alike.
+                tombstones.append((good, len(line)))
+                log.error("%s: the record at offset %d fails its checksum; kept in place as a tombstone "
+                          "(readers skip it), %d records after it kept", p, base + n, len(lines) - 1 - i)
+            good += len(line) + 1
             n += 1
+        if tombstones:
+            with open(p, "r+b") as f:
+                for at, length in tombstones:
+                    f.seek(at)
+                    f.write(_tombstone(length))
+                os.fsync(f.fileno())
         if good < len(data):
             log.warning("%s: truncating torn tail of %d bytes after %d records", p, len(data) - good, n)
             with open(p, "r+b") as f:
@@ -195,7 +217,7 @@ class EventLog:
                 bad = None  # offset of a line failing its checksum, until we know whether one follows it
                 for line in f:
                     if bad is not None:  # something follows it: a damaged record, not a torn tail
-                        yield bad, Malformed("fails its checksum")
+                        yield bad, Malformed(DAMAGED)
                         bad = None
                     if end is not None and off >= end:
                         return
@@ -214,16 +236,18 @@ class EventLog:
                         return  # the writer's append in progress (or a torn tail it will cut)
                     if nxt is None:
                         raise CorruptLogError(f"{p}: record at offset {bad} fails its checksum")
-                    yield bad, Malformed("fails its checksum")  # an older segment has no torn tail
+                    yield bad, Malformed(DAMAGED)  # an older segment has no torn tail
 
-    def recent_event_ids(self, n: int) -> list[str]:
+    def recent_event_ids(self, n: int, max_records: int | None = None) -> list[str]:
         """The ids of the last ``n`` engagement events (oldest first), read newest segment first and
-        decoding only event lines, however many served records lie between them."""
+        decoding only event lines, however many served records lie between them, up to ``max_records``
+        records read back (default ``8 n``: a log of served records with few events is not read whole)."""
         found: list[list[str]] = []
-        count = 0
+        count = scanned = 0
+        max_records = 8 * n if max_records is None else max_records
         end = None if self.readonly else self.end_offset
         for base in reversed(self._scan() if self.readonly else self._segments):
-            if count >= n:
+            if count >= n or scanned >= max_records:
                 break
             ids = []
             with open(self._seg_path(base), "rb") as f:
@@ -231,6 +255,7 @@ class EventLog:
                 for off, line in enumerate(f, start=base):
                     if end is not None and off >= end:
                         break
+                    scanned += 1
                     if line[9:14] == b'["E",':
                         rec = decode(line)
                         if type(rec) is Engagement:

@@ -208,7 +208,8 @@ class Featurizer:
                     continue  # already ingested in this process, or before the checkpoint's replay point
                 kind = type(rec)
                 if kind is Malformed or rec.ts > future:
-                    self._skip(off, rec, future)
+                    if off > joiner.resume_through:  # counted before the checkpoint otherwise
+                        self._skip(off, rec, future)
                     ingested = self._ingested = off
                     n += 1
                     continue

@@ -174,19 +174,38 @@ def _event_fault(e: Engagement) -> str | None:
     return None
 
 
+DAMAGED = "damaged record (fails its checksum)"
+_KINDS = frozenset(EVENT_KINDS)
+
+
 def record_from_row(row) -> Engagement | ServedRecord | Malformed:
     """The record a decoded payload (``["E", fields...]`` or ``["S", fields...]``) holds, checked field by
-    field; anything else is :class:`Malformed`, never an exception."""
+    field; anything else is :class:`Malformed`, never an exception. (The learner decodes every record
+    here: the checks are written out on the row, cheaper than on the record's attributes.)"""
+    str_, int_, lo, hi = str, int, -MAX_TS, MAX_TS
     try:
         tag = row[0]
         if tag == "E":
+            if (len(row) == 7 and type(row[1]) is str_ and type(row[2]) is str_ and type(row[3]) is str_
+                    and row[4] in _KINDS and type(row[5]) is int_ and lo < row[5] < hi
+                    and type(row[6]) is int_ and lo < row[6] < hi):
+                return Engagement(row[1], row[2], row[3], row[4], row[5], row[6])
             rec = Engagement(*row[1:])
             fault = _event_fault(rec)
-        elif tag == "S":
+            return rec if fault is None else Malformed(fault)
+        if tag == "S":
+            if (len(row) == 15 and type(row[1]) is str_ and type(row[2]) is str_ and type(row[3]) is str_
+                    and type(row[4]) is str_ and type(row[5]) is int_ and type(row[6]) is int_
+                    and type(row[7]) is str_ and type(row[8]) is int_ and type(row[9]) is str_
+                    and type(row[10]) is int_ and type(row[11]) is str_ and type(row[12]) is str_
+                    and type(row[13]) is list and type(row[14]) is list and lo < row[5] < hi
+                    and lo < row[6] < hi and lo < row[8] < hi and lo < row[10] < hi):
+                return ServedRecord(*row[1:])
             rec = ServedRecord(*row[1:])
             fault = _served_fault(rec)
-        else:
-            return Malformed(f"unknown record tag {tag!r}")
+            return rec if fault is None else Malformed(fault)
+        if tag == "X":
+            return Malformed(DAMAGED)
+        return Malformed(f"unknown record tag {tag!r}")
     except (TypeError, IndexError, KeyError) as e:
         return Malformed(f"not a record ({e})")
-    return rec if fault is None else Malformed(fault)

@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from online.eventlog import HEADER, Record, decode
+from online.records import DAMAGED, Malformed
 from online.learner import OnlineLearner
 from online.tail import LogTailer
 
@@ -33,13 +34,18 @@ def read_records(path, from_offset: int = 0, block: int = 20_000) -> Iterator[tu
         if f.readline() != HEADER:
             raise ValueError(f"{path}: not an event-log segment (expected header {HEADER!r})")
         base = int(path.name[4:-4]) if path.name.startswith("seg-") else 0
+        bad = None  # a line failing its checksum: damaged if anything follows it, else the torn tail
         for off, line in enumerate(f, start=base):
+            if bad is not None:
+                yield bad, Malformed(DAMAGED)
+                bad = None
             if off < from_offset:
                 continue
             rec = decode(line)
             if rec is None:
-                return  # torn tail
-            yield off, rec
+                bad = off
+            else:
+                yield off, rec
 
 
 def count_records(path) -> int:
@@ -135,9 +141,13 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
         if learner.counters["checkpoints"] != ckpts:
             try:
                 bus.ack_through(learner.replay_from)
-                bus.trim_acknowledged()  # what every consumer group acknowledged leaves the stream
                 ckpts = learner.counters["checkpoints"]
             except redis.RedisError as e:  # unacknowledged entries are redelivered: nothing is lost
                 log.warning("could not acknowledge (%s); retrying after the next read", e)
+            else:
+                try:
+                    bus.trim_acknowledged()  # what every consumer group acknowledged leaves the stream
+                except redis.RedisError as e:
+                    log.warning("could not trim the stream (%s)", e)
     learner.checkpoint()
     bus.ack_through(learner.replay_from)

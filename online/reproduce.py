@@ -50,6 +50,13 @@ def fits_spec(rec: ServedRecord, spec: FeatureSpec) -> bool:
     if len(rec.user_features) != len(spec.user_features) or len(rec.post_features) != len(spec.post_features):
         return False
     try:
-        return all(map(math.isfinite, rec.user_features)) and all(map(math.isfinite, rec.post_features))
-    except TypeError:  # a string, None, a list...
+        return all(map(_fits_float32, rec.user_features)) and all(map(_fits_float32, rec.post_features))
+    except (TypeError, OverflowError):  # a string, None, a list, an integer too large for a float...
         return False
+
+
+def _fits_float32(v) -> bool:
+    return math.isfinite(v) and -_F32_MAX <= v <= _F32_MAX
+
+
+_F32_MAX = float(np.finfo(np.float32).max)

@@ -2,8 +2,9 @@
 
 :meth:`EventLog.read` in readonly mode rescans a segment from its start on every call; a learner polling
 a busy log many times a second needs to resume where it stopped. A line without its newline yet (the
-writer's append in progress) or failing its checksum at the tail is left for the next poll (the
-writer either completes it or truncates it on restart).
+writer's append in progress), or failing its checksum as the very last line of the log, is left for
+the next poll (the writer either completes it or truncates it on restart); a damaged line with
+anything after it comes out :class:`~online.records.Malformed` in its place, as the writer keeps it.
 
 Lines are decoded in blocks: every line's CRC is checked, then the payloads of the block are parsed by
 one ``json.loads`` call (per-call overhead dominated decoding one line at a time); lines before the
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from online.eventlog import HEADER, CorruptLogError, Record
-from online.records import Malformed, record_from_row
+from online.records import DAMAGED, Malformed, record_from_row
 
 _CHUNK = 8 << 20
 try:  # Rust JSON parser shipped with pydantic (a dependency): ~2x json.loads on these payloads
@@ -51,7 +52,7 @@ def decode_block(lines: list[bytes]) -> list[Record]:
         rows = []
         for p in payloads:
             if p is damaged:
-                rows.append(Malformed("fails its checksum"))
+                rows.append(Malformed(DAMAGED))
                 continue
             try:
                 rows.append(_loads(p))
@@ -99,6 +100,10 @@ class LogTailer:
                 self._off += skip
             want = complete[skip:skip + max_records - len(out)]
             recs = decode_block(want) if want else []
+            if (recs and len(want) == len(complete) - skip and not lines[-1] and len(data) < _CHUNK
+                    and type(recs[-1]) is Malformed and recs[-1].reason == DAMAGED
+                    and not [b for b in self._segments() if b > self._base]):
+                recs.pop()  # the last line of the log: a torn tail the writer cuts on restart, not yet a record
             if recs:
                 k = len(recs)
                 self._pos += sum(map(len, want[:k])) + k
@@ -125,7 +130,8 @@ class LogTailer:
 
     def check_complete(self) -> None:
         """After polling a recorded log to its end: raise :class:`CorruptLogError` when reading stopped at
-        a bad line in a segment that is not the last one (only the last may have a torn tail)."""
+        a line without its newline in a segment that is not the last one (only the last may have a torn
+        tail)."""
         segs = self._segments()
         if self._base is not None and segs and self._base < segs[-1]:
             raise CorruptLogError(f"{self.path / f'seg-{self._base:020d}.log'}: record at offset {self._off} "

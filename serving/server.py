@@ -182,8 +182,9 @@ def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
     rs = build(settings, worker, learner=learner)
     if settings.bundle is not None and not rs.model.ready:  # the one bundle named cannot be served
         rs.stop(0)
-        log.error("not serving: the bundle given with --bundle was refused (see above); fix it, or serve a "
-                  "directory of bundles with --model-dir to start without one")
+        log.error("not serving: the bundle given with --bundle was refused (see above)%s",
+                  "" if settings.model_dir is not None else "; to start without a model and take one "
+                  "later, serve a directory of bundles with --model-dir instead")
         return 2
     log.info("worker %d listening on %s:%d (%s)", worker, settings.host, rs.port,
              "ready: " + rs.model.current().version if rs.model.ready else "no model yet")

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from online.eventlog import EventLog, Record
-from online.records import ServedRecord
+from online.records import Engagement, ServedRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class SharedEventLog:
 
 
 class BusEventLog(SharedEventLog):
-    """Scale-out: every record goes to the Redis stream the learner reads, then to the local log.
+    """Scale-out: every record goes to the Redis stream the learner reads and to the local log (events
+    to the stream first, served records to the local log first; see :meth:`append`).
 
     Offsets returned (and so ``EventResult.log_offset``) are the stream's, the numbering the
     learner's published ``covered_offset`` uses; a record is acknowledged only after both writes.
@@ -102,13 +103,18 @@ class BusEventLog(SharedEventLog):
         from online.bus import id_to_offset
 
         with self._lock:
-            # The stream first: if Redis is down nothing is written, the caller is told, and a retried
-            # event is not taken for a duplicate (the dedup window is read back from the local log). The
-            # other failure, the local append after the stream's, leaves a duplicate that the learner's
-            # joiner drops by event id.
-            offsets = [id_to_offset(i) for i in self.bus.publish(records)]
+            if any(type(r) is Engagement for r in records):
+                # Events go to the stream first: if Redis is down nothing is written, the client is told,
+                # and its retry is not taken for a duplicate (the dedup window is read back from the local
+                # log). The other failure, the local append after the stream's, leaves a duplicate that
+                # the learner's joiner drops by event id.
+                offsets = [id_to_offset(i) for i in self.bus.publish(records)]
+                self.log.append(records)
+                return offsets
+            # Served records (nobody retries them): the local log first, so an outage leaves no gap in
+            # it (export, retraining); the stream's copy of the batch is then counted as dropped.
             self.log.append(records)
-            return offsets
+            return [id_to_offset(i) for i in self.bus.publish(records)]
 
     def close(self) -> None:
         super().close()

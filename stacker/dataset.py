@@ -45,7 +45,7 @@ def _version_error(path, found) -> ValueError:
 
 
 def _check_columns(path, df: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in KEY_COLUMNS if c not in df.columns]
+    missing = [c for c in KEY_COLUMNS if c not in df.columns and c != "position"]  # position: optional
     if missing:
         raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                          f"(an impression table has {', '.join(KEY_COLUMNS)}, f.* features and label.* tasks)")

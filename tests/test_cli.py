@@ -20,10 +20,8 @@ def _fails(capsys, argv) -> str:
     """Run ``feedrank argv`` in-process; it must exit 2 with a one-line reason (argparse's usage aside)."""
     try:
         code = main(argv)
-    except SystemExit as e:  # argparse, or a command's own refusal
-        code = 2 if isinstance(e.code, str) or e.code == 2 else e.code
-        if isinstance(e.code, str):
-            return e.code
+    except SystemExit as e:  # argparse
+        code = e.code
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

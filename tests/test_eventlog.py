@@ -90,7 +90,7 @@ def test_recent_event_ids_skip_served_records_across_segments(tmp_path):
 
 
 def test_a_damaged_record_is_read_as_malformed_in_its_place_and_nothing_after_it_is_lost(tmp_path):
-    from online.records import Malformed
+    from online.records import DAMAGED, Malformed
     from online.replay import read_records
     log = EventLog(tmp_path, segment_bytes=500)
     for i in range(6):
@@ -107,7 +107,7 @@ def test_a_damaged_record_is_read_as_malformed_in_its_place_and_nothing_after_it
         got = list(reader())
         assert [o for o, _ in got] == list(range(12))
         assert [o for o, r in got if type(r) is Malformed] == damaged
-        assert all(r.reason == "fails its checksum" for o, r in got if o in damaged)
+        assert all(r.reason == DAMAGED for o, r in got if o in damaged)
     writer = EventLog(tmp_path, segment_bytes=500)   # reopening keeps every record after the damaged one
     assert writer.end_offset == 12 and writer.append([event(12)]) == [12]
     assert [o for o, _ in writer.read()] == list(range(13))
@@ -209,3 +209,47 @@ def test_readonly_reader_follows_a_live_writer_without_truncating(tmp_path):
     assert len(segment_files(tmp_path)) > 1
     assert [o for o, _ in reader.read(from_offset=1)] == list(range(1, 8))
     assert reader.end_offset == 8
+
+
+def _damage(seg, at: int, byte: int | None = None) -> None:
+    data = bytearray(seg.read_bytes())
+    data[at] = data[at] ^ 1 if byte is None else byte
+    seg.write_bytes(bytes(data))
+
+
+def test_a_follower_waits_at_a_damaged_last_line_and_keeps_offsets_when_the_writer_cuts_it(tmp_path):
+    from online.tail import LogTailer
+    log = EventLog(tmp_path, fsync=False)
+    log.append([event(0), event(1), event(2)])
+    log.close()
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    _damage(seg, seg.stat().st_size - 5)                 # the last line: a torn tail, maybe still written
+    tailer = LogTailer(tmp_path)
+    assert [(o, r.event_id) for o, r in tailer.poll_batch()] == [(0, "e0"), (1, "e1")]
+    writer = EventLog(tmp_path, fsync=False)             # the writer restarts: cuts it, offset 2 reused
+    assert writer.append([event(10), event(11)]) == [2, 3]
+    assert [(o, r.event_id) for o, r in tailer.poll_batch()] == [(2, "e10"), (3, "e11")]
+
+
+def test_a_damaged_record_stays_a_tombstone_across_reopens_even_with_a_carriage_return_in_it(tmp_path):
+    from online.records import DAMAGED, Malformed
+    from online.replay import read_records
+    log = EventLog(tmp_path, fsync=False)
+    log.append([event(i) for i in range(5)])
+    log.close()
+    seg = tmp_path / segment_files(tmp_path)[-1]
+    _damage(seg, len(HEADER) + 20, byte=0x0D)            # a "\r" inside record 0
+    with open(seg, "ab") as f:
+        f.write(b"0badc0de [\"E\",\"e9\"")               # and a torn append after the last record
+    for _ in range(2):                                   # reopening twice changes nothing more
+        writer = EventLog(tmp_path, fsync=False)
+        assert writer.end_offset == 5
+        writer.close()
+    writer = EventLog(tmp_path, fsync=False)
+    assert writer.append([event(5)]) == [5]
+    writer.close()
+    for got in (list(EventLog(tmp_path, readonly=True).read()), list(read_records(tmp_path)),
+                list(read_records(seg))):                # a directory, or the one segment file
+        assert [o for o, _ in got] == list(range(6))
+        assert type(got[0][1]) is Malformed and got[0][1].reason == DAMAGED
+        assert [r.event_id for _, r in got[1:]] == ["e1", "e2", "e3", "e4", "e5"]

@@ -284,6 +284,9 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     return counts
 
 
+MIN_SLICE_ROWS = 200   # below this a slice cannot fit the trees, the network and the LR's biases
+
+
 def _writable(out_dir) -> Path:
     """``out_dir``, once it is sure that writing a bundle there replaces nothing but a bundle."""
     out_dir = Path(out_dir)
@@ -345,6 +348,10 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
+    if min(len(parts[0]), len(parts[1])) < MIN_SLICE_ROWS:
+        raise ValueError(f"{len(df):,} rows are too few to train on: the extractors' and the LR's time slices "
+                         f"hold {len(parts[0]):,} and {len(parts[1]):,} rows, and each needs at least "
+                         f"{MIN_SLICE_ROWS:,}")
     with tempfile.TemporaryDirectory() as work:
         ex = train_extractors(parts[0], tasks, config, Path(work), progress)
         learners = TaskLearners(tasks, config.vw)

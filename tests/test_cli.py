@@ -60,6 +60,12 @@ def test_bad_tables_and_paths_get_one_line(capsys, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_too_few_rows_to_train_on_are_refused(capsys, tmp_path):
+    err = _fails(capsys, ["train", "--simulate", "50", "--out", str(tmp_path / "b"), *TINY])
+    assert "rows are too few to train on" in err and "each needs at least 200" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_simulate_creates_the_directory_of_its_output(tmp_path):
     out = tmp_path / "data" / "deeper" / "t.parquet"
     assert main(["simulate", "-n", "300", "--out", str(out), "--quiet"]) == 0

@@ -610,6 +610,9 @@ def test_embedded_learner_follows_a_hot_swapped_bundle(tiny_bundle, other_bundle
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=60)
+        deadline = time.time() + 60  # listening comes before the model is loaded: health says when
+        while _health(channel) != health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
+            time.sleep(0.1)
         stub = pb_grpc.RankerStub(channel)
         assert stub.Rank(rank_request(feeds[0])).model_version.bundle_id == old_id
         assert status_bundle(60, old_id) == old_id

@@ -22,6 +22,7 @@ from online.eventlog import Record, _to_json
 from online.records import SERVED_FIELDS, Engagement, Malformed, record_from_row
 
 log = logging.getLogger(__name__)
+TRIM_EVERY_S = 10.0   # how often a consumer trims the stream of what every consumer group acknowledged
 
 _SEQ_BITS = 22
 
@@ -68,6 +69,8 @@ class RedisBus:
         self._reading_pending = True  # start with our own PEL: delivered before a restart, not acked
         self._pending_from = "0"
         self._unacked: deque[tuple[int, bytes]] = deque()
+        self._outage = 0.0     # seconds to wait before the next read while Redis is unreachable
+        self._trim_at = 0.0    # monotonic time of the next trim (:meth:`maybe_trim`)
 
     def ensure_group(self) -> None:
         if self._group_ready:
@@ -146,6 +149,17 @@ class RedisBus:
             return 0
         return int(self.client.xtrim(self.stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=True))
 
+    def maybe_trim(self, every_s: float = TRIM_EVERY_S) -> None:
+        """:meth:`trim_acknowledged` at most every ``every_s`` (after each acknowledgement, say); a failure
+        is logged and tried again next time (nothing is lost: the entries just stay a while longer)."""
+        if time.monotonic() < self._trim_at:
+            return
+        self._trim_at = time.monotonic() + every_s
+        try:
+            self.trim_acknowledged()
+        except redis.RedisError as e:
+            log.warning("could not trim the stream (%s)", e)
+
     def pending_count(self) -> int:
         self.ensure_group()
         return int(self.client.xpending(self.stream, self.group)["pending"])
@@ -164,7 +178,7 @@ class RedisBus:
         try:
             out = self.consume(count, block_ms)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            self._outage = min(10.0, 2 * getattr(self, "_outage", 0.25))
+            self._outage = min(10.0, max(0.5, 2 * self._outage))
             log.warning("Redis %s: %s; retrying in %.1f s", self.stream, e, self._outage)
             time.sleep(self._outage)
             return None
@@ -175,7 +189,7 @@ class RedisBus:
                       "creating it again from the stream's start", self.stream, self.group)
             self._group_ready, self._reading_pending, self._pending_from = False, True, "0"
             return None
-        if getattr(self, "_outage", 0):
+        if self._outage:
             log.warning("Redis %s: reachable again", self.stream)
             self._outage = 0
         return out

@@ -75,6 +75,30 @@ def decode(line: bytes) -> Record | Malformed | None:
     return record_from_row(row)
 
 
+def segment_records(lines, base: int, from_offset: int = 0, end: int | None = None):
+    """``(offset, record)`` of a segment's record lines (the lines after its header; the first at offset
+    ``base``) from ``from_offset`` up to ``end``. A line failing its checksum comes out
+    ``Malformed(DAMAGED)`` once another line follows it: only the last line can be a torn tail. A last
+    line failing its checksum comes out as ``(offset, None)``, for the caller to judge: a torn tail at
+    the end of the log, damage in an older segment."""
+    bad = None
+    for off, line in enumerate(lines, start=base):
+        if bad is not None:  # something follows it: a damaged record, not a torn tail
+            yield bad, Malformed(DAMAGED)
+            bad = None
+        if end is not None and off >= end:
+            return
+        if off < from_offset:
+            continue
+        rec = decode(line)
+        if rec is None:
+            bad = off
+        else:
+            yield off, rec
+    if bad is not None:
+        yield bad, None
+
+
 def _tombstone(length: int) -> bytes:
     """A valid line of exactly ``length`` bytes (newline excluded) standing for a damaged record: it
     decodes to :class:`Malformed` ("damaged record"). Lines too short for one are left as they are."""
@@ -213,30 +237,17 @@ class EventLog:
             p = self._seg_path(base)
             with open(p, "rb") as f:
                 f.readline()
-                off = base
-                bad = None  # offset of a line failing its checksum, until we know whether one follows it
-                for line in f:
-                    if bad is not None:  # something follows it: a damaged record, not a torn tail
-                        yield bad, Malformed(DAMAGED)
-                        bad = None
-                    if end is not None and off >= end:
-                        return
-                    if off >= from_offset:
-                        rec = decode(line)
-                        if rec is None:
-                            bad = off
-                        else:
-                            yield off, rec
-                        if self.readonly:
-                            self.end_offset = max(self.end_offset, off + 1)
-                    off += 1
-                if bad is not None:
-                    if nxt is None and self.readonly:
-                        self.end_offset = bad
-                        return  # the writer's append in progress (or a torn tail it will cut)
-                    if nxt is None:
-                        raise CorruptLogError(f"{p}: record at offset {bad} fails its checksum")
-                    yield bad, Malformed(DAMAGED)  # an older segment has no torn tail
+                for off, rec in segment_records(f, base, from_offset, end):
+                    if rec is None:  # the segment's last line fails its checksum
+                        if nxt is None and self.readonly:
+                            self.end_offset = off
+                            return  # the writer's append in progress (or a torn tail it will cut)
+                        if nxt is None:
+                            raise CorruptLogError(f"{p}: record at offset {off} fails its checksum")
+                        rec = Malformed(DAMAGED)  # an older segment has no torn tail
+                    yield off, rec
+                    if self.readonly:
+                        self.end_offset = max(self.end_offset, off + 1)
 
     def recent_event_ids(self, n: int, max_records: int | None = None) -> list[str]:
         """The ids of the last ``n`` engagement events (oldest first), read newest segment first and

@@ -161,7 +161,7 @@ class Joiner:
         # the impressions the checkpoint left open would be dropped as already learned.
         self._restore(out)
         self._bump(watermark_ms + self.allowed_lateness_ms)
-        self._close_due(max(self.through_offset, self.resume_through + 1 if self.resume_through >= 0 else -1), out)
+        self._close_due(self._close_tag, out)
         return self._emit(out)
 
     def flush(self) -> list[JoinedExample]:
@@ -173,7 +173,7 @@ class Joiner:
         """
         out: list[JoinedExample] = []
         self._restore(out)
-        tag = max(self.through_offset, self.resume_through + 1 if self.resume_through >= 0 else -1)
+        tag = self._close_tag
         while self._open:
             self._close(next(iter(self._open)), tag, out)
         for o in list(self._orphans):
@@ -181,6 +181,13 @@ class Joiner:
         return self._emit(out)
 
     # -- internals -------------------------------------------------------------------------------
+    @property
+    def _close_tag(self) -> int:
+        """The offset to tag impressions closed with no record in hand (the clock, the end of the stream):
+        the last ingested, or one past a checkpoint's ``learned_through`` while only its replay was seen,
+        so they are emitted rather than suppressed as learned."""
+        return max(self.through_offset, self.resume_through + 1 if self.resume_through >= 0 else -1)
+
     def _begin(self, offset: int, ts: int) -> list[JoinedExample]:
         out: list[JoinedExample] = []
         if offset > self.resume_through:

@@ -108,9 +108,6 @@ class _Sender:
             raise FeederDied(f"trainer connection lost: {self.error}")
 
 
-TRIM_EVERY_S = 10.0   # how often the Redis stream is trimmed of what every consumer group acknowledged
-
-
 def _feeder_main(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     # The trainer decides when to stop: a SIGINT or SIGTERM sent to the whole process group (Ctrl-C,
@@ -458,7 +455,7 @@ class PipelinedLearner:
         from online.bus import RedisBus, offset_to_id
         bus = RedisBus(url, stream=stream, group=group, consumer=consumer, track_acks=False)
         consumed: deque = deque()  # arrays of consumed offsets, in consumption (= increasing) order
-        retry_at, trim_at = [0.0], [0.0]
+        retry_at = [0.0]
 
         def on_batch(batch) -> None:
             offs = batch.state.get("consumed")
@@ -490,12 +487,7 @@ class PipelinedLearner:
             if rest is not None:
                 consumed.appendleft(rest)
             self.acked += len(ids)
-            if time.monotonic() >= trim_at[0]:  # what every group acknowledged leaves the stream
-                trim_at[0] = time.monotonic() + TRIM_EVERY_S
-                try:
-                    bus.trim_acknowledged()
-                except redis.RedisError as e:
-                    log.warning("could not trim the stream (%s)", e)
+            bus.maybe_trim()  # what every consumer group acknowledged leaves the stream
 
         t0 = time.perf_counter()
         try:

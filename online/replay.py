@@ -13,8 +13,7 @@ from pathlib import Path
 
 import redis
 
-from online.eventlog import HEADER, Record, decode
-from online.records import DAMAGED, Malformed
+from online.eventlog import HEADER, Record, segment_records
 from online.learner import OnlineLearner
 from online.tail import LogTailer
 
@@ -34,17 +33,8 @@ def read_records(path, from_offset: int = 0, block: int = 20_000) -> Iterator[tu
         if f.readline() != HEADER:
             raise ValueError(f"{path}: not an event-log segment (expected header {HEADER!r})")
         base = int(path.name[4:-4]) if path.name.startswith("seg-") else 0
-        bad = None  # a line failing its checksum: damaged if anything follows it, else the torn tail
-        for off, line in enumerate(f, start=base):
-            if bad is not None:
-                yield bad, Malformed(DAMAGED)
-                bad = None
-            if off < from_offset:
-                continue
-            rec = decode(line)
-            if rec is None:
-                bad = off
-            else:
+        for off, rec in segment_records(f, base, from_offset):
+            if rec is not None:  # None: a last line failing its checksum, the torn tail
                 yield off, rec
 
 
@@ -145,9 +135,6 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
             except redis.RedisError as e:  # unacknowledged entries are redelivered: nothing is lost
                 log.warning("could not acknowledge (%s); retrying after the next read", e)
             else:
-                try:
-                    bus.trim_acknowledged()  # what every consumer group acknowledged leaves the stream
-                except redis.RedisError as e:
-                    log.warning("could not trim the stream (%s)", e)
+                bus.maybe_trim()  # what every consumer group acknowledged leaves the stream
     learner.checkpoint()
     bus.ack_through(learner.replay_from)

@@ -32,26 +32,25 @@ _crc32 = zlib.crc32
 def decode_block(lines: list[bytes]) -> list[Record]:
     """Records of complete lines (without their newline); a line failing its checksum is a damaged
     record (a torn append never has its newline), and comes out :class:`Malformed` in its place."""
-    payloads = []
+    payloads: list[bytes | None] = []   # None for a complete line that fails its checksum
     append = payloads.append
-    damaged = b"!"  # placeholder of a complete line that fails its checksum (a damaged record)
     for line in lines:
         p = line[9:]
         try:
             ok = len(line) >= 10 and line[8] == 32 and int(line[:8], 16) == _crc32(p)  # 32: b" "
         except ValueError:
             ok = False
-        append(p if ok else damaged)
+        append(p if ok else None)
     if not payloads:
         return []
     try:
-        if damaged in payloads:
+        if None in payloads:
             raise ValueError("damaged line")
         rows = _loads(b"[" + b",".join(payloads) + b"]")
     except ValueError:  # a damaged line, or a payload that passed its CRC but is not JSON: line by line
         rows = []
         for p in payloads:
-            if p is damaged:
+            if p is None:
                 rows.append(Malformed(DAMAGED))
                 continue
             try:

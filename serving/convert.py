@@ -60,6 +60,11 @@ def fingerprint(req: pb.RankRequest) -> bytes:
     return h.digest()
 
 
+def version_of(ranker) -> pb.ModelVersion:
+    """The version a live ranker serves now: its bundle, update sequence and the log offset covered."""
+    return model_version(ranker.bundle_id, ranker.update_seq, ranker.covered_offset)
+
+
 def model_version(bundle_id: str, update_seq: int, covered_offset: int = -1) -> pb.ModelVersion:
     return pb.ModelVersion(bundle_id=bundle_id, update_seq=update_seq, version=f"{bundle_id}+{update_seq}",
                            covered_offset=covered_offset)

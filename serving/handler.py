@@ -87,11 +87,11 @@ def out_of_range(ranker: StackedRanker, dense: np.ndarray) -> dict[str, int]:
     return {ranker.spec.dense_names[j]: int(counts[j]) for j in np.flatnonzero(counts)}
 
 
-def _check_strings(values: list[str], name: str, limit: int) -> None:
+def _check_strings(values: list[str], name: str, limit: int, empty_ok: bool = False) -> None:
     if not values:
         return
     lengths = np.fromiter(map(len, values), np.int64, len(values))
-    empty = np.flatnonzero(lengths == 0)
+    empty = np.flatnonzero(lengths == 0) if not empty_ok else ()
     if len(empty):
         raise InvalidInput(f"{name}[{empty[0]}]", "missing (empty string)")
     long = np.flatnonzero(lengths > limit)
@@ -201,11 +201,7 @@ class RankingHandler:
                                                   f"future (limit {s.max_future_ms / 1000:.0f} s)")
         if len(r.seen_post_ids) > s.max_seen:
             raise TooLarge("seen_post_ids", f"{len(r.seen_post_ids)} ids, limit {s.max_seen}")
-        if r.seen_post_ids:
-            lengths = np.fromiter(map(len, r.seen_post_ids), np.int64, len(r.seen_post_ids))
-            if (lengths > s.max_string_len).any():
-                i = int(np.argmax(lengths > s.max_string_len))
-                raise InvalidInput(f"seen_post_ids[{i}]", f"{lengths[i]} characters, limit {s.max_string_len}")
+        _check_strings(r.seen_post_ids, "seen_post_ids", s.max_string_len, empty_ok=True)
         for task, w in r.task_weights.items():
             if task not in ranker.tasks:
                 raise InvalidInput("task_weights", f"unknown task {task!r}; the model's tasks are "

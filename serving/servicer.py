@@ -121,7 +121,7 @@ class RankerServicer(pb_grpc.RankerServicer):
         m = ranker.manifest
         window = m.get("training", {}).get("time_range_ms", [0, 0])
         return pb.InfoResponse(
-            model_version=convert.model_version(ranker.bundle_id, ranker.update_seq, ranker.covered_offset),
+            model_version=convert.version_of(ranker),
             bundle_path=str(ranker.path or ""), training_start_ms=window[0], training_end_ms=window[1],
             tasks=list(ranker.tasks), ev_weights=ranker.ev_weights,
             user_feature_names=list(ranker.spec.user_features),
@@ -173,16 +173,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         ranker = self.model.load(request.bundle_path)  # loads on this RPC's thread, Rank keeps going
         if self.reload_hook:
             self.reload_hook(request.bundle_path)
-        prev = convert.model_version(previous.bundle_id, previous.update_seq, previous.covered_offset) \
-            if previous else None
-        return pb.ReloadResponse(model_version=convert.model_version(ranker.bundle_id, ranker.update_seq,
-                                                                     ranker.covered_offset),
-                                 previous_version=prev)
+        return pb.ReloadResponse(model_version=convert.version_of(ranker),
+                                 previous_version=convert.version_of(previous) if previous else None)
 
     @mapped("Snapshot")
     def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
         self._authorize(context)
         ranker = self.model.current()
         path = self.snapshot(ranker)
-        return pb.SnapshotResponse(path=str(path), model_version=convert.model_version(
-            ranker.bundle_id, ranker.update_seq, ranker.covered_offset))
+        return pb.SnapshotResponse(path=str(path), model_version=convert.version_of(ranker))

@@ -97,6 +97,9 @@ def _add_train_options(p):
                    help="with --data EVENT_LOG_DIR: a bundle the log's records were served with, or a directory "
                         "of bundles (repeatable); the log is joined and exported as by `feedrank export`")
     add_join_options(p, when="with --data EVENT_LOG_DIR: ")
+    p.add_argument("--include-open", action="store_true",
+                   help="with --data EVENT_LOG_DIR: also learn impressions still in their attribution window at "
+                        "the end of the log (labels not final)")
     p.add_argument("--seed", type=int, default=None, help="simulator seed (default: the pinned world's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -113,11 +116,13 @@ def _log_table(args):
         try:
             summary = export_table(args.data, args.served_by, Path(tmp) / "served.parquet",
                                    window_ms=args.window_ms, lateness_ms=args.lateness_ms,
-                                   returned_is_viewed=args.returned_is_viewed, progress=not args.quiet)
+                                   returned_is_viewed=args.returned_is_viewed,
+                                   include_open=getattr(args, "include_open", False), progress=not args.quiet)
         except EXPORT_ERRORS as e:
             raise UsageError(f"{e}")
+        left = "included" if getattr(args, "include_open", False) else "left out"
         print(f"joined {summary['rows']:,} viewed impressions from {summary['records']:,} log records "
-              f"({summary['open_at_end']:,} still in their attribution window left out)", file=sys.stderr)
+              f"({summary['open_at_end']:,} still in their attribution window, {left})", file=sys.stderr)
         return read_table(Path(tmp) / "served.parquet")
 
 
@@ -126,6 +131,9 @@ def _load_data(args, components: bool = False):
     logit components per row (None for tables and public datasets)."""
     from feedsim.simulate import simulate
     from stacker.dataset import read_table
+    if getattr(args, "data", None) and not Path(args.data).exists():
+        raise UsageError(f"--data {args.data}: no such file or directory (a table, or an event-log directory "
+                         "with --served-by)")
     if getattr(args, "data", None) and Path(args.data).is_dir():
         out = _log_table(args), f"event log {args.data}", None
     elif getattr(args, "data", None):
@@ -162,6 +170,8 @@ def cmd_simulate(args):
     if Path(args.out).suffix.lower() not in (".parquet", ".jsonl"):
         print(f"feedrank simulate: --out {args.out}: use .parquet or .jsonl", file=sys.stderr)
         return 2
+    if Path(args.out).exists() and not args.force:
+        raise UsageError(f"--out {args.out} exists; give another path, or --force to replace it")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     df = simulate(args.n, seed=args.seed, progress=not args.quiet)
@@ -254,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="write simulated impressions or describe the default world")
     p.add_argument("-n", type=T.positive_int, default=1_000_000, help="impressions (default 1,000,000)")
     p.add_argument("--out", help="output table (.parquet or .jsonl)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--describe", action="store_true", help="print the default world's statistics")
     p.add_argument("--json", help="with --describe: also write the statistics as JSON")
     p.add_argument("--seed", type=int, default=None)

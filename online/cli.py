@@ -81,6 +81,10 @@ def cmd_learn(args) -> int:
 
 def cmd_export(args) -> int:
     from online.export import EXPORT_ERRORS, export_table
+    if Path(args.out).exists() and not args.force:
+        print(f"feedrank export: --out {args.out} exists; give another path, or --force to replace it",
+              file=sys.stderr)
+        return 2
     try:
         out = export_table(args.log, args.bundle, args.out, window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                            returned_is_viewed=args.returned_is_viewed, include_open=args.include_open,
@@ -192,6 +196,7 @@ def register(sub) -> None:
     add_join_options(p)
     p.add_argument("--include-open", action="store_true",
                    help="also export impressions still in their attribution window at the end of the log")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -54,7 +54,10 @@ def summarize(y: np.ndarray, p: np.ndarray, base_rate: float | None = None) -> d
     logloss = float(-np.mean(np.where(y, np.log(pc), np.log1p(-pc))))
     pos = int(y.sum())
     rate = pos / n if base_rate is None else base_rate
-    return {"count": n, "positives": pos, "logloss": logloss, "ne": logloss / entropy(rate),
+    # NE needs a base rate strictly between 0 and 1: while only one outcome has been seen (early
+    # positives are learned before the negatives' windows close) it is not defined yet.
+    ne = logloss / entropy(rate) if 0 < rate < 1 else float("nan")
+    return {"count": n, "positives": pos, "logloss": logloss, "ne": ne,
             "auc": roc_auc(y, p), "calibration": float(p.sum() / pos) if pos else float("nan")}
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 
 from feedrank.v1 import ranking_pb2 as pb
+from stacker.metrics import json_safe
 
 from .errors import InvalidInput
 from .events import ACCEPTED, DUPLICATE, REJECTED, EventResult
@@ -104,5 +105,5 @@ def struct(d: dict | None) -> struct_pb2.Struct | None:
     if not d:
         return None
     s = struct_pb2.Struct()
-    json_format.ParseDict(d, s)
+    json_format.ParseDict(json_safe(d), s)   # NaN (a metric not defined yet) as null
     return s

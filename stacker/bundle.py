@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,10 +135,22 @@ def verify(directory) -> dict:
     return manifest
 
 
+def staging_dir(dst) -> Path:
+    """A new, empty directory beside ``dst`` to build it in and rename into place: hidden, named
+    ``….partial`` (model-directory scans skip it) and unique, so it never takes anyone's files."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    tmp.chmod(0o755)    # mkdtemp's 0700 would hide the bundle from a server running as another user
+    return tmp
+
+
 def copy_bundle(src, dst) -> Path:
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dst)
+    tmp = staging_dir(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import FEATURE_PREFIX, KEY_COLUMNS, LABEL_PREFIX, SCHEMA_VERSION, TRUE_PREFIX, tasks_in
+from .schema import (CONTEXT_COLUMNS, FEATURE_PREFIX, KEY_COLUMNS, LABEL_PREFIX, MEDIA_TYPES, SCHEMA_VERSION,
+                     TRUE_PREFIX, tasks_in)
 
 META_KEY = b"feedrank.schema_version"
 
-_DTYPES = {"ts": "int64", "created_at": "int64", "position": "int32"}
-_STRINGS = ("request_id", "user_id", "post_id", "author_id", "media_type", "ctx.device", "ctx.surface")
 
 
 def _suffix(path) -> str:
@@ -21,17 +20,110 @@ def _suffix(path) -> str:
     return s
 
 
-def _fix_dtypes(df: pd.DataFrame) -> pd.DataFrame:
+# Timestamps are int64 milliseconds since the epoch, UTC: anything outside 1990..2100 is another unit.
+PLAUSIBLE_MS = (631_152_000_000, 4_102_444_800_000)
+_ID_COLUMNS = ("request_id", "user_id", "post_id", "author_id")
+_MAX_POSITION = 2**31 - 1
+
+
+class TableError(ValueError):
+    """A column of an impression table that cannot be read as the schema says (names the column)."""
+
+
+def _fix_dtypes(df: pd.DataFrame, where: str = "") -> pd.DataFrame:
+    """Check every known column and convert it to the schema's type, or raise :class:`TableError`
+    naming the column, how many rows are wrong and the first of them."""
+    where = f"{where}: " if where else ""
     for col in df.columns:
-        if col in _DTYPES:
-            df[col] = df[col].astype(_DTYPES[col])
-        elif col in _STRINGS:
-            df[col] = df[col].astype(str)
+        if col in ("ts", "created_at"):
+            df[col] = _timestamps(df[col], where + col)
+        elif col == "position":
+            pos = _numbers(df[col], where + col, integer=True)
+            _refuse(where + col, (pos < 0) | (pos > _MAX_POSITION), df[col], "negative or past 2**31 - 1 (0 is the top)")
+            df[col] = pos.astype(np.int32)
+        elif col in _ID_COLUMNS:
+            df[col] = _strings(df[col], where + col, nulls=False)
+        elif col == "media_type":
+            media = _strings(df[col], where + col, nulls=False).str.lower()
+            _refuse(where + col, ~media.isin(MEDIA_TYPES).to_numpy(), df[col], f"not one of {', '.join(MEDIA_TYPES)}")
+            df[col] = media
+        elif col in CONTEXT_COLUMNS:
+            df[col] = _strings(df[col], where + col, nulls=True)   # absent context: "", as on the wire
         elif col.startswith(FEATURE_PREFIX) or col.startswith(TRUE_PREFIX):
-            df[col] = df[col].astype(np.float32)
+            with np.errstate(over="ignore"):    # past float32's range: inf, refused just below
+                x = _numbers(df[col], where + col).astype(np.float32)
+            _refuse(where + col, np.isinf(x), df[col], "infinite or past float32's range (a missing value is NaN "
+                    "or absent)")
+            df[col] = x
         elif col.startswith(LABEL_PREFIX):
-            df[col] = df[col].astype(np.int8)
+            y = _numbers(df[col], where + col, integer=True)
+            _refuse(where + col, (y != 0) & (y != 1), df[col], "not 0 or 1 (or a boolean)")
+            df[col] = y.astype(np.int8)
     return df
+
+
+def _refuse(what: str, bad: np.ndarray, raw: pd.Series, problem: str) -> None:
+    bad = np.asarray(bad, bool)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        value = raw.iloc[first]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise TableError(f"{what}: {problem} in {int(bad.sum()):,} of {len(bad):,} rows "
+                         f"(row {first:,}: {value!r})")
+
+
+def _numbers(col: pd.Series, what: str, integer: bool = False) -> np.ndarray:
+    """float64 values of a numeric, boolean or numeric-string column (NaN where missing)."""
+    if pd.api.types.is_bool_dtype(col):
+        col = col.astype("float64")
+    if pd.api.types.is_datetime64_any_dtype(col) or isinstance(col.dtype, pd.PeriodDtype):
+        raise TableError(f"{what}: dates are not numbers ({col.dtype})")
+    if col.dtype == object:   # JSON booleans and mixed cells
+        col = col.map(lambda v: float(v) if isinstance(v, bool) else v)
+    x = pd.to_numeric(col, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    _refuse(what, np.isnan(x) & col.notna().to_numpy(), col, "not a number")
+    if integer:
+        _refuse(what, np.isnan(x), col, "missing")
+        _refuse(what, x != np.round(x), col, "not a whole number")
+    return x
+
+
+def _timestamps(col: pd.Series, what: str) -> np.ndarray:
+    """int64 milliseconds since the epoch, UTC, from integers or datetimes (timezone-aware or UTC)."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        _refuse(what, col.isna().to_numpy(), col, "missing")
+        if getattr(col.dt, "tz", None) is not None:
+            col = col.dt.tz_convert("UTC").dt.tz_localize(None)
+        return col.to_numpy("datetime64[ms]").astype(np.int64)
+    x = _numbers(col, what, integer=True)
+    lo, hi = PLAUSIBLE_MS
+    bad = (x < lo) | (x >= hi)
+    if bad.any():
+        v = float(np.median(x[bad]))
+        unit = (" (they look like seconds: multiply by 1,000)" if 1e8 <= v < 1e10 else
+                " (they look like microseconds: divide by 1,000)" if 1e14 <= v < 1e17 else
+                " (they look like nanoseconds: divide by 1,000,000)" if v >= 1e17 else "")
+        _refuse(what, bad, col, f"outside 1990-2100 as milliseconds since the epoch{unit}")
+    return x.astype(np.int64)
+
+
+def _strings(col: pd.Series, what: str, nulls: bool) -> pd.Series:
+    """Strings; whole-number floats (integer ids read with a gap) without their ".0"."""
+    missing = col.isna().to_numpy()
+    if missing.any() and not nulls:
+        _refuse(what, missing, col, "missing")
+    kind = pd.api.types.infer_dtype(col, skipna=True)
+    if kind == "string" and not missing.any():
+        return col if pd.api.types.is_string_dtype(col.dtype) and col.dtype != object else col.astype(str)
+    if kind == "floating" or (kind == "mixed-integer-float"):
+        x = pd.to_numeric(col, errors="coerce")
+        if (x.dropna() == np.round(x.dropna())).all():
+            col = x.astype("Int64")
+    elif kind not in ("string", "integer", "empty", "boolean"):
+        _refuse(what, col.map(lambda v: isinstance(v, (list, dict, tuple, set, np.ndarray))).to_numpy(bool),
+                col, "not a string")
+    out = col.astype(object).where(~missing, "").astype(str)
+    return out
 
 
 def _version_error(path, found) -> ValueError:
@@ -77,7 +169,7 @@ class TableWriter:
         self._jsonl = None
 
     def write(self, df: pd.DataFrame) -> None:
-        df = _fix_dtypes(df.copy())
+        df = _fix_dtypes(df.copy(), str(self.path))
         if self.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -120,26 +212,42 @@ def read_table(path) -> pd.DataFrame:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
+            twice = sorted({n for n in names if names.count(n) > 1})
+            table = None if twice else pq.read_table(path)
         except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
-            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+            raise ValueError(f"{path}: not a readable Parquet file ({_first_line(e)}){_sniff(path)}") from None
+        if twice:
+            raise ValueError(f"{path}: {'columns' if len(twice) > 1 else 'column'} {', '.join(twice)} "
+                             f"appear{'' if len(twice) > 1 else 's'} more than once")
         meta = table.schema.metadata or {}
         found = meta.get(META_KEY)
         if found is None:
             raise _version_error(path, None)
         if found.decode() != str(SCHEMA_VERSION):
             raise _version_error(path, found.decode())
-        return _check_columns(path, _fix_dtypes(table.to_pandas()))
+        return _check_columns(path, _fix_dtypes(table.to_pandas(), str(path)))
+    sniffed = _sniff(path)
+    if sniffed:
+        raise ValueError(f"{path}: not JSON Lines{sniffed}")
     try:
-        df = pd.read_json(path, lines=True, dtype=False)
+        df = pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON Lines ({e}){_bad_line(path)}") from None
+    if df.empty:
+        raise ValueError(f"{path}: no rows")
     if "schema_version" not in df.columns:
-        raise _version_error(path, None)
-    bad = df["schema_version"][df["schema_version"] != SCHEMA_VERSION]
+        raise ValueError(f"{path}: not an impression table{_bad_line(path)}") if _bad_line(path) else \
+            _version_error(path, None)
+    versions = df["schema_version"]
+    if versions.isna().any():
+        first = int(np.flatnonzero(versions.isna().to_numpy())[0])
+        raise ValueError(f"{path}: {int(versions.isna().sum()):,} rows have no schema_version field (the first: "
+                         f"row {first:,}); write the table with stacker.dataset.write_table")
+    bad = versions[versions.astype(str) != str(SCHEMA_VERSION)]
     if len(bad):
         raise _version_error(path, bad.iloc[0])
-    return _check_columns(path, _fix_dtypes(df.drop(columns=["schema_version"])))
+    return _check_columns(path, _fix_dtypes(df.drop(columns=["schema_version"]), str(path)))
 
 
 def _bad_line(path) -> str:
@@ -154,4 +262,22 @@ def _bad_line(path) -> str:
                     return f"; line {i} is not a JSON object"
             except ValueError as e:
                 return f"; line {i}: {e}"
+    return ""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _sniff(path) -> str:
+    """A hint when a file's first bytes say it is another format than its suffix."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    suffix = Path(path).suffix.lower()
+    if head[:2] == b"\x1f\x8b":
+        return "; it is gzip-compressed: decompress it first"
+    if head == b"PAR1" and suffix != ".parquet":
+        return "; it is a Parquet file: name it .parquet"
+    if head[:1] in (b"{", b"[") and suffix != ".jsonl":
+        return "; it looks like JSON: name it .jsonl"
     return ""

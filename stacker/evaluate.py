@@ -26,10 +26,10 @@ import pandas as pd
 from . import schema
 from .dnn import train_mlp
 from .gbdt import train_gbdt
-from .metrics import task_metrics
-from .progress import Progress
-from .train import (TrainConfig, downsample, fit_lr, labels_of, lr_work, predict_features, split_by_time,
-                    stack_features, time_slices, train_extractors)
+from .metrics import json_safe, task_metrics
+from .progress import Progress, warn
+from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample, fit_lr, labels_of, lr_work,
+                    predict_features, split_by_time, stack_features, time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -109,6 +109,12 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     extract, lr_slice, test = split_by_time(df, config.slices)
+    warnings = check_training_slices([extract, lr_slice, test], tasks)
+    if len(test) < MIN_SLICE_ROWS:
+        raise ValueError(f"{len(df):,} rows are too few to evaluate on: the test slice (the latest "
+                         f"{config.slices[2]:.0%}) holds {len(test):,} rows and needs at least {MIN_SLICE_ROWS:,}")
+    for w in warnings:
+        warn(w)
     train_all = pd.concat([extract, lr_slice], ignore_index=True)
     Y_test = labels_of(test, tasks)
     base = labels_of(train_all, tasks).mean(axis=0)
@@ -183,7 +189,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
                                                    "lr_kept": int(len(rows))},
               "stack_online_label_delay_ms": int(label_delay_ms), "lr_bias_refit": refits,
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),
-              "_predictions": {"y": Y_test, **preds}}
+              **({"warnings": warnings} if warnings else {}), "_predictions": {"y": Y_test, **preds}}
     report["calibration_bound"] = {t: calibration_bound(variants["base_rate"][t]["positives"]) for t in tasks}
     if "oracle" in variants:
         oracle = variants["oracle"]
@@ -214,7 +220,7 @@ def format_table(report: dict) -> str:
     head = f"{'variant':<{w}}" + "".join(f"{t:>22}" for t in tasks)
     lines += [head, f"{'':<{w}}" + "".join(f"{'NE   AUC   cal':>22}" for _ in tasks), "-" * len(head)]
     for v, per_task in report["variants"].items():
-        cells = "".join(f"{m['ne']:>8.4f} {m['auc']:>5.3f} {m['calibration']:>5.2f}"
+        cells = "".join(f"{_cell(m['ne'], 8, 4)} {_cell(m['auc'], 5, 3)} {_cell(m['calibration'], 5, 2)}"
                         for m in (per_task[t] for t in tasks))
         lines.append(f"{v:<{w}}{cells}")
     lines.append("")
@@ -226,6 +232,12 @@ def format_table(report: dict) -> str:
     if "recovery" in report:
         lines += ["", format_recovery(report)]
     return "\n".join(lines)
+
+
+def _cell(x: float, width: int, digits: int) -> str:
+    """``x`` in a table cell of ``width`` characters, never wider (a huge NE reads as ">999")."""
+    text = f"{x:>{width}.{digits}f}"
+    return text if len(text) <= width else f"{'>' + '9' * (width - digits - 2):>{width}}"
 
 
 def calibration_bound(positives: int) -> float:
@@ -299,7 +311,7 @@ def write_outputs(report: dict, json_path: Path | None, plot_dir: Path | None) -
     if json_path:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(public, indent=2))
+        json_path.write_text(json.dumps(json_safe(public), indent=2, allow_nan=False))
         written.append(json_path)
     if plot_dir:
         from .plots import calibration_plot, ne_plot

@@ -86,8 +86,7 @@ class FeatureSpec:
         names = [c[len(schema.FEATURE_PREFIX):] for c in cols]
         user = tuple(n for n in names if n.startswith("user."))
         post = tuple(n for n in names if not n.startswith("user."))
-        defaults = {n: float(np.nanmedian(df[schema.FEATURE_PREFIX + n].to_numpy(np.float32)))
-                    for n in names} if len(df) else {}
+        defaults = {n: _median(df[schema.FEATURE_PREFIX + n].to_numpy(np.float32)) for n in names}
         return cls(user, post, defaults)
 
 
@@ -146,18 +145,24 @@ def _one_hot(values, vocabulary, n) -> np.ndarray:
         if values in vocabulary:
             out[:, vocabulary.index(values)] = 1.0
         return out
-    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)  # never code -1
     for k, u in enumerate(uniques):
         if u in vocabulary:
             out[codes == k, vocabulary.index(u)] = 1.0
     return out
 
 
+def _median(x: np.ndarray) -> float:
+    """The median of the values present; 0 for a feature with none (the default of a missing value)."""
+    x = x[~np.isnan(x)]
+    return float(np.median(x)) if len(x) else 0.0
+
+
 def _hash_column(values, prefix: str, n: int) -> np.ndarray:
     """Hash string ids (or one scalar broadcast to n), hashing each distinct value once."""
     if isinstance(values, str):
         return np.full(n, vw_id(prefix + values), dtype=np.uint64)
-    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)  # never code -1
     return vw_ids([prefix + str(u) for u in uniques])[codes]
 
 

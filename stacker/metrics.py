@@ -49,3 +49,14 @@ def task_metrics(y: np.ndarray, p: np.ndarray, base_rate: float) -> dict:
     p = np.asarray(p, np.float64)
     return {"ne": normalized_entropy(y, p, base_rate), "auc": roc_auc(y, p),
             "calibration": calibration(y, p), "positives": int(y.sum())}
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None (strict JSON and protobuf's Struct have neither)."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -45,6 +45,8 @@ def calibration_plot(report: dict, path: Path, bins: int = 12) -> Path:
                 continue
             p = preds[v][:, k]
             edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
+            if len(edges) < 2:   # one value for every row: one point
+                edges = np.array([edges[0], edges[0]])
             idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
             mp = np.bincount(idx, p, len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
             my = np.bincount(idx, y[:, k], len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)

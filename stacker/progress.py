@@ -23,3 +23,8 @@ class Progress:
     def note(self, message: str) -> None:
         if self.enabled:
             tqdm.write(message, file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """A warning the user should see whether or not progress is shown."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -24,7 +24,7 @@ from .dnn import DNNConfig, FrozenMLP, train_mlp
 from .features import CandidateBatch, FeatureSpec, build_dense, build_sparse
 from .gbdt import GBDTConfig, LeafExtractor, train_gbdt
 from .hashing import HASH_NAME, collision_rate
-from .progress import Progress
+from .progress import Progress, warn
 from .ranker import StackedRanker
 from .vwstack import TaskLearners, VWConfig, learn_text, namespace_values, predict_text, round_hidden
 from .vwtext import batch_text
@@ -287,6 +287,37 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
 MIN_SLICE_ROWS = 200   # below this a slice cannot fit the trees, the network and the LR's biases
 
 
+def check_training_slices(parts: list[pd.DataFrame], tasks) -> list[str]:
+    """Refuse slices nothing useful can be trained on; return warnings about what will be learned poorly.
+
+    ``parts``: the extractors' and the LR's slices (and the test slice, which is not checked)."""
+    train_rows = len(parts[0]) + len(parts[1])
+    if min(len(parts[0]), len(parts[1])) < MIN_SLICE_ROWS:
+        raise ValueError(f"{train_rows + sum(len(p) for p in parts[2:]):,} rows are too few to train on: the "
+                         f"extractors' and the LR's time slices hold {len(parts[0]):,} and {len(parts[1]):,} "
+                         f"rows, and each needs at least {MIN_SLICE_ROWS:,}")
+    for task in tasks:
+        col = schema.label_column(task)
+        positives = int(parts[0][col].sum()) + int(parts[1][col].sum())
+        if positives in (0, train_rows):
+            raise ValueError(f"{col}: {'no' if positives == 0 else 'every'} row of the {train_rows:,} training rows "
+                             f"is positive; a task needs both outcomes to be learned (drop the column, or give "
+                             f"more data)")
+    warnings = [f"{schema.label_column(t)}: not an event kind ({', '.join(schema.TASKS)}), so the online learner "
+                f"will see no engagement for it" for t in tasks if t not in schema.TASKS]
+    empty = [c for c in schema.feature_columns(parts[0].columns) if parts[0][c].isna().all()]
+    if empty:
+        warnings.append(f"{', '.join(empty)}: no value in the extractors' slice (the earliest "
+                        f"{len(parts[0]):,} rows), so the GBDT and the DNN learn nothing from "
+                        f"{'them' if len(empty) > 1 else 'it'}; default 0")
+    keys = pd.concat([p[["request_id", "post_id"]] for p in parts], ignore_index=True)
+    repeated = int(keys.duplicated().sum())
+    if repeated:
+        warnings.append(f"{repeated:,} rows repeat another row's (request_id, post_id): an impression should "
+                        "appear once, or it is learned as often as it appears")
+    return warnings
+
+
 def _writable(out_dir) -> Path:
     """``out_dir``, once it is sure that writing a bundle there replaces nothing but a bundle."""
     out_dir = Path(out_dir)
@@ -301,9 +332,16 @@ def write_bundle(out_dir: Path, ex: Extractors, learners: TaskLearners, config: 
                  meta: dict) -> Path:
     """Write a complete, checksummed bundle directory and return its path."""
     out_dir = _writable(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "vw").mkdir(parents=True)
+    tmp = bundles.staging_dir(out_dir)
+    try:
+        return _write_bundle(out_dir, tmp, ex, learners, config, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)    # gone unless it became the bundle
+
+
+def _write_bundle(out_dir: Path, tmp: Path, ex: Extractors, learners: TaskLearners, config: TrainConfig,
+                  meta: dict) -> Path:
+    (tmp / "vw").mkdir()
     shutil.copyfile(ex.booster_path, tmp / "gbdt.ubj")
     ex.mlp.save(tmp / "dnn.npz")
     learners.save(tmp / bundles.VW_MODEL)
@@ -348,10 +386,9 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
-    if min(len(parts[0]), len(parts[1])) < MIN_SLICE_ROWS:
-        raise ValueError(f"{len(df):,} rows are too few to train on: the extractors' and the LR's time slices "
-                         f"hold {len(parts[0]):,} and {len(parts[1]):,} rows, and each needs at least "
-                         f"{MIN_SLICE_ROWS:,}")
+    warnings = check_training_slices(parts, tasks)
+    for w in warnings:
+        warn(w)
     with tempfile.TemporaryDirectory() as work:
         ex = train_extractors(parts[0], tasks, config, Path(work), progress)
         learners = TaskLearners(tasks, config.vw)
@@ -364,7 +401,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
                          "lr_passes": counts["passes"],
                          **({"lr_bias_refit": counts["bias_refit"]} if "bias_refit" in counts else {}),
                          "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
-                         "wall_time_s": round(wall, 2)},
+                         "wall_time_s": round(wall, 2), **({"warnings": warnings} if warnings else {})},
         }
         if evaluate_slice and len(parts[2]):
             test = parts[2]

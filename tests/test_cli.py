@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from feedrank.cli import main
@@ -66,10 +68,97 @@ def test_too_few_rows_to_train_on_are_refused(capsys, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_simulate_creates_the_directory_of_its_output(tmp_path):
+def test_simulate_creates_the_directory_of_its_output_and_replaces_a_table_only_when_told(capsys, tmp_path):
     out = tmp_path / "data" / "deeper" / "t.parquet"
     assert main(["simulate", "-n", "300", "--out", str(out), "--quiet"]) == 0
     assert out.is_file()
+    first = out.read_bytes()
+    assert "exists; give another path, or --force" in _fails(capsys, ["simulate", "-n", "400", "--out", str(out)])
+    assert out.read_bytes() == first
+    assert main(["simulate", "-n", "400", "--out", str(out), "--quiet", "--force"]) == 0
+    assert out.read_bytes() != first
+
+
+@pytest.fixture(scope="module")
+def table_3k(tmp_path_factory):
+    from feedsim.simulate import simulate
+    return simulate(3000)
+
+
+def test_a_task_without_both_outcomes_is_refused_and_odd_tables_are_warned_about(capsys, tmp_path, table_3k):
+    from stacker.dataset import write_table
+    df = table_3k.copy()
+    df["label.share"] = 0
+    write_table(df, tmp_path / "noshare.parquet")
+    err = _fails(capsys, ["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "b"), *TINY])
+    assert "label.share: no row of the 2,400 training rows is positive" in err
+    assert "label.share: no row" in _fails(capsys, ["eval", "--data", str(tmp_path / "noshare.parquet"), *TINY])
+    assert not (tmp_path / "b").exists()
+    df = table_3k.copy()
+    df["label.poke"] = df["label.click"]                        # not an event kind the server takes
+    df.loc[df.index[:900], "f.post.length"] = np.nan             # no value in the extractors' slice
+    df = pd.concat([df, df.iloc[-5:]], ignore_index=True)        # five impressions twice
+    write_table(df, tmp_path / "odd.parquet")
+    assert main(["train", "--data", str(tmp_path / "odd.parquet"), "--out", str(tmp_path / "b"), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "warning: label.poke: not an event kind" in err
+    assert "warning: f.post.length: no value in the extractors' slice" in err
+    assert "warning: 5 rows repeat another row's (request_id, post_id)" in err
+    import json
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(manifest["training"]["warnings"]) == 3
+    assert manifest["feature_spec"]["defaults"]["post.length"] == 0.0
+
+
+def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_json(capsys, tmp_path, table_3k):
+    from stacker.dataset import write_table
+    write_table(table_3k.head(700), tmp_path / "small.parquet")
+    assert "rows are too few to train on" in _fails(capsys, ["eval", "--data", str(tmp_path / "small.parquet"),
+                                                            *TINY])
+    df = table_3k.copy()
+    df.loc[df.index[-600:], "label.share"] = 0                   # no share in the test slice: AUC undefined
+    write_table(df, tmp_path / "t.parquet")
+    out = tmp_path / "e.json"
+    assert main(["eval", "--data", str(tmp_path / "t.parquet"), "--json", str(out), "--plots", str(tmp_path / "p"),
+                 *TINY]) == 0
+    import json
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    assert report["variants"]["stack"]["share"]["auc"] is None
+    assert (tmp_path / "p" / "calibration.png").is_file()
+
+
+def test_training_leaves_a_neighbour_named_like_its_staging_directory_alone(tmp_path, table_3k):
+    from stacker.train import train_bundle
+    mine = tmp_path / "b.partial"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    config = _tiny_config()
+    train_bundle(table_3k, tmp_path / "b", config)
+    assert (mine / "important.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.partial"]
+
+
+def _tiny_config():
+    from stacker.dnn import DNNConfig
+    from stacker.gbdt import GBDTConfig
+    from stacker.train import TrainConfig
+    from stacker.vwstack import VWConfig
+    return TrainConfig(gbdt=GBDTConfig(trees=5), dnn=DNNConfig(epochs=1), vw=VWConfig(bits=18))
+
+
+def test_train_from_a_log_that_is_not_there_or_still_open(capsys, tmp_path, tiny_bundle, tiny_records):
+    err = _fails(capsys, ["train", "--data", str(tmp_path / "runs" / "eventlog"), "--served-by", str(tiny_bundle),
+                          "--out", str(tmp_path / "b"), *TINY])
+    assert "eventlog: no such file or directory" in err
+    from online.eventlog import EventLog
+    with EventLog(tmp_path / "log", fsync=False) as log:
+        log.append(tiny_records)
+    window = str(10 ** 12)    # every window still open at the end of the log
+    err = _fails(capsys, ["train", "--data", str(tmp_path / "log"), "--served-by", str(tiny_bundle),
+                          "--window-ms", window, "--out", str(tmp_path / "b"), *TINY])
+    assert "still in their attribution window" in err and "--include-open" in err
+    assert main(["train", "--data", str(tmp_path / "log"), "--served-by", str(tiny_bundle), "--window-ms", window,
+                 "--include-open", "--out", str(tmp_path / "b"), *TINY]) == 0
 
 
 def test_train_never_writes_over_other_files_and_replaces_a_bundle_only_when_told(capsys, tmp_path, tiny_bundle):

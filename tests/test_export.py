@@ -159,6 +159,12 @@ def test_export_command(served, tiny_bundle, other_bundle, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {len(viewed):,} impressions" in run.stdout and ranker.bundle_id in run.stdout
     assert len(read_table(tmp_path / "t.jsonl")) == len(viewed)
+    (tmp_path / "t.jsonl").write_text("mine")
+    again = subprocess.run(run.args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "t.jsonl exists; give another path, or --force" in again.stderr
+    assert (tmp_path / "t.jsonl").read_text() == "mine"
+    forced = subprocess.run(run.args + ["--force"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0 and len(read_table(tmp_path / "t.jsonl")) == len(viewed)
 
     bad = subprocess.run([sys.executable, "-m", "feedrank.cli", "export", "--log", str(log), "--bundle",
                           str(tiny_bundle), "--out", str(tmp_path / "t.csv"), "--quiet"],

@@ -277,3 +277,97 @@ def test_recovery_finds_what_a_model_misses():
 
     with pytest.raises(ValueError, match="components missing: tie"):
         recovery(truth, blind, {k: v for k, v in comps.items() if k != "tie"})
+
+
+def _set(col, values):
+    def change(df):
+        df[col] = values(df) if callable(values) else values
+        return df
+    return change
+
+
+def _every(k, col, value):
+    def change(df):
+        df[col] = pd.Series([value if i % k == 0 else v for i, v in enumerate(df[col])], dtype=object)
+        return df
+    return change
+
+
+@pytest.mark.parametrize("change,says", [
+    (_set("label.click", lambda d: d["label.click"] * 2 - 1), r"label.click: not 0 or 1 .* in 1,9\d\d of 2,000 rows "
+                                                              r"\(row 0: -1\)"),
+    (_set("label.like", lambda d: d["label.like"] * 0.7), r"label.like: not a whole number"),
+    (_every(7, "label.click", None), r"label.click: missing in 286 of 2,000 rows \(row 0"),
+    (_every(7, "label.click", "no"), r"label.click: not a number in 286 of 2,000 rows \(row 0: 'no'\)"),
+    (_every(5, "user_id", None), r"user_id: missing in 400 of 2,000 rows \(row 0"),
+    (_every(5, "post_id", ["p1"]), r"post_id: not a string in 400 of 2,000 rows"),
+    (_set("ts", lambda d: d["ts"] // 1000), r"ts: outside 1990-2100 as milliseconds .*look like seconds"),
+    (_set("created_at", lambda d: d["created_at"] * 1000), r"created_at: outside .*look like microseconds"),
+    (_every(3, "ts", "2026-01-05 10:00"), r"ts: not a number in 667 of 2,000 rows \(row 0: '2026-01-05 10:00'\)"),
+    (_every(50, "f.author.log_followers", np.inf), r"f.author.log_followers: infinite .* in 40 of 2,000 rows"),
+    (_every(50, "f.author.log_followers", 1e300), r"f.author.log_followers: infinite or past float32's range"),
+    (_every(4, "f.author.log_followers", "n/a"), r"f.author.log_followers: not a number in 500 of 2,000 rows"),
+    (_every(4, "media_type", "reel"), r"media_type: not one of text, photo, video, link in 500 of 2,000 rows "
+                                      r"\(row 0: 'reel'\)"),
+    (_set("position", -1), r"position: negative or past 2\*\*31 - 1"),
+    (_set("position", 3_000_000_000), r"position: negative or past 2\*\*31 - 1"),
+])
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_bad_values_are_refused_naming_the_column_the_rows_and_the_first(small, tmp_path, change, says, suffix):
+    df = change(small.head(2000).reset_index(drop=True).copy())
+    with pytest.raises(ValueError, match=rf"t{suffix}: {says}"):
+        write_table(df, tmp_path / f"t{suffix}")
+    if suffix == ".parquet" and all(df[c].dtype != object for c in df):
+        # a table written by other means is refused the same way when read
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        pq.write_table(table.replace_schema_metadata({b"feedrank.schema_version": str(SCHEMA_VERSION).encode()}),
+                       tmp_path / "other.parquet")
+        with pytest.raises(ValueError, match=r"other.parquet: "):
+            read_table(tmp_path / "other.parquet")
+
+
+def test_readable_variants_are_read_as_the_schema_says(small, tmp_path):
+    df = small.head(2000).reset_index(drop=True).copy()
+    want = df.copy()
+    df["ts"] = pd.to_datetime(df["ts"], unit="ms", utc=True).dt.tz_convert("Europe/Paris")  # any zone, any unit
+    df["created_at"] = pd.to_datetime(df["created_at"], unit="ms").astype("datetime64[ns]")
+    for task in TASKS:
+        df[f"label.{task}"] = df[f"label.{task}"].astype(bool)
+    df["user_id"] = df["user_id"].str[1:].astype(float)        # integer ids through a float column
+    want["user_id"] = want["user_id"].str[1:]
+    df["media_type"] = df["media_type"].str.capitalize()
+    df["ctx.device"] = df["ctx.device"].astype(object)
+    df.loc[df.index[::10], "ctx.device"] = None                  # absent context, as on the wire
+    want.loc[want.index[::10], "ctx.device"] = ""
+    write_table(df, tmp_path / "t.parquet")
+    back = read_table(tmp_path / "t.parquet")
+    for col in ("ts", "created_at", "user_id", "media_type", "ctx.device", *[f"label.{t}" for t in TASKS]):
+        assert back[col].tolist() == want[col].tolist(), col
+    write_table(want, tmp_path / "t.jsonl")
+    text = (tmp_path / "t.jsonl").read_bytes()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    assert read_table(tmp_path / "bom.jsonl")["user_id"].tolist() == want["user_id"].tolist()
+
+
+def test_files_in_another_format_than_their_name_say_so(small, tmp_path):
+    import gzip
+    df = small.head(100)
+    write_table(df, tmp_path / "t.jsonl")
+    write_table(df, tmp_path / "t.parquet")
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress((tmp_path / "t.jsonl").read_bytes()))
+    with pytest.raises(ValueError, match="gz.jsonl: not JSON Lines; it is gzip-compressed"):
+        read_table(tmp_path / "gz.jsonl")
+    (tmp_path / "p.jsonl").write_bytes((tmp_path / "t.parquet").read_bytes())
+    with pytest.raises(ValueError, match="p.jsonl: not JSON Lines; it is a Parquet file: name it .parquet"):
+        read_table(tmp_path / "p.jsonl")
+    (tmp_path / "j.parquet").write_bytes((tmp_path / "t.jsonl").read_bytes())
+    with pytest.raises(ValueError, match=r"j.parquet: not a readable Parquet file .*name it .jsonl"):
+        read_table(tmp_path / "j.parquet")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: no rows"):
+        read_table(tmp_path / "empty.jsonl")
+    (tmp_path / "array.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match="array.jsonl: not an impression table; line 1 is not a JSON object"):
+        read_table(tmp_path / "array.jsonl")

@@ -71,3 +71,14 @@ def test_doctests():
     import online.progressive
 
     assert doctest.testmod(online.progressive).failed == 0
+
+
+def test_ne_is_undefined_while_only_one_outcome_has_been_seen():
+    """Early positives are learned before any window closes: with only positives so far, the base rate's
+    entropy is 0 and NE would be astronomically large; it is NaN (not yet defined) until a negative comes."""
+    m = ProgressiveMetrics(("click",))
+    m.update("click", np.ones(150), np.full(150, 0.4))
+    overall = m.get()["click"]["overall"]
+    assert math.isnan(overall["ne"]) and overall["positives"] == 150 and overall["logloss"] > 0
+    m.update("click", np.zeros(850), np.full(850, 0.1))
+    assert 0 < m.get()["click"]["overall"]["ne"] < 2

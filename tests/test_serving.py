@@ -475,6 +475,13 @@ def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
     assert (s.port, s.max_candidates, s.unknown_features) == (7001, 654, "reject")
     with pytest.raises(Exception):
         load_settings(cfg, not_a_setting=1)
+    for name, text in (("serve.yaml", "port: 7002\nmax_candidates: 222\n"),
+                       ("serve.json", '{"port": 7003, "max_candidates": 333}')):
+        (tmp_path / name).write_text(text)
+        monkeypatch.delenv("FEEDRANK_MAX_CANDIDATES")
+        s = load_settings(tmp_path / name)
+        assert (s.port, s.max_candidates) == (7002, 222) if name.endswith("yaml") else (7003, 333)
+        monkeypatch.setenv("FEEDRANK_MAX_CANDIDATES", "654")
 
 
 def test_docs_grpcurl_example_is_a_valid_rank_request(live):

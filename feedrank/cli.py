@@ -117,7 +117,8 @@ def _log_table(args):
             summary = export_table(args.data, args.served_by, Path(tmp) / "served.parquet",
                                    window_ms=args.window_ms, lateness_ms=args.lateness_ms,
                                    returned_is_viewed=args.returned_is_viewed,
-                                   include_open=getattr(args, "include_open", False), progress=not args.quiet)
+                                   include_open=getattr(args, "include_open", False), progress=not args.quiet,
+                                   name="the impression table")
         except EXPORT_ERRORS as e:
             raise UsageError(f"{e}")
         left = "included" if getattr(args, "include_open", False) else "left out"
@@ -175,7 +176,13 @@ def cmd_simulate(args):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     df = simulate(args.n, seed=args.seed, progress=not args.quiet)
-    write_table(df, args.out)
+    out = Path(args.out)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
+    try:
+        write_table(df, partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"wrote {len(df):,} impressions to {args.out} in {time.time() - t0:.1f}s")
     return 0
 
@@ -211,7 +218,9 @@ def cmd_train(args):
         print(f"  tasks: {', '.join(manifest['tasks'])} (no label column for {', '.join(absent)})")
     metrics = manifest.get("offline_metrics", {}).get("tasks", {})
     for task, m in metrics.items():
-        print(f"  {task:<8} NE {m['ne']:.4f}  AUC {m['auc']:.4f}  calibration {m['calibration']:.3f}  "
+        def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
+            return "n/a" if x is None else f"{x:.{digits}f}"
+        print(f"  {task:<8} NE {num(m['ne'], 4)}  AUC {num(m['auc'], 4)}  calibration {num(m['calibration'], 3)}  "
               f"positives {m['positives']}")
     outside = sorted(((v, k) for k, v in manifest.get("offline_metrics", {}).get("inputs_out_of_range", {}).items()
                       if v >= 0.01), reverse=True)

@@ -102,9 +102,11 @@ class _Rows:
 
 def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int = 5_000,
                  returned_is_viewed: bool = False, dwell_threshold_ms: int = DEFAULT_DWELL_THRESHOLD_MS,
-                 include_open: bool = False, progress: bool = True, chunk_rows: int = 200_000) -> dict:
+                 include_open: bool = False, progress: bool = True, chunk_rows: int = 200_000,
+                 name: str | None = None) -> dict:
     """Join the log's served records and events and write the impression table ``out`` (.parquet or
     .jsonl). Returns the summary: rows written, positives per task, and what was left out and why.
+    ``name``: what error messages call the table (default ``out``).
 
     Rows are written ``chunk_rows`` at a time, each chunk in time order; impressions are labelled when
     their window closes, so the table as a whole is in time order up to one attribution window
@@ -132,7 +134,7 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
-    writer = TableWriter(partial)
+    writer = TableWriter(partial, name=f"{out if name is None else name} (exported from {log})")
     bar = tqdm(total=count_records(log), unit="rec", desc="export", disable=not progress)
 
     def flush() -> None:

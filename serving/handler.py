@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from stacker.dataset import PLAUSIBLE_MS, unit_hint
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
 
@@ -179,8 +180,13 @@ class RankingHandler:
         unknown_media = [m for m in set(r.media) if m and m not in ranker.spec.media_types]
         if unknown_media:
             raise InvalidInput("candidates.media_types", f"unknown media type {unknown_media[0]!r}")
-        if (r.created_at < 0).any():
-            raise InvalidInput("candidates.created_at_ms", f"negative at index {np.argmax(r.created_at < 0)}")
+        lo, hi = PLAUSIBLE_MS
+        bad = (r.created_at != 0) & ((r.created_at < lo) | (r.created_at >= hi))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidInput("candidates.created_at_ms", f"{int(r.created_at[i])} at index {i} is not a time "
+                               f"between 1990 and 2100 in milliseconds since the epoch{unit_hint(r.created_at[i])} "
+                               f"(0: unknown)")
         _check_names(r.user_feature_names, "user.feature_names", s.max_string_len)
         if len(r.user_features) != len(r.user_feature_names):
             raise InvalidInput("user.feature_values", f"has {len(r.user_features)} values for "
@@ -196,6 +202,9 @@ class RankingHandler:
                 raise InvalidInput(name, f"{len(value)} characters, limit {s.max_string_len}")
         if r.time_ms < 0:
             raise InvalidInput("context.time_ms", f"negative ({r.time_ms})")
+        if 0 < r.time_ms < PLAUSIBLE_MS[0]:
+            raise InvalidInput("context.time_ms", f"{r.time_ms} is before 1990 in milliseconds since the epoch"
+                               f"{unit_hint(r.time_ms)} (0: the server's clock)")
         if r.time_ms > now_ms + s.max_future_ms:
             raise InvalidInput("context.time_ms", f"{r.time_ms} is {(r.time_ms - now_ms) / 1000:.0f} s in the "
                                                   f"future (limit {s.max_future_ms / 1000:.0f} s)")

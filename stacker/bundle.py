@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import json_safe
+
 # 3: every task's LR in one VW workspace (task tokens, a shared token, rows of 8 slots; see
 # stacker.vwstack). Versions 1 and 2 held one VW model per task and are refused.
 # 4: dnn.npz also holds each input's training range (lo, hi), which the network clips its inputs to; a
@@ -73,7 +75,7 @@ def finalize(directory: Path, manifest: dict) -> Path:
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = dict(manifest, format_version=FORMAT_VERSION, files=files)
     tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, directory / MANIFEST)
     return directory
 
@@ -135,14 +137,34 @@ def verify(directory) -> dict:
     return manifest
 
 
+STALE_STAGING_S = 3600.0
+
+
 def staging_dir(dst) -> Path:
     """A new, empty directory beside ``dst`` to build it in and rename into place: hidden, named
     ``….partial`` (model-directory scans skip it) and unique, so it never takes anyone's files."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    for old in dst.parent.glob(f".{dst.name}.*.partial"):    # left by a writer killed over an hour ago
+        try:
+            if time.time() - old.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    tmp.chmod(0o755)    # mkdtemp's 0700 would hide the bundle from a server running as another user
+    tmp.chmod(0o777 & ~_umask())    # as mkdir would (mkdtemp makes it 0700)
     return tmp
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def copy_bundle(src, dst) -> Path:

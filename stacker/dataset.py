@@ -29,14 +29,30 @@ _MAX_POSITION = 2**31 - 1
 class TableError(ValueError):
     """A column of an impression table that cannot be read as the schema says (names the column)."""
 
+    def __init__(self, message: str, what: str = "", problem: str = "", count: int = 0, total: int = 0,
+                 first: int | None = None, value=None):
+        super().__init__(message)
+        self.what, self.problem, self.count, self.total, self.first, self.value = \
+            what, problem, count, total, first, value
 
-def _fix_dtypes(df: pd.DataFrame, where: str = "") -> pd.DataFrame:
+
+def _fix_dtypes(df: pd.DataFrame, where: str = "", row0: int = 0) -> pd.DataFrame:
     """Check every known column and convert it to the schema's type, or raise :class:`TableError`
-    naming the column, how many rows are wrong and the first of them."""
-    where = f"{where}: " if where else ""
+    naming the column, how many rows are wrong and the first of them (``row0``: the table's row number
+    of ``df``'s first, for a chunk)."""
+    try:
+        return _fix_columns(df, f"{where}: " if where else "")
+    except TableError as e:
+        if not row0 or e.first is None:
+            raise
+        raise TableError(f"{e.what}: {e.problem} in {e.count:,} of the {e.total:,} rows from row {row0:,} "
+                         f"(row {row0 + e.first:,}: {e.value!r})", e.what, e.problem) from None
+
+
+def _fix_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
     for col in df.columns:
         if col in ("ts", "created_at"):
-            df[col] = _timestamps(df[col], where + col)
+            df[col] = _timestamps(df[col], where + col, zero_ok=col == "created_at")  # as on the wire
         elif col == "position":
             pos = _numbers(df[col], where + col, integer=True)
             _refuse(where + col, (pos < 0) | (pos > _MAX_POSITION), df[col], "negative or past 2**31 - 1 (0 is the top)")
@@ -68,8 +84,8 @@ def _refuse(what: str, bad: np.ndarray, raw: pd.Series, problem: str) -> None:
         first = int(np.flatnonzero(bad)[0])
         value = raw.iloc[first]
         value = value.item() if isinstance(value, np.generic) else value
-        raise TableError(f"{what}: {problem} in {int(bad.sum()):,} of {len(bad):,} rows "
-                         f"(row {first:,}: {value!r})")
+        raise TableError(f"{what}: {problem} in {int(bad.sum()):,} of {len(bad):,} rows (row {first:,}: {value!r})",
+                         what, problem, int(bad.sum()), len(bad), first, value)
 
 
 def _numbers(col: pd.Series, what: str, integer: bool = False) -> np.ndarray:
@@ -88,23 +104,32 @@ def _numbers(col: pd.Series, what: str, integer: bool = False) -> np.ndarray:
     return x
 
 
-def _timestamps(col: pd.Series, what: str) -> np.ndarray:
-    """int64 milliseconds since the epoch, UTC, from integers or datetimes (timezone-aware or UTC)."""
-    if pd.api.types.is_datetime64_any_dtype(col):
+def _timestamps(col: pd.Series, what: str, zero_ok: bool = False) -> np.ndarray:
+    """int64 milliseconds since the epoch, UTC, from integers or datetimes; ``zero_ok``: 0 (unknown) too."""
+    if pd.api.types.is_datetime64_any_dtype(col):    # timezone-aware in any zone, or naive as UTC
         _refuse(what, col.isna().to_numpy(), col, "missing")
         if getattr(col.dt, "tz", None) is not None:
             col = col.dt.tz_convert("UTC").dt.tz_localize(None)
-        return col.to_numpy("datetime64[ms]").astype(np.int64)
-    x = _numbers(col, what, integer=True)
+        x = col.to_numpy("datetime64[ms]").astype(np.int64)
+    else:
+        x = _numbers(col, what, integer=True)
     lo, hi = PLAUSIBLE_MS
     bad = (x < lo) | (x >= hi)
+    if zero_ok:
+        bad &= x != 0
     if bad.any():
-        v = float(np.median(x[bad]))
-        unit = (" (they look like seconds: multiply by 1,000)" if 1e8 <= v < 1e10 else
-                " (they look like microseconds: divide by 1,000)" if 1e14 <= v < 1e17 else
-                " (they look like nanoseconds: divide by 1,000,000)" if v >= 1e17 else "")
-        _refuse(what, bad, col, f"outside 1990-2100 as milliseconds since the epoch{unit}")
+        _refuse(what, bad, col, f"outside 1990-2100 as milliseconds since the epoch"
+                                f"{unit_hint(float(np.median(x[bad])), plural=True)}")
     return x.astype(np.int64)
+
+
+def unit_hint(ms: float, plural: bool = False) -> str:
+    """What a time that is not plausible milliseconds since the epoch looks like instead, if anything."""
+    it = "they look" if plural else "it looks"
+    ms = abs(float(ms))
+    return (f" ({it} like seconds: multiply by 1,000)" if 1e8 <= ms < 1e10 else
+            f" ({it} like microseconds: divide by 1,000)" if 1e14 <= ms < 1e17 else
+            f" ({it} like nanoseconds: divide by 1,000,000)" if ms >= 1e17 else "")
 
 
 def _strings(col: pd.Series, what: str, nulls: bool) -> pd.Series:
@@ -115,13 +140,15 @@ def _strings(col: pd.Series, what: str, nulls: bool) -> pd.Series:
     kind = pd.api.types.infer_dtype(col, skipna=True)
     if kind == "string" and not missing.any():
         return col if pd.api.types.is_string_dtype(col.dtype) and col.dtype != object else col.astype(str)
-    if kind == "floating" or (kind == "mixed-integer-float"):
-        x = pd.to_numeric(col, errors="coerce")
-        if (x.dropna() == np.round(x.dropna())).all():
-            col = x.astype("Int64")
-    elif kind not in ("string", "integer", "empty", "boolean"):
-        _refuse(what, col.map(lambda v: isinstance(v, (list, dict, tuple, set, np.ndarray))).to_numpy(bool),
-                col, "not a string")
+    if kind not in ("string", "integer", "empty", "boolean"):
+        # Integer ids read through a float column (a gap made it float) lose their ".0", value by value;
+        # any other float is no id. Lists, dicts and the like are not strings.
+        def odd(v):
+            if isinstance(v, (float, np.floating)):
+                return not (v != v or (float(v).is_integer() and abs(v) < 2**53))
+            return isinstance(v, (list, dict, tuple, set, np.ndarray))
+        _refuse(what, col.map(odd).to_numpy(bool), col, "not a string or a whole number below 2**53")
+        col = col.map(lambda v: str(int(v)) if isinstance(v, (float, np.floating)) and v == v else v)
     out = col.astype(object).where(~missing, "").astype(str)
     return out
 
@@ -160,8 +187,10 @@ class TableWriter:
     """Write an impression table chunk by chunk (:func:`write_table` is one chunk), so a long export
     never holds the whole table. Every chunk must have the first chunk's columns."""
 
-    def __init__(self, path):
+    def __init__(self, path, name: str | None = None):
+        """``name``: what error messages call the table (default ``path``)."""
         self.path = Path(path)
+        self.name = name or str(self.path)
         self.suffix = _suffix(self.path)
         self.rows = 0
         self._parquet = None
@@ -169,7 +198,7 @@ class TableWriter:
         self._jsonl = None
 
     def write(self, df: pd.DataFrame) -> None:
-        df = _fix_dtypes(df.copy(), str(self.path))
+        df = _fix_dtypes(df.copy(), self.name, self.rows)
         if self.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq

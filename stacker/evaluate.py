@@ -109,7 +109,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     extract, lr_slice, test = split_by_time(df, config.slices)
-    warnings = check_training_slices([extract, lr_slice, test], tasks)
+    tasks, warnings = check_training_slices([extract, lr_slice, test], tasks)
     if len(test) < MIN_SLICE_ROWS:
         raise ValueError(f"{len(df):,} rows are too few to evaluate on: the test slice (the latest "
                          f"{config.slices[2]:.0%}) holds {len(test):,} rows and needs at least {MIN_SLICE_ROWS:,}")

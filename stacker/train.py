@@ -287,8 +287,9 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
 MIN_SLICE_ROWS = 200   # below this a slice cannot fit the trees, the network and the LR's biases
 
 
-def check_training_slices(parts: list[pd.DataFrame], tasks) -> list[str]:
-    """Refuse slices nothing useful can be trained on; return warnings about what will be learned poorly.
+def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, ...], list[str]]:
+    """The tasks that can be learned from these slices, and warnings about the rest and about what will be
+    learned poorly; refuses slices too small, or without a task that has both outcomes.
 
     ``parts``: the extractors' and the LR's slices (and the test slice, which is not checked)."""
     train_rows = len(parts[0]) + len(parts[1])
@@ -296,15 +297,20 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> list[str]:
         raise ValueError(f"{train_rows + sum(len(p) for p in parts[2:]):,} rows are too few to train on: the "
                          f"extractors' and the LR's time slices hold {len(parts[0]):,} and {len(parts[1]):,} "
                          f"rows, and each needs at least {MIN_SLICE_ROWS:,}")
+    warnings, kept = [], []
     for task in tasks:
         col = schema.label_column(task)
         positives = int(parts[0][col].sum()) + int(parts[1][col].sum())
         if positives in (0, train_rows):
-            raise ValueError(f"{col}: {'no' if positives == 0 else 'every'} row of the {train_rows:,} training rows "
-                             f"is positive; a task needs both outcomes to be learned (drop the column, or give "
-                             f"more data)")
-    warnings = [f"{schema.label_column(t)}: not an event kind ({', '.join(schema.TASKS)}), so the online learner "
-                f"will see no engagement for it" for t in tasks if t not in schema.TASKS]
+            warnings.append(f"{col}: {'no' if positives == 0 else 'every'} row of the {train_rows:,} training "
+                            f"rows is positive, so {task} is not learned (a task needs both outcomes)")
+        else:
+            kept.append(task)
+    if not kept:
+        raise ValueError(f"no task has both outcomes in the {train_rows:,} training rows: "
+                         + "; ".join(warnings))
+    warnings += [f"{schema.label_column(t)}: not an event kind ({', '.join(schema.TASKS)}), so the online "
+                 f"learner will see no engagement for it" for t in kept if t not in schema.TASKS]
     empty = [c for c in schema.feature_columns(parts[0].columns) if parts[0][c].isna().all()]
     if empty:
         warnings.append(f"{', '.join(empty)}: no value in the extractors' slice (the earliest "
@@ -315,7 +321,7 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> list[str]:
     if repeated:
         warnings.append(f"{repeated:,} rows repeat another row's (request_id, post_id): an impression should "
                         "appear once, or it is learned as often as it appears")
-    return warnings
+    return tuple(kept), warnings
 
 
 def _writable(out_dir) -> Path:
@@ -386,7 +392,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
-    warnings = check_training_slices(parts, tasks)
+    tasks, warnings = check_training_slices(parts, tasks)
     for w in warnings:
         warn(w)
     with tempfile.TemporaryDirectory() as work:

@@ -85,15 +85,21 @@ def table_3k(tmp_path_factory):
     return simulate(3000)
 
 
-def test_a_task_without_both_outcomes_is_refused_and_odd_tables_are_warned_about(capsys, tmp_path, table_3k):
+def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_about(capsys, tmp_path, table_3k):
+    import json
     from stacker.dataset import write_table
     df = table_3k.copy()
-    df["label.share"] = 0
+    df["label.share"] = 0        # a backend that never reports shares
     write_table(df, tmp_path / "noshare.parquet")
-    err = _fails(capsys, ["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "b"), *TINY])
-    assert "label.share: no row of the 2,400 training rows is positive" in err
-    assert "label.share: no row" in _fails(capsys, ["eval", "--data", str(tmp_path / "noshare.parquet"), *TINY])
-    assert not (tmp_path / "b").exists()
+    assert main(["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "s"), *TINY]) == 0
+    assert "warning: label.share: no row of the 2,400 training rows is positive, so share is not learned" \
+        in capsys.readouterr().err
+    assert "share" not in json.loads((tmp_path / "s" / "manifest.json").read_text())["tasks"]
+    for task in ("click", "like", "comment", "hide", "dwell"):
+        df[f"label.{task}"] = 1
+    write_table(df, tmp_path / "none.parquet")
+    err = _fails(capsys, ["eval", "--data", str(tmp_path / "none.parquet"), *TINY])
+    assert "no task has both outcomes in the 2,400 training rows" in err
     df = table_3k.copy()
     df["label.poke"] = df["label.click"]                        # not an event kind the server takes
     df.loc[df.index[:900], "f.post.length"] = np.nan             # no value in the extractors' slice
@@ -104,7 +110,6 @@ def test_a_task_without_both_outcomes_is_refused_and_odd_tables_are_warned_about
     assert "warning: label.poke: not an event kind" in err
     assert "warning: f.post.length: no value in the extractors' slice" in err
     assert "warning: 5 rows repeat another row's (request_id, post_id)" in err
-    import json
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert len(manifest["training"]["warnings"]) == 3
     assert manifest["feature_spec"]["defaults"]["post.length"] == 0.0
@@ -136,6 +141,27 @@ def test_training_leaves_a_neighbour_named_like_its_staging_directory_alone(tmp_
     train_bundle(table_3k, tmp_path / "b", config)
     assert (mine / "important.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.partial"]
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o777 & ~_umask()    # as mkdir would make it
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_staging_directories_are_invisible_to_model_dirs_and_cleaned_when_stale(tmp_path, tiny_bundle):
+    import time
+    from stacker.bundle import STALE_STAGING_S, candidate_bundles, copy_bundle, staging_dir
+    models = tmp_path / "models"
+    copy_bundle(tiny_bundle, models / "a")
+    fresh, stale = staging_dir(models / "b"), staging_dir(models / "b")
+    shutil.copytree(tiny_bundle, fresh, dirs_exist_ok=True)    # a writer still at work
+    old = time.time() - STALE_STAGING_S - 60
+    os.utime(stale, (old, old))                                # a writer killed long ago
+    assert [p.name for p in candidate_bundles(models)] == ["a"]
+    staging_dir(models / "b")
+    assert fresh.exists() and not stale.exists()
 
 
 def _tiny_config():

@@ -300,13 +300,18 @@ def _every(k, col, value):
     (_every(7, "label.click", None), r"label.click: missing in 286 of 2,000 rows \(row 0"),
     (_every(7, "label.click", "no"), r"label.click: not a number in 286 of 2,000 rows \(row 0: 'no'\)"),
     (_every(5, "user_id", None), r"user_id: missing in 400 of 2,000 rows \(row 0"),
-    (_every(5, "post_id", ["p1"]), r"post_id: not a string in 400 of 2,000 rows"),
+    (_every(5, "post_id", ["p1"]), r"post_id: not a string or a whole number below 2\*\*53 in 400 of 2,000 rows"),
     (_set("ts", lambda d: d["ts"] // 1000), r"ts: outside 1990-2100 as milliseconds .*look like seconds"),
     (_set("created_at", lambda d: d["created_at"] * 1000), r"created_at: outside .*look like microseconds"),
     (_every(3, "ts", "2026-01-05 10:00"), r"ts: not a number in 667 of 2,000 rows \(row 0: '2026-01-05 10:00'\)"),
     (_every(50, "f.author.log_followers", np.inf), r"f.author.log_followers: infinite .* in 40 of 2,000 rows"),
     (_every(50, "f.author.log_followers", 1e300), r"f.author.log_followers: infinite or past float32's range"),
     (_every(4, "f.author.log_followers", "n/a"), r"f.author.log_followers: not a number in 500 of 2,000 rows"),
+    (_set("ts", lambda d: pd.to_datetime(d["ts"] // 1000, unit="ms")),     # seconds read as ms: 1970
+     r"ts: outside 1990-2100 as milliseconds .*look like seconds"),
+    (_every(3, "user_id", 0.5), r"user_id: not a string or a whole number below 2\*\*53 in 667 of 2,000 rows "
+                                r"\(row 0: 0.5\)"),
+    (_every(3, "user_id", 2.0 ** 60), r"user_id: not a string or a whole number below 2\*\*53"),
     (_every(4, "media_type", "reel"), r"media_type: not one of text, photo, video, link in 500 of 2,000 rows "
                                       r"\(row 0: 'reel'\)"),
     (_set("position", -1), r"position: negative or past 2\*\*31 - 1"),
@@ -324,7 +329,7 @@ def test_bad_values_are_refused_naming_the_column_the_rows_and_the_first(small, 
         table = pa.Table.from_pandas(df, preserve_index=False)
         pq.write_table(table.replace_schema_metadata({b"feedrank.schema_version": str(SCHEMA_VERSION).encode()}),
                        tmp_path / "other.parquet")
-        with pytest.raises(ValueError, match=r"other.parquet: "):
+        with pytest.raises(ValueError, match=rf"other.parquet: {says}"):
             read_table(tmp_path / "other.parquet")
 
 
@@ -371,3 +376,23 @@ def test_files_in_another_format_than_their_name_say_so(small, tmp_path):
     (tmp_path / "array.jsonl").write_text('[1, 2]\n')
     with pytest.raises(ValueError, match="array.jsonl: not an impression table; line 1 is not a JSON object"):
         read_table(tmp_path / "array.jsonl")
+
+
+def test_chunked_writes_number_rows_in_the_whole_table_and_keep_ids_alike(small, tmp_path):
+    from stacker.dataset import TableWriter
+    df = small.head(3000).reset_index(drop=True).copy()
+    df["user_id"] = df["user_id"].str[1:].astype(float)          # integer ids through float columns
+    df["created_at"] = df["created_at"].where(df.index % 7 != 0, 0)   # 0: unknown, as on the wire
+    writer = TableWriter(tmp_path / "t.parquet", name="served.parquet")
+    writer.write(df.iloc[:1000])
+    writer.write(df.iloc[1000:2000])
+    bad = df.iloc[2000:].copy()
+    bad.loc[2013, "label.click"] = 3
+    with pytest.raises(ValueError, match=r"^served.parquet: label.click: not 0 or 1 .* in 1 of the 1,000 rows from "
+                                         r"row 2,000 \(row 2,013: 3\)"):
+        writer.write(bad)
+    writer.write(df.iloc[2000:])
+    writer.close()
+    back = read_table(tmp_path / "t.parquet")
+    assert back["user_id"].tolist() == [str(int(u)) for u in df["user_id"]]
+    assert back["created_at"].tolist() == df["created_at"].tolist()

@@ -139,6 +139,10 @@ BAD_INPUT = [
      "task_weights: unknown task 'poke'"),
     ("future time", lambda r: setattr(r.context, "time_ms", int(time.time() * 1000) + 3_600_000),
      grpc.StatusCode.INVALID_ARGUMENT, "context.time_ms: "),
+    ("time in seconds", lambda r: setattr(r.context, "time_ms", int(time.time())), grpc.StatusCode.INVALID_ARGUMENT,
+     "context.time_ms: 1"),
+    ("created_at in seconds", lambda r: r.candidates.created_at_ms.__setitem__(3, int(time.time())),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.created_at_ms: 1"),
     ("author ids short", lambda r: r.candidates.author_ids.pop(), grpc.StatusCode.INVALID_ARGUMENT,
      "candidates.author_ids: has 59 entries, candidates.post_ids has 60"),
     ("created_at short", lambda r: r.candidates.created_at_ms.pop(), grpc.StatusCode.INVALID_ARGUMENT,
@@ -164,6 +168,8 @@ def test_bad_input_gets_precise_status(serving_server, tiny_bundle, feeds, case,
     err = _error(stub.Rank, _mutated(feeds[0], mutate))
     assert err.code() == code, err.details()
     assert err.details().startswith(message), err.details()
+    if "seconds" in case:
+        assert "(it looks like seconds: multiply by 1,000)" in err.details()
     assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) > 0  # still serving
 
 
@@ -480,7 +486,7 @@ def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
         (tmp_path / name).write_text(text)
         monkeypatch.delenv("FEEDRANK_MAX_CANDIDATES")
         s = load_settings(tmp_path / name)
-        assert (s.port, s.max_candidates) == (7002, 222) if name.endswith("yaml") else (7003, 333)
+        assert (s.port, s.max_candidates) == ((7002, 222) if name.endswith("yaml") else (7003, 333))
         monkeypatch.setenv("FEEDRANK_MAX_CANDIDATES", "654")
 
 

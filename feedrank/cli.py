@@ -220,8 +220,9 @@ def cmd_train(args):
     for task, m in metrics.items():
         def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
             return "n/a" if x is None else f"{x:.{digits}f}"
-        print(f"  {task:<8} NE {num(m['ne'], 4)}  AUC {num(m['auc'], 4)}  calibration {num(m['calibration'], 3)}  "
-              f"positives {m['positives']}")
+        base = f" (base rate {num(m['base_rate_ne'], 4)})" if "base_rate_ne" in m else ""
+        print(f"  {task:<8} NE {num(m['ne'], 4)}{base}  AUC {num(m['auc'], 4)}  "
+              f"calibration {num(m['calibration'], 3)}  positives {m['positives']}")
     outside = sorted(((v, k) for k, v in manifest.get("offline_metrics", {}).get("inputs_out_of_range", {}).items()
                       if v >= 0.01), reverse=True)
     if outside:

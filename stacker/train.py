@@ -385,7 +385,7 @@ def _write_bundle(out_dir: Path, tmp: Path, ex: Extractors, learners: TaskLearne
 def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
                  tasks=None, progress: Progress | None = None, evaluate_slice: bool = True) -> Path:
     """Train the full stack on a table of impressions and write a bundle."""
-    from .metrics import task_metrics
+    from .metrics import normalized_entropy, task_metrics
 
     _writable(out_dir)
     progress = progress or Progress()
@@ -420,7 +420,11 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
             meta["offline_metrics"] = {
                 "test_rows": len(test),
                 "test_time_range_ms": [int(test["ts"].min()), int(test["ts"].max())],
-                "tasks": {t: task_metrics(Y[:, k], p[:, k], base[k]) for k, t in enumerate(tasks)},
+                # base_rate_ne: the NE of predicting the training base rate for every test row, the
+                # model's yardstick (above 1 when the test slice's rate has moved away from training's).
+                "tasks": {t: {**task_metrics(Y[:, k], p[:, k], base[k]),
+                              "base_rate_ne": normalized_entropy(Y[:, k], np.full(len(Y), base[k]), base[k])}
+                          for k, t in enumerate(tasks)},
                 # Share of the test slice's rows with each dense input outside the DNN's training range.
                 "inputs_out_of_range": {ex.spec.dense_names[j]: round(float(outside[j]), 6)
                                         for j in np.flatnonzero(outside)}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     df["label.share"] = 0        # a backend that never reports shares
     write_table(df, tmp_path / "noshare.parquet")
     assert main(["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "s"), *TINY]) == 0
-    assert "warning: label.share: no row of the 2,400 training rows is positive, so share is not learned" \
-        in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "warning: label.share: no row of the 2,400 training rows is positive, so share is not learned" in err
+    assert re.search(r"click +NE \d\.\d{4} \(base rate \d\.\d{4}\)", out), out
     assert "share" not in json.loads((tmp_path / "s" / "manifest.json").read_text())["tasks"]
     for task in ("click", "like", "comment", "hide", "dwell"):
         df[f"label.{task}"] = 1

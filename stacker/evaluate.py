@@ -113,6 +113,11 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     if len(test) < MIN_SLICE_ROWS:
         raise ValueError(f"{len(df):,} rows are too few to evaluate on: the test slice (the latest "
                          f"{config.slices[2]:.0%}) holds {len(test):,} rows and needs at least {MIN_SLICE_ROWS:,}")
+    span_ms = int(test["ts"].max() - test["ts"].min())
+    if span_ms <= label_delay_ms:
+        warnings.append(f"the test slice spans {span_ms / 1000:g} s, no more than the label delay "
+                        f"({label_delay_ms / 1000:g} s): stack_online learns no label before scoring its rows, "
+                        f"so it equals stack")
     for w in warnings:
         warn(w)
     train_all = pd.concat([extract, lr_slice], ignore_index=True)

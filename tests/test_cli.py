@@ -132,6 +132,12 @@ def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_jso
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
     assert report["variants"]["stack"]["share"]["auc"] is None
     assert (tmp_path / "p" / "calibration.png").is_file()
+    assert "stack_online learns no label" not in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path / "t.parquet"), "--json", str(out), "--plots", str(tmp_path / "p"),
+                 "--label-delay-s", str(10 ** 9), *TINY]) == 0
+    assert "stack_online learns no label before scoring its rows, so it equals stack" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["variants"]["stack_online"]["click"] == report["variants"]["stack"]["click"]
 
 
 def test_training_leaves_a_neighbour_named_like_its_staging_directory_alone(tmp_path, table_3k):

@@ -223,6 +223,14 @@ class RankingHandler:
         spec = ranker.spec
         user, unknown_user = spec.align("user", r.user_feature_names, r.user_features)
         posts, unknown_post = spec.align("post", r.candidate_feature_names, r.candidate_features)
+        for name in unknown_user:    # sent in the wrong block: never a feature a newer bundle dropped
+            if name in spec.post_features:
+                raise InvalidInput("user.feature_names", f"{name!r} is a candidate feature of this model: send it "
+                                                         f"in candidates.feature_names")
+        for name in unknown_post:
+            if name in spec.user_features:
+                raise InvalidInput("candidates.feature_names", f"{name!r} is a user feature of this model: send it "
+                                                               f"in user.feature_names")
         ignored = unknown_user + unknown_post
         if ignored and self.settings.unknown_features == "reject":
             field_name = "user.feature_names" if unknown_user else "candidates.feature_names"

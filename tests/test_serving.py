@@ -156,6 +156,11 @@ BAD_INPUT = [
     ("too many, without features", lambda r: (r.candidates.post_ids.extend(f"x{i}" for i in range(200_000)),
                                               r.candidates.feature_names.extend(f"f{i}" for i in range(100_000))),
      grpc.StatusCode.RESOURCE_EXHAUSTED, "candidates.post_ids: 200060 candidates, limit 100"),
+    ("user feature among the candidates", lambda r: r.candidates.feature_names.__setitem__(0, "user.activity"),
+     grpc.StatusCode.INVALID_ARGUMENT, "candidates.feature_names: 'user.activity' is a user feature of this model: "
+                                       "send it in user.feature_names"),
+    ("candidate feature among the user's", lambda r: r.user.feature_names.__setitem__(
+        0, r.candidates.feature_names[0]), grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: 'post."),
     ("duplicate feature name", lambda r: r.user.feature_names.__setitem__(1, r.user.feature_names[0]),
      grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: duplicate feature name 'user.activity'"),
 ]

@@ -55,13 +55,15 @@ def _fix_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
             df[col] = _timestamps(df[col], where + col, zero_ok=col == "created_at")  # as on the wire
         elif col == "position":
             pos = _numbers(df[col], where + col, integer=True)
-            _refuse(where + col, (pos < 0) | (pos > _MAX_POSITION), df[col], "negative or past 2**31 - 1 (0 is the top)")
+            _refuse(where + col, (pos < 0) | (pos > _MAX_POSITION), df[col],
+                    "negative or past 2**31 - 1 (0 is the top)")
             df[col] = pos.astype(np.int32)
         elif col in _ID_COLUMNS:
             df[col] = _strings(df[col], where + col, nulls=False)
         elif col == "media_type":
             media = _strings(df[col], where + col, nulls=False).str.lower()
-            _refuse(where + col, ~media.isin(MEDIA_TYPES).to_numpy(), df[col], f"not one of {', '.join(MEDIA_TYPES)}")
+            _refuse(where + col, ~media.isin(MEDIA_TYPES).to_numpy(), df[col],
+                    f"not one of {', '.join(MEDIA_TYPES)}")
             df[col] = media
         elif col in CONTEXT_COLUMNS:
             df[col] = _strings(df[col], where + col, nulls=True)   # absent context: "", as on the wire

@@ -212,10 +212,13 @@ def cmd_train(args):
     path = train_bundle(df, out, config, progress=_progress(args))
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle {manifest['bundle_id']} written to {path} ({time.time() - t0:.1f}s, source: {source})")
-    from stacker.schema import TASKS
-    absent = [t for t in TASKS if t not in manifest["tasks"]]
-    if absent:
-        print(f"  tasks: {', '.join(manifest['tasks'])} (no label column for {', '.join(absent)})")
+    from stacker.schema import TASKS, tasks_in
+    absent = [t for t in TASKS if t not in tasks_in(df.columns)]
+    left_out = manifest["training"].get("tasks_left_out", [])
+    if absent or left_out:
+        why = [f"no label column for {', '.join(absent)}"] if absent else []
+        why += [f"{', '.join(left_out)} left out: one outcome only"] if left_out else []
+        print(f"  tasks: {', '.join(manifest['tasks'])} ({'; '.join(why)})")
     metrics = manifest.get("offline_metrics", {}).get("tasks", {})
     for task, m in metrics.items():
         def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)

@@ -37,6 +37,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
                           dense_warmup=config.dense_warmup)
         bundle = train_bundle(head, Path(work) / "bundle", cfg, tasks, progress, evaluate_slice=False)
         ranker = StackedRanker.load(bundle)
+        tasks = tuple(ranker.tasks)    # training leaves out a task with one outcome
         feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))
         frozen = ranker.predict_features(feats)
         Y = labels_of(stream, tasks)

@@ -202,9 +202,9 @@ class RankingHandler:
                 raise InvalidInput(name, f"{len(value)} characters, limit {s.max_string_len}")
         if r.time_ms < 0:
             raise InvalidInput("context.time_ms", f"negative ({r.time_ms})")
-        if 0 < r.time_ms < PLAUSIBLE_MS[0]:
-            raise InvalidInput("context.time_ms", f"{r.time_ms} is before 1990 in milliseconds since the epoch"
-                               f"{unit_hint(r.time_ms)} (0: the server's clock)")
+        if 0 < r.time_ms < PLAUSIBLE_MS[0] or r.time_ms >= PLAUSIBLE_MS[1]:
+            raise InvalidInput("context.time_ms", f"{r.time_ms} is not a time between 1990 and 2100 in milliseconds "
+                               f"since the epoch{unit_hint(r.time_ms)} (0: the server's clock)")
         if r.time_ms > now_ms + s.max_future_ms:
             raise InvalidInput("context.time_ms", f"{r.time_ms} is {(r.time_ms - now_ms) / 1000:.0f} s in the "
                                                   f"future (limit {s.max_future_ms / 1000:.0f} s)")
@@ -223,12 +223,14 @@ class RankingHandler:
         spec = ranker.spec
         user, unknown_user = spec.align("user", r.user_feature_names, r.user_features)
         posts, unknown_post = spec.align("post", r.candidate_feature_names, r.candidate_features)
-        for name in unknown_user:    # sent in the wrong block: never a feature a newer bundle dropped
-            if name in spec.post_features:
+        # A feature sent only in the wrong block is never one a newer bundle dropped: refuse it, saying where
+        # it belongs (an extra copy beside the right one is merely ignored).
+        for name in unknown_user:
+            if name in spec.post_features and name not in r.candidate_feature_names:
                 raise InvalidInput("user.feature_names", f"{name!r} is a candidate feature of this model: send it "
                                                          f"in candidates.feature_names")
         for name in unknown_post:
-            if name in spec.user_features:
+            if name in spec.user_features and name not in r.user_feature_names:
                 raise InvalidInput("candidates.feature_names", f"{name!r} is a user feature of this model: send it "
                                                                f"in user.feature_names")
         ignored = unknown_user + unknown_post

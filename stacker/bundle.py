@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -145,9 +146,10 @@ def staging_dir(dst) -> Path:
     ``….partial`` (model-directory scans skip it) and unique, so it never takes anyone's files."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for old in dst.parent.glob(f".{dst.name}.*.partial"):    # left by a writer killed over an hour ago
+    mine = re.compile(rf"\.{re.escape(dst.name)}\.[a-z0-9_]{{8}}\.partial")    # what mkdtemp below makes
+    for old in dst.parent.iterdir():      # left by a writer of this bundle killed over an hour ago
         try:
-            if time.time() - old.stat().st_mtime > STALE_STAGING_S:
+            if mine.fullmatch(old.name) and time.time() - old.stat().st_mtime > STALE_STAGING_S:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass

@@ -211,14 +211,14 @@ class TableWriter:
                 self._schema = table.schema.with_metadata(meta)
                 self._parquet = pq.ParquetWriter(self.path, self._schema)
             elif table.schema.names != self._schema.names:
-                raise ValueError(f"{self.path}: a chunk's columns differ from the first chunk's")
+                raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
             self._parquet.write_table(table.cast(self._schema))
         else:
             if self._jsonl is None:
                 self._jsonl = open(self.path, "w")
                 self._columns = list(df.columns)
             elif list(df.columns) != self._columns:
-                raise ValueError(f"{self.path}: a chunk's columns differ from the first chunk's")
+                raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
             if len(df):
                 df.insert(0, "schema_version", SCHEMA_VERSION)
                 text = df.to_json(orient="records", lines=True, double_precision=15)

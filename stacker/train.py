@@ -300,14 +300,16 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
     warnings, kept = [], []
     for task in tasks:
         col = schema.label_column(task)
-        positives = int(parts[0][col].sum()) + int(parts[1][col].sum())
-        if positives in (0, train_rows):
-            warnings.append(f"{col}: {'no' if positives == 0 else 'every'} row of the {train_rows:,} training "
-                            f"rows is positive, so {task} is not learned (a task needs both outcomes)")
+        # The LR, its bias refit and the base rate learn from the LR slice alone: both outcomes must be there.
+        positives, rows = int(parts[1][col].sum()), len(parts[1])
+        if positives in (0, rows):
+            warnings.append(f"{col}: {'no' if positives == 0 else 'every'} row of the LR's {rows:,} training "
+                            f"rows is positive, so {task} is not learned (a task needs both outcomes; "
+                            f"{int(parts[0][col].sum()):,} positives among the extractors' {len(parts[0]):,})")
         else:
             kept.append(task)
     if not kept:
-        raise ValueError(f"no task has both outcomes in the {train_rows:,} training rows: "
+        raise ValueError(f"no task has both outcomes in the LR's {len(parts[1]):,} training rows: "
                          + "; ".join(warnings))
     warnings += [f"{schema.label_column(t)}: not an event kind ({', '.join(schema.TASKS)}), so the online "
                  f"learner will see no engagement for it" for t in kept if t not in schema.TASKS]
@@ -392,6 +394,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     tasks = tuple(tasks or schema.tasks_in(df.columns))
     started = time.time()
     parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
+    asked = tasks
     tasks, warnings = check_training_slices(parts, tasks)
     for w in warnings:
         warn(w)
@@ -407,7 +410,9 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
                          "lr_passes": counts["passes"],
                          **({"lr_bias_refit": counts["bias_refit"]} if "bias_refit" in counts else {}),
                          "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
-                         "wall_time_s": round(wall, 2), **({"warnings": warnings} if warnings else {})},
+                         "wall_time_s": round(wall, 2), **({"warnings": warnings} if warnings else {}),
+                         **({"tasks_left_out": [t for t in asked if t not in tasks]} if len(tasks) < len(asked)
+                            else {})},
         }
         if evaluate_slice and len(parts[2]):
             test = parts[2]

@@ -94,14 +94,28 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     write_table(df, tmp_path / "noshare.parquet")
     assert main(["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "s"), *TINY]) == 0
     out, err = capsys.readouterr()
-    assert "warning: label.share: no row of the 2,400 training rows is positive, so share is not learned" in err
+    assert "warning: label.share: no row of the LR's 1,800 training rows is positive, so share is not learned" in err
     assert re.search(r"click +NE \d\.\d{4} \(base rate \d\.\d{4}\)", out), out
-    assert "share" not in json.loads((tmp_path / "s" / "manifest.json").read_text())["tasks"]
+    assert "tasks: click, like, comment, hide, dwell (share left out: one outcome only)" in out
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert "share" not in manifest["tasks"] and manifest["training"]["tasks_left_out"] == ["share"]
+    assert main(["eval", "--data", str(tmp_path / "noshare.parquet"), "--json", str(tmp_path / "e.json"),
+                 "--plots", str(tmp_path / "p"), *TINY]) == 0
+    assert "share" not in json.loads((tmp_path / "e.json").read_text())["variants"]["stack"]
+    assert main(["eval-online", "--data", str(tmp_path / "noshare.parquet"), "--plot", str(tmp_path / "o.png"),
+                 *TINY]) == 0
+    assert "share" not in capsys.readouterr().out.split("online vs frozen")[-1]
+    shares_early = table_3k.copy()      # positives only among the extractors' rows: the LR could not learn it
+    shares_early["label.share"] = (shares_early.index < 50).astype(int)
+    write_table(shares_early, tmp_path / "early.parquet")
+    assert main(["train", "--data", str(tmp_path / "early.parquet"), "--out", str(tmp_path / "e"), *TINY]) == 0
+    assert "so share is not learned (a task needs both outcomes; 50 positives among the extractors' 600)" \
+        in capsys.readouterr().err
     for task in ("click", "like", "comment", "hide", "dwell"):
         df[f"label.{task}"] = 1
     write_table(df, tmp_path / "none.parquet")
     err = _fails(capsys, ["eval", "--data", str(tmp_path / "none.parquet"), *TINY])
-    assert "no task has both outcomes in the 2,400 training rows" in err
+    assert "no task has both outcomes in the LR's 1,800 training rows" in err
     df = table_3k.copy()
     df["label.poke"] = df["label.click"]                        # not an event kind the server takes
     df.loc[df.index[:900], "f.post.length"] = np.nan             # no value in the extractors' slice
@@ -165,11 +179,14 @@ def test_staging_directories_are_invisible_to_model_dirs_and_cleaned_when_stale(
     copy_bundle(tiny_bundle, models / "a")
     fresh, stale = staging_dir(models / "b"), staging_dir(models / "b")
     shutil.copytree(tiny_bundle, fresh, dirs_exist_ok=True)    # a writer still at work
+    others = [staging_dir(models / "b.2"), staging_dir(models / "b[1]"), models / ".b.mine.partial"]
+    others[-1].mkdir()                                         # a sibling's staging, and a user's directory
     old = time.time() - STALE_STAGING_S - 60
-    os.utime(stale, (old, old))                                # a writer killed long ago
+    for d in (stale, *others):
+        os.utime(d, (old, old))                                # as if left long ago
     assert [p.name for p in candidate_bundles(models)] == ["a"]
     staging_dir(models / "b")
-    assert fresh.exists() and not stale.exists()
+    assert fresh.exists() and not stale.exists() and all(d.exists() for d in others)
 
 
 def _tiny_config():

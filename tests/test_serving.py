@@ -143,6 +143,8 @@ BAD_INPUT = [
      "context.time_ms: 1"),
     ("created_at in seconds", lambda r: r.candidates.created_at_ms.__setitem__(3, int(time.time())),
      grpc.StatusCode.INVALID_ARGUMENT, "candidates.created_at_ms: 1"),
+    ("time in microseconds", lambda r: setattr(r.context, "time_ms", int(time.time() * 1e6)),
+     grpc.StatusCode.INVALID_ARGUMENT, "context.time_ms: 1"),
     ("author ids short", lambda r: r.candidates.author_ids.pop(), grpc.StatusCode.INVALID_ARGUMENT,
      "candidates.author_ids: has 59 entries, candidates.post_ids has 60"),
     ("created_at short", lambda r: r.candidates.created_at_ms.pop(), grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,14 +158,20 @@ BAD_INPUT = [
     ("too many, without features", lambda r: (r.candidates.post_ids.extend(f"x{i}" for i in range(200_000)),
                                               r.candidates.feature_names.extend(f"f{i}" for i in range(100_000))),
      grpc.StatusCode.RESOURCE_EXHAUSTED, "candidates.post_ids: 200060 candidates, limit 100"),
-    ("user feature among the candidates", lambda r: r.candidates.feature_names.__setitem__(0, "user.activity"),
+    ("user feature among the candidates", lambda r: _swap_names(r.candidates.feature_names, r.user.feature_names),
      grpc.StatusCode.INVALID_ARGUMENT, "candidates.feature_names: 'user.activity' is a user feature of this model: "
                                        "send it in user.feature_names"),
-    ("candidate feature among the user's", lambda r: r.user.feature_names.__setitem__(
-        0, r.candidates.feature_names[0]), grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: 'post."),
+    ("candidate feature among the user's", lambda r: _swap_names(r.user.feature_names, r.candidates.feature_names),
+     grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: 'post."),
     ("duplicate feature name", lambda r: r.user.feature_names.__setitem__(1, r.user.feature_names[0]),
      grpc.StatusCode.INVALID_ARGUMENT, "user.feature_names: duplicate feature name 'user.activity'"),
 ]
+
+
+def _swap_names(into, out_of):
+    """Send ``out_of``'s first feature in the ``into`` block only (its slot there renamed to an unknown)."""
+    into[0] = out_of[0]
+    out_of[0] = "zzz.not_a_feature"
 
 
 @pytest.mark.parametrize("case,mutate,code,message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
@@ -173,8 +181,10 @@ def test_bad_input_gets_precise_status(serving_server, tiny_bundle, feeds, case,
     err = _error(stub.Rank, _mutated(feeds[0], mutate))
     assert err.code() == code, err.details()
     assert err.details().startswith(message), err.details()
-    if "seconds" in case:
+    if case.endswith(" in seconds"):
         assert "(it looks like seconds: multiply by 1,000)" in err.details()
+    if "microseconds" in case:
+        assert "(it looks like microseconds: divide by 1,000)" in err.details()
     assert len(stub.Rank(rank_request(feeds[0], request_id="")).posts) > 0  # still serving
 
 
@@ -183,10 +193,20 @@ def test_unknown_features_ignored_or_rejected(serving_server, tiny_bundle, feeds
         r.user.feature_names.append("user.shoe_size")
         r.user.feature_values.append(42.0)
 
+    def with_a_copy(r):    # a candidate feature also sent among the user's: the extra copy is ignored
+        r.user.feature_names.append(r.candidates.feature_names[0])
+        r.user.feature_values.append(1.0)
+
+    def with_unknown_age(r):
+        r.candidates.created_at_ms[0] = 0
+
     ignoring = serving_server(bundle=tiny_bundle)
     stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{ignoring.port}"))
     resp = stub.Rank(_mutated(feeds[0], with_extra))
     assert list(resp.ignored_feature_names) == ["user.shoe_size"]
+    copy = _mutated(feeds[0], with_a_copy)
+    assert list(stub.Rank(copy).ignored_feature_names) == [copy.candidates.feature_names[0]]
+    assert len(stub.Rank(_mutated(feeds[0], with_unknown_age)).posts) > 0
     rejecting = serving_server(bundle=tiny_bundle, unknown_features="reject", eventlog_dir=None)
     stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rejecting.port}"))
     err = _error(stub.Rank, _mutated(feeds[0], with_extra))

@@ -176,13 +176,7 @@ def cmd_simulate(args):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     df = simulate(args.n, seed=args.seed, progress=not args.quiet)
-    out = Path(args.out)
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
-    try:
-        write_table(df, partial)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_table(df, args.out)    # in place only once whole
     print(f"wrote {len(df):,} impressions to {args.out} in {time.time() - t0:.1f}s")
     return 0
 
@@ -220,9 +214,10 @@ def cmd_train(args):
         why += [f"{', '.join(left_out)} left out: one outcome only"] if left_out else []
         print(f"  tasks: {', '.join(manifest['tasks'])} ({'; '.join(why)})")
     metrics = manifest.get("offline_metrics", {}).get("tasks", {})
+
+    def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
+        return "n/a" if x is None else f"{x:.{digits}f}"
     for task, m in metrics.items():
-        def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
-            return "n/a" if x is None else f"{x:.{digits}f}"
         base = f" (base rate {num(m['base_rate_ne'], 4)})" if "base_rate_ne" in m else ""
         print(f"  {task:<8} NE {num(m['ne'], 4)}{base}  AUC {num(m['auc'], 4)}  "
               f"calibration {num(m['calibration'], 3)}  positives {m['positives']}")

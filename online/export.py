@@ -19,7 +19,6 @@ export; either way the output file is not touched.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -133,8 +132,7 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
     positives = np.zeros(len(tasks), np.int64)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")    # a reader never sees half a table
-    writer = TableWriter(partial, name=f"{out if name is None else name} (exported from {log})")
+    writer = TableWriter(out, name=f"{out if name is None else name} (exported from {log})")
     bar = tqdm(total=count_records(log), unit="rec", desc="export", disable=not progress)
 
     def flush() -> None:
@@ -178,11 +176,9 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
                              f"{stats['expired_unviewed']:,} never viewed, {open_at_end:,} still in their "
                              "attribution window); a backend that sends no views needs --returned-is-viewed, "
                              "and --include-open exports open windows. Nothing was written.")
-        writer.close()
-        os.replace(partial, out)
+        writer.commit()
     finally:
         writer.close()
-        partial.unlink(missing_ok=True)
     return {"out": str(out), "records": records, "rows": writer.rows,
             "positives": {t: int(n) for t, n in zip(tasks, positives)},
             "bundles": sorted(rows.bundles),

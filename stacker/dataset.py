@@ -1,6 +1,7 @@
 """Reading and writing the offline-training table (stacker/schema.py) as Parquet or JSON Lines."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -181,19 +182,24 @@ def write_table(df: pd.DataFrame, path) -> None:
     writer = TableWriter(path)
     try:
         writer.write(df)
+        writer.commit()
     finally:
         writer.close()
 
 
 class TableWriter:
     """Write an impression table chunk by chunk (:func:`write_table` is one chunk), so a long export
-    never holds the whole table. Every chunk must have the first chunk's columns."""
+    never holds the whole table. Every chunk must have the first chunk's columns. The chunks go to a
+    hidden ``.NAME.partial`` file beside ``path``, which :meth:`commit` renames into place: a reader
+    never sees half a table, and a table already at ``path`` stays whole until then. :meth:`close`
+    without :meth:`commit` discards what was written."""
 
     def __init__(self, path, name: str | None = None):
         """``name``: what error messages call the table (default ``path``)."""
         self.path = Path(path)
         self.name = name or str(self.path)
         self.suffix = _suffix(self.path)
+        self._partial = self.path.with_name(f".{self.path.stem}.partial{self.suffix}")
         self.rows = 0
         self._parquet = None
         self._schema = None
@@ -209,13 +215,13 @@ class TableWriter:
                 meta = dict(table.schema.metadata or {})
                 meta[META_KEY] = str(SCHEMA_VERSION).encode()
                 self._schema = table.schema.with_metadata(meta)
-                self._parquet = pq.ParquetWriter(self.path, self._schema)
+                self._parquet = pq.ParquetWriter(self._partial, self._schema)
             elif table.schema.names != self._schema.names:
                 raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
             self._parquet.write_table(table.cast(self._schema))
         else:
             if self._jsonl is None:
-                self._jsonl = open(self.path, "w")
+                self._jsonl = open(self._partial, "w")
                 self._columns = list(df.columns)
             elif list(df.columns) != self._columns:
                 raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
@@ -225,7 +231,17 @@ class TableWriter:
                 self._jsonl.write(text if text.endswith("\n") else text + "\n")
         self.rows += len(df)
 
+    def commit(self) -> None:
+        """Finish the table and put it at ``path`` (after at least one :meth:`write`)."""
+        self._close_file()
+        os.replace(self._partial, self.path)
+
     def close(self) -> None:
+        """Discard what was written unless :meth:`commit` put it in place (call it in any case)."""
+        self._close_file()
+        self._partial.unlink(missing_ok=True)
+
+    def _close_file(self) -> None:
         if self._parquet is not None:
             self._parquet.close()
             self._parquet = None

@@ -392,7 +392,7 @@ def test_chunked_writes_number_rows_in_the_whole_table_and_keep_ids_alike(small,
                                          r"row 2,000 \(row 2,013: 3\)"):
         writer.write(bad)
     writer.write(df.iloc[2000:])
-    writer.close()
+    writer.commit()
     back = read_table(tmp_path / "t.parquet")
     assert back["user_id"].tolist() == [str(int(u)) for u in df["user_id"]]
     assert back["created_at"].tolist() == df["created_at"].tolist()

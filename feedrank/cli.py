@@ -47,6 +47,7 @@ def _train_config(args):
                            dnn=DNNConfig(epochs=args.epochs), vw=vw,
                            downsample_rate=args.downsample, online_learning_rate=args.online_learning_rate,
                            dense_warmup=not args.no_dense_warmup, refit_biases=not args.no_bias_refit,
+                           extractor_slice_pass=not args.no_extractor_slice_pass,
                            slices=_fractions(args.slices))
     except ValueError as e:
         raise UsageError(f"{e}")
@@ -56,7 +57,7 @@ def _fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--slices {text!r}: three comma-separated fractions, e.g. 0.2,0.6,0.2") from None
+        raise ValueError(f"--slices {text!r}: three comma-separated fractions, e.g. 0.3,0.5,0.2") from None
 
 
 def _add_train_options(p):
@@ -80,19 +81,22 @@ def _add_train_options(p):
                    help="sparse LR update: FTRL-proximal with per-namespace feature values (default), "
                         "or VW's adaptive update on unit values")
     p.add_argument("--ftrl-alpha", type=T.positive_float, default=None, help="FTRL alpha (default 0.1)")
-    p.add_argument("--downsample", type=T.rate, default=0.25,
-                   help="negative downsampling rate w (1 = off); kept negatives weigh 1/w")
+    p.add_argument("--downsample", type=T.rate, default=0.5,
+                   help="negative downsampling rate w (default 0.5; 1 = off); kept negatives weigh 1/w")
     p.add_argument("--online-learning-rate", type=T.positive_float, default=None,
                    help="VW -l for online learning with --optimizer adaptive (default 0.15); FTRL "
                         "models keep their alpha online")
     p.add_argument("--no-dense-warmup", action="store_true",
                    help="learn the LR in one pass with every namespace, without the first pass over the dense "
                         "ones alone (leaves, DNN, context)")
+    p.add_argument("--no-extractor-slice-pass", action="store_true",
+                   help="learn the LR from its own slice only, without its first pass over the extractors' "
+                        "slice (where the ids, id crosses and context learn from both training slices)")
     p.add_argument("--no-bias-refit", action="store_true",
                    help="keep each task's bias as the LR's passes leave it, without shifting it so the LR's mean "
                         "prediction on every row of its slice equals the slice's label rate")
-    p.add_argument("--slices", default="0.2,0.6,0.2",
-                   help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.2,0.6,0.2)")
+    p.add_argument("--slices", default="0.3,0.5,0.2",
+                   help="time-slice fractions: extractors (GBDT, DNN), LR, evaluation (default 0.3,0.5,0.2)")
     p.add_argument("--served-by", action="append", metavar="DIR",
                    help="with --data EVENT_LOG_DIR: a bundle the log's records were served with, or a directory "
                         "of bundles (repeatable); the log is joined and exported as by `feedrank export`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
     tasks = tuple(schema.tasks_in(df.columns))
     with tempfile.TemporaryDirectory() as work:
         t0 = time.time()
-        cfg = TrainConfig(gbdt=config.gbdt, dnn=config.dnn, vw=config.vw, slices=(0.5, 0.5, 0.0),
-                          downsample_rate=config.downsample_rate, ev_weights=config.ev_weights,
-                          dense_warmup=config.dense_warmup)
+        cfg = replace(config, slices=(0.5, 0.5, 0.0))
         bundle = train_bundle(head, Path(work) / "bundle", cfg, tasks, progress, evaluate_slice=False)
         ranker = StackedRanker.load(bundle)
         tasks = tuple(ranker.tasks)    # training leaves out a task with one outcome

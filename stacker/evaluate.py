@@ -28,8 +28,9 @@ from .dnn import train_mlp
 from .gbdt import train_gbdt
 from .metrics import json_safe, task_metrics
 from .progress import Progress, warn
-from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample, fit_lr, labels_of, lr_work,
-                    predict_features, split_by_time, stack_features, time_slices, train_extractors)
+from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample, early_pass, fit_lr, labels_of,
+                    lr_work, predict_features, split_by_time, stack_features, take_rows, time_slices,
+                    train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -37,13 +38,15 @@ LR_VARIANTS = {"gbdt_lr": "l", "dnn_lr": "d", "stack": "ldupac"}
 
 
 def _learn_and_predict(tasks, config, namespaces, train_feats, Y, rows, weights, test_feats, progress, name,
-                       refits: dict, keep: Path | None = None):
+                       refits: dict, keep: Path | None = None, early=None):
     """Train one LR variant on the rows ``rows`` of its slice (features and labels of every row: the
-    refit uses them all, :func:`stacker.train.fit_lr`) and score the test slice; what its bias refit did
+    refit uses them all, :func:`stacker.train.fit_lr`), after the extractors' slice's kept rows ``early``
+    where :func:`stacker.train.early_pass` says so, and score the test slice; what its bias refit did
     goes to ``refits[name]``; ``keep`` saves its VW models there."""
     learners = TaskLearners(tasks, config.vw)
-    with progress.task(f"{name}: LR", lr_work(namespaces, config, len(rows), len(Y))) as bar:
-        refit = fit_lr(learners, train_feats, Y, weights, config, bar, namespaces, rows=rows)
+    early_rows = 0 if early is None else len(early[1])
+    with progress.task(f"{name}: LR", lr_work(namespaces, config, len(rows), len(Y), early_rows)) as bar:
+        refit = fit_lr(learners, train_feats, Y, weights, config, bar, namespaces, rows=rows, early=early)
     if refit is not None:
         refits[name] = refit
     p = predict_features(learners, test_feats, namespaces)
@@ -144,13 +147,19 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         # lr_ids learns from both slices); the LR slice's are the last of them.
         all_feats = stack_features(ex, train_all, config.vw.values)
         lr_feats = tuple(x[len(extract):] for x in all_feats)
+        # The stack first learns the extractors' slice (the rows downsampling keeps there), as train does.
+        Y_ex = labels_of(extract, tasks)
+        keep_ex, weights_ex = downsample(Y_ex, extract["request_id"].to_numpy(object),
+                                         extract["post_id"].to_numpy(object), config.downsample_rate)
+        early = (take_rows(tuple(x[:len(extract)] for x in all_feats), np.flatnonzero(keep_ex)),
+                 Y_ex[keep_ex], weights_ex[keep_ex])
         refits: dict = {}
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"
         for name, namespaces in LR_VARIANTS.items():
             timed(name, lambda: _learn_and_predict(tasks, config, namespaces, lr_feats, Y_lr, rows,
                                                    weights[rows], test_feats, progress, name, refits,
-                                                   keep=models if name == "stack" else None))
+                                                   keep=models if name == "stack" else None, early=early))
         online_vw = config.vw.with_rate(config.online_rate)
         test_ts = test["ts"].to_numpy(np.int64)
         timed("stack_online", lambda: progressive(tasks, online_vw, models, *test_feats[1:], Y_test,
@@ -191,6 +200,8 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
                 for v in order if v in preds}
     report = {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
               "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
+                                                   "lr_early_pass_over_extractors":
+                                                       int(keep_ex.sum()) if early_pass("ldupac", config) else 0,
                                                    "lr_kept": int(len(rows))},
               "stack_online_label_delay_ms": int(label_delay_ms), "lr_bias_refit": refits,
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),

@@ -38,8 +38,8 @@ class TrainConfig:
     gbdt: GBDTConfig = field(default_factory=GBDTConfig)
     dnn: DNNConfig = field(default_factory=DNNConfig)
     vw: VWConfig = field(default_factory=VWConfig)
-    slices: tuple[float, float, float] = (0.2, 0.6, 0.2)
-    downsample_rate: float = 0.25
+    slices: tuple[float, float, float] = (0.3, 0.5, 0.2)
+    downsample_rate: float = 0.5
     # The optimizer's rate once the bundle learns online; None: FTRL keeps its alpha (its per-coordinate
     # rates already keep old coordinates steady while new posts, authors and user x author pairs learn
     # fast); the adaptive update goes faster than its offline pass so the LR tracks drift.
@@ -49,6 +49,13 @@ class TrainConfig:
     # pass with everything: the ids then learn what the extractors' features leave unexplained instead
     # of sharing what they explain (the global model before the per-id ones, as GLMix fits them).
     dense_warmup: bool = True
+    # Before its passes over its own slice, the LR makes one pass with every namespace over the rows of the
+    # extractors' slice that downsampling keeps: the ids, id crosses and context tokens then learn from both
+    # training slices, as the per-task baselines do (on the default world a third more impressions per
+    # user x author pair by the test slice); the weights of the leaves and DNN units, which that pass learns
+    # on the extractors' own training rows, are learned again by the passes over the LR slice. Only for
+    # LRs with ids (the stack): it exists for what the ids learn.
+    extractor_slice_pass: bool = True
     # After the passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
     # (the negatives downsampling dropped included) equals the slice's label rate: online passes with
     # per-coordinate rates do not end at the slice's level, and under FTRL a kept negative of weight 1/w
@@ -161,6 +168,12 @@ def lr_passes(namespaces: str, config: TrainConfig) -> tuple[str, ...]:
     return (dense, namespaces) if config.dense_warmup and dense and dense != namespaces else (namespaces,)
 
 
+def early_pass(namespaces: str, config: TrainConfig) -> bool:
+    """Whether the LR first learns the extractors' slice (:attr:`TrainConfig.extractor_slice_pass`): for
+    namespaces holding ids."""
+    return config.extractor_slice_pass and any(ns in ID_NAMESPACES for ns in namespaces)
+
+
 def take_rows(feats, rows):
     """The rows ``rows`` of prepared stack features, for the LR (the dense matrix, which it does not read,
     is left out)."""
@@ -168,16 +181,20 @@ def take_rows(feats, rows):
 
 
 def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, config: TrainConfig, bar,
-           namespaces: str = "ldupac", rows: np.ndarray | None = None) -> dict | None:
+           namespaces: str = "ldupac", rows: np.ndarray | None = None, early=None) -> dict | None:
     """Train the LR on the prepared stack features ``feats`` and labels ``Y`` of every row of its slice:
     it learns the rows ``rows`` (those downsampling kept; every row when None) with their importance
-    ``weights``, one online pass per entry of :func:`lr_passes`. With ``config.refit_biases`` the biases
-    are then re-fitted on every row of the slice (:func:`refit_biases`); returns what the refit did (None
-    without it). ``bar`` counts the rows of every pass, then those the refit scores
-    (:func:`lr_work` rows in all)."""
+    ``weights``, one online pass per entry of :func:`lr_passes`. ``early``, ``(feats, Y, weights)`` of the
+    rows downsampling kept in the extractors' slice, is learned first, in one pass with every namespace,
+    when :func:`early_pass` says so. With ``config.refit_biases`` the biases are then re-fitted on every
+    row of the LR's slice (:func:`refit_biases`); returns what the refit did (None without it). ``bar``
+    counts the rows of every pass, then those the refit scores (:func:`lr_work` rows in all)."""
     if len(weights) != (len(Y) if rows is None else len(rows)):
         raise ValueError(f"{len(weights)} importance weights for {len(Y) if rows is None else len(rows)} "
                          "learned rows")
+    if early is not None and early_pass(namespaces, config):
+        early_feats, early_Y, early_weights = early
+        learn_features(learners, early_feats, early_Y, early_weights, config.chunk, bar, namespaces)
     learned = feats if rows is None else take_rows(feats, rows)
     Y_learned = Y if rows is None else Y[rows]
     for pass_namespaces in lr_passes(namespaces, config):
@@ -188,9 +205,11 @@ def fit_lr(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, co
     return refit_biases(learners, feats, Y, namespaces, bar)
 
 
-def lr_work(namespaces: str, config: TrainConfig, learned: int, slice_rows: int) -> int:
-    """Rows :func:`fit_lr` goes through: ``learned`` rows per pass, then the slice's for the refit."""
-    return len(lr_passes(namespaces, config)) * learned + (slice_rows if config.refit_biases else 0)
+def lr_work(namespaces: str, config: TrainConfig, learned: int, slice_rows: int, early: int = 0) -> int:
+    """Rows :func:`fit_lr` goes through: the ``early`` rows of the extractors' slice if it learns them,
+    ``learned`` rows per pass, then the slice's for the refit."""
+    return (early if early_pass(namespaces, config) else 0) + len(lr_passes(namespaces, config)) * learned \
+        + (slice_rows if config.refit_biases else 0)
 
 
 def learn_features(learners: TaskLearners, feats, Y: np.ndarray, weights: np.ndarray, chunk: int,
@@ -261,24 +280,35 @@ def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str =
 
 
 def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: TrainConfig,
-             progress: Progress, rate: float | None = None) -> dict:
+             progress: Progress, rate: float | None = None, early_df: pd.DataFrame | None = None) -> dict:
     """Train every task's LR on a table (downsampled; :func:`fit_lr`, which re-fits the biases after its
-    last pass); returns counts."""
+    last pass), first learning the extractors' slice ``early_df`` if given and configured
+    (:attr:`TrainConfig.extractor_slice_pass`); returns counts."""
     tasks = learners.tasks
     rate = config.downsample_rate if rate is None else rate
     Y = labels_of(df, tasks)
     keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
     rows = np.flatnonzero(keep)
     passes = lr_passes("ldupac", config)
-    label = "sparse LR (VW, every task" + (f"; {len(passes)} passes" if len(passes) > 1 else "") \
-        + ("; bias refit)" if config.refit_biases else ")")
+    early, early_rows = None, 0
+    if early_df is not None and len(early_df) and early_pass("ldupac", config):
+        Y_early = labels_of(early_df, tasks)
+        keep_early, w_early = downsample(Y_early, early_df["request_id"].to_numpy(object),
+                                         early_df["post_id"].to_numpy(object), rate)
+        kept = early_df.iloc[np.flatnonzero(keep_early)].reset_index(drop=True)
+        early = (stack_features(ex, kept, config.vw.values), Y_early[keep_early], w_early[keep_early])
+        early_rows = len(kept)
+    steps = (["extractors' slice"] if early is not None else []) \
+        + ([f"{len(passes)} passes"] if len(passes) > 1 else []) + (["bias refit"] if config.refit_biases else [])
+    label = "sparse LR (VW, every task" + "".join(f"; {x}" for x in steps) + ")"
     # The refit scores every row of the slice; without it, only the kept rows are featurized.
     table, labels, learned = (df, Y, rows) if config.refit_biases else \
         (df.iloc[rows].reset_index(drop=True), Y[rows], None)
-    with progress.task(label, lr_work("ldupac", config, len(rows), len(df))) as bar:
+    with progress.task(label, lr_work("ldupac", config, len(rows), len(df), early_rows)) as bar:
         refit = fit_lr(learners, stack_features(ex, table, config.vw.values), labels, weights[rows], config, bar,
-                       rows=learned)
-    counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes)}
+                       rows=learned, early=early)
+    counts = {"rows": int(len(df)), "kept": int(len(rows)), "rate": rate, "passes": list(passes),
+              "extractor_slice_learned": int(early_rows)}
     if refit is not None:
         counts["bias_refit"] = refit
     return counts
@@ -401,11 +431,13 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     with tempfile.TemporaryDirectory() as work:
         ex = train_extractors(parts[0], tasks, config, Path(work), progress)
         learners = TaskLearners(tasks, config.vw)
-        counts = learn_lr(learners, ex, parts[1], config, progress)
+        counts = learn_lr(learners, ex, parts[1], config, progress, early_df=parts[0])
         wall = time.time() - started
         meta = {
             "training": {"rows_per_slice": {"extractors": len(parts[0]), "lr": len(parts[1]),
                                             "lr_kept_after_downsampling": counts["kept"],
+                                            # rows of the extractors' slice the LR learned first
+                                            "lr_early_pass_over_extractors": counts["extractor_slice_learned"],
                                             "test": len(parts[2]) if evaluate_slice else 0},
                          "lr_passes": counts["passes"],
                          **({"lr_bias_refit": counts["bias_refit"]} if "bias_refit" in counts else {}),

@@ -94,7 +94,7 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     write_table(df, tmp_path / "noshare.parquet")
     assert main(["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "s"), *TINY]) == 0
     out, err = capsys.readouterr()
-    assert "warning: label.share: no row of the LR's 1,800 training rows is positive, so share is not learned" in err
+    assert "warning: label.share: no row of the LR's 1,500 training rows is positive, so share is not learned" in err
     assert re.search(r"click +NE \d\.\d{4} \(base rate \d\.\d{4}\)", out), out
     assert "tasks: click, like, comment, hide, dwell (share left out: one outcome only)" in out
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -109,16 +109,16 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     shares_early["label.share"] = (shares_early.index < 50).astype(int)
     write_table(shares_early, tmp_path / "early.parquet")
     assert main(["train", "--data", str(tmp_path / "early.parquet"), "--out", str(tmp_path / "e"), *TINY]) == 0
-    assert "so share is not learned (a task needs both outcomes; 50 positives among the extractors' 600)" \
+    assert "so share is not learned (a task needs both outcomes; 50 positives among the extractors' 900)" \
         in capsys.readouterr().err
     for task in ("click", "like", "comment", "hide", "dwell"):
         df[f"label.{task}"] = 1
     write_table(df, tmp_path / "none.parquet")
     err = _fails(capsys, ["eval", "--data", str(tmp_path / "none.parquet"), *TINY])
-    assert "no task has both outcomes in the LR's 1,800 training rows" in err
+    assert "no task has both outcomes in the LR's 1,500 training rows" in err
     df = table_3k.copy()
     df["label.poke"] = df["label.click"]                        # not an event kind the server takes
-    df.loc[df.index[:900], "f.post.length"] = np.nan             # no value in the extractors' slice
+    df.loc[df.index[:1000], "f.post.length"] = np.nan            # no value in the extractors' slice
     df = pd.concat([df, df.iloc[-5:]], ignore_index=True)        # five impressions twice
     write_table(df, tmp_path / "odd.parquet")
     assert main(["train", "--data", str(tmp_path / "odd.parquet"), "--out", str(tmp_path / "b"), *TINY]) == 0
@@ -133,9 +133,12 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
 
 def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_json(capsys, tmp_path, table_3k):
     from stacker.dataset import write_table
-    write_table(table_3k.head(700), tmp_path / "small.parquet")
+    write_table(table_3k.head(600), tmp_path / "small.parquet")    # extractors' slice: 180 rows
     assert "rows are too few to train on" in _fails(capsys, ["eval", "--data", str(tmp_path / "small.parquet"),
                                                             *TINY])
+    write_table(table_3k.head(700), tmp_path / "small700.parquet")    # test slice: 140 rows
+    assert "700 rows are too few to evaluate on: the test slice (the latest 20%) holds 140 rows and needs at " \
+        "least 200" in _fails(capsys, ["eval", "--data", str(tmp_path / "small700.parquet"), *TINY])
     df = table_3k.copy()
     df.loc[df.index[-600:], "label.share"] = 0                   # no share in the test slice: AUC undefined
     write_table(df, tmp_path / "t.parquet")

@@ -591,6 +591,50 @@ def test_the_lr_learns_the_dense_namespaces_first_then_everything(bundle_dir, ta
     assert manifest["training"]["lr_passes"] == ["ldc", "ldupac"]
 
 
+def test_the_stack_lr_first_learns_the_extractors_slice(bundle_dir, table):
+    """Before its passes over its own slice, the stack's LR makes one pass with every namespace over the
+    rows downsampling keeps in the extractors' slice, so ids seen only there get weights too; LRs
+    without ids (gbdt_lr, dnn_lr) and ``extractor_slice_pass=False`` skip it. Bundles record it."""
+    from stacker.train import early_pass, fit_lr, lr_work, predict_features, take_rows
+    off = TrainConfig(extractor_slice_pass=False)
+    assert early_pass("ldupac", SMALL) and early_pass("upac", SMALL)
+    assert not early_pass("l", SMALL) and not early_pass("d", SMALL) and not early_pass("ldupac", off)
+
+    ranker = StackedRanker.load(bundle_dir)
+    extract, lr_slice, _ = split_by_time(table, SMALL.slices)
+    early_rows, own_rows = extract.iloc[:3000], lr_slice.iloc[:3000]
+
+    def prepared(rows):
+        f = ranker.features(CandidateBatch.from_table(rows, ranker.spec))
+        return (None, f.leaves, f.hidden, f.ids, f.context)
+
+    early_feats, feats = prepared(early_rows), prepared(own_rows)
+    Y_early, Y = labels_of(early_rows, ranker.tasks), labels_of(own_rows, ranker.tasks)
+    early = (early_feats, Y_early, np.ones(len(Y_early)))
+    # users of the early rows that the LR's own rows never show
+    only_early = ~early_rows["user_id"].isin(set(own_rows["user_id"])).to_numpy()
+    assert only_early.sum() > 50
+    user_part = {}
+    for config in (SMALL, off):
+        learners, bar = TaskLearners(ranker.tasks, VWConfig(bits=22)), Rows()    # few hash collisions
+        fit_lr(learners, feats, Y, np.ones(len(Y)), config, bar, "ldupac", early=early)
+        assert bar.n == lr_work("ldupac", config, len(Y), len(Y), len(Y_early)) \
+            == (len(Y_early) if config.extractor_slice_pass else 0) + 2 * len(Y) + len(Y)
+        rows = take_rows(early_feats, np.flatnonzero(only_early))
+        # what the user id adds to each task's logit, beside the task's bias
+        logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+        user_part[config.extractor_slice_pass] = logit(predict_features(learners, rows, "u")) \
+            - logit(predict_features(learners, rows, ""))
+        learners.close()
+    assert (np.abs(user_part[False]) < 1e-6).all(axis=1).mean() > 0.97     # never seen: weight 0
+    assert (np.abs(user_part[True]) > 1e-3).all(axis=1).mean() > 0.9       # learned in the early pass
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    keep, _ = downsample(labels_of(extract, ranker.tasks), extract["request_id"].to_numpy(object),
+                         extract["post_id"].to_numpy(object), SMALL.downsample_rate)
+    assert manifest["training"]["rows_per_slice"]["lr_early_pass_over_extractors"] == keep.sum() > 0
+
+
 def test_the_lr_bias_is_refit_on_every_row_of_its_slice(bundle_dir, table):
     """After its passes over the rows downsampling kept, each task's bias is shifted so the LR's mean
     prediction on every row of its slice (the dropped negatives too) equals the slice's label rate: the

@@ -51,10 +51,10 @@ class TrainConfig:
     dense_warmup: bool = True
     # Before its passes over its own slice, the LR makes one pass with every namespace over the rows of the
     # extractors' slice that downsampling keeps: the ids, id crosses and context tokens then learn from both
-    # training slices, as the per-task baselines do (on the default world a third more impressions per
-    # user x author pair by the test slice); the weights of the leaves and DNN units, which that pass learns
-    # on the extractors' own training rows, are learned again by the passes over the LR slice. Only for
-    # LRs with ids (the stack): it exists for what the ids learn.
+    # training slices, as the per-task baselines do; the weights of the leaves and DNN units, which that
+    # pass learns on the extractors' own training rows, are learned again by the passes over the LR slice.
+    # Only for LRs with ids (the stack): it exists for what the ids learn (docs/evaluation.md, "Learning
+    # from both training slices").
     extractor_slice_pass: bool = True
     # After the passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
     # (the negatives downsampling dropped included) equals the slice's label rate: online passes with

@@ -87,11 +87,12 @@ def _add_train_options(p):
                    help="VW -l for online learning with --optimizer adaptive (default 0.15); FTRL "
                         "models keep their alpha online")
     p.add_argument("--no-dense-warmup", action="store_true",
-                   help="learn the LR in one pass with every namespace, without the first pass over the dense "
-                        "ones alone (leaves, DNN, context)")
+                   help="learn the LR's own slice in one pass with every namespace, without the pass over the "
+                        "dense ones alone (leaves, DNN, context) before it")
     p.add_argument("--no-extractor-slice-pass", action="store_true",
-                   help="learn the LR from its own slice only, without its first pass over the extractors' "
-                        "slice (where the ids, id crosses and context learn from both training slices)")
+                   help="learn the LR from its own slice only. By default it first makes one pass over the "
+                        "extractors' slice (its rows downsampled as the LR's), so the ids, id crosses and "
+                        "context learn from both training slices; in eval only the stack makes it")
     p.add_argument("--no-bias-refit", action="store_true",
                    help="keep each task's bias as the LR's passes leave it, without shifting it so the LR's mean "
                         "prediction on every row of its slice equals the slice's label rate")

@@ -152,7 +152,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         keep_ex, weights_ex = downsample(Y_ex, extract["request_id"].to_numpy(object),
                                          extract["post_id"].to_numpy(object), config.downsample_rate)
         early = (take_rows(tuple(x[:len(extract)] for x in all_feats), np.flatnonzero(keep_ex)),
-                 Y_ex[keep_ex], weights_ex[keep_ex])
+                 Y_ex[keep_ex], weights_ex[keep_ex]) if early_pass("ldupac", config) else None
         refits: dict = {}
         test_feats = stack_features(ex, test, config.vw.values)
         models = Path(work) / "stack_vw" / "lr.model"

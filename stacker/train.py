@@ -52,15 +52,15 @@ class TrainConfig:
     # Before its passes over its own slice, the LR makes one pass with every namespace over the rows of the
     # extractors' slice that downsampling keeps: the ids, id crosses and context tokens then learn from both
     # training slices, as the per-task baselines do; the weights of the leaves and DNN units, which that
-    # pass learns on the extractors' own training rows, are learned again by the passes over the LR slice.
+    # pass learns on the extractors' own training rows, go on learning in the passes over the LR slice.
     # Only for LRs with ids (the stack): it exists for what the ids learn (docs/evaluation.md, "Learning
     # from both training slices").
     extractor_slice_pass: bool = True
     # After the passes, each task's bias is shifted so the LR's mean prediction on every row of its slice
     # (the negatives downsampling dropped included) equals the slice's label rate: online passes with
     # per-coordinate rates do not end at the slice's level, and under FTRL a kept negative of weight 1/w
-    # moves a weight less than 1/w negatives would (on the default world the passes leave share 19% high
-    # on its own slice, like and dwell 4-6%).
+    # moves a weight less than 1/w negatives would (on the default world the passes leave share 14% high
+    # on its own slice, click and comment 4-7% low).
     refit_biases: bool = True
     chunk: int = 4096
     seed: int = 0
@@ -268,8 +268,8 @@ def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str =
 
     Every row, not the downsampled rows the LR learned weighted by 1/w: those understate the predictions
     to come, since every kept negative was learned (its ids' weights pulled down by its own label) and
-    counts 1/w times (on the default world they put click at 0.85 of its rate where every row puts it at
-    0.97). Nor the predictions each row got before it was learned (progressive validation): the final
+    counts 1/w times (on the default world, under the earlier defaults of a quarter of the negatives
+    kept, they put click at 0.85 of its rate where every row puts it at 0.97). Nor the predictions each row got before it was learned (progressive validation): the final
     weights are not at the level the learning passed through (docs/evaluation.md, "Calibration")."""
     p = predict_features(learners, feats, namespaces, bar=bar)
     shifts = bias_shifts(p, Y)
@@ -440,6 +440,7 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
                                             "lr_early_pass_over_extractors": counts["extractor_slice_learned"],
                                             "test": len(parts[2]) if evaluate_slice else 0},
                          "lr_passes": counts["passes"],
+                         "lr_extractor_slice_pass": config.extractor_slice_pass,
                          **({"lr_bias_refit": counts["bias_refit"]} if "bias_refit" in counts else {}),
                          "time_range_ms": [int(parts[0]["ts"].min()), int(parts[1]["ts"].max())],
                          "wall_time_s": round(wall, 2), **({"warnings": warnings} if warnings else {}),

@@ -633,6 +633,7 @@ def test_the_stack_lr_first_learns_the_extractors_slice(bundle_dir, table):
     keep, _ = downsample(labels_of(extract, ranker.tasks), extract["request_id"].to_numpy(object),
                          extract["post_id"].to_numpy(object), SMALL.downsample_rate)
     assert manifest["training"]["rows_per_slice"]["lr_early_pass_over_extractors"] == keep.sum() > 0
+    assert manifest["training"]["lr_extractor_slice_pass"] is True
 
 
 def test_the_lr_bias_is_refit_on_every_row_of_its_slice(bundle_dir, table):

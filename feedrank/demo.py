@@ -33,21 +33,27 @@ def _bundle(workdir: Path, impressions: int, trees: int, quiet: bool) -> Path:
     from stacker.dnn import DNNConfig
     from stacker.gbdt import GBDTConfig
     from stacker.progress import Progress
-    from stacker.train import TrainConfig, train_bundle
+    from stacker.train import TrainConfig, config_key, train_bundle
     from stacker.vwstack import VWConfig
 
-    path = workdir / "bundle"
+    path, stamp = workdir / "bundle", workdir / "bundle.settings"
+    config = TrainConfig(gbdt=GBDTConfig(trees=trees), dnn=DNNConfig(epochs=4), vw=VWConfig(bits=25))
+    # A bundle from an earlier run is reused only if it was trained on the same impressions with the
+    # same settings (this version's defaults included).
+    key = f"{impressions} {config_key(config)}"
     try:
         bundles.verify(path)
-        print(f"using the bundle in {path} (delete it to retrain)")
-        return path
+        if stamp.is_file() and stamp.read_text() == key:
+            print(f"using the bundle in {path} (delete it to retrain)")
+            return path
     except bundles.BundleError:
         pass
     print(f"training a bundle on {impressions:,} simulated impressions ({trees} trees) ...")
     t0 = time.time()
     df = simulate(impressions, progress=not quiet)
-    config = TrainConfig(gbdt=GBDTConfig(trees=trees), dnn=DNNConfig(epochs=4), vw=VWConfig(bits=25))
+    stamp.unlink(missing_ok=True)
     train_bundle(df, path, config, progress=Progress(not quiet))
+    stamp.write_text(key)
     print(f"bundle ready in {time.time() - t0:.0f}s")
     return path
 

@@ -1,6 +1,7 @@
 """The `feedrank` command on bad input: one line naming what is wrong, exit code 2, nothing destroyed."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -87,7 +88,6 @@ def table_3k(tmp_path_factory):
 
 
 def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_about(capsys, tmp_path, table_3k):
-    import json
     from stacker.dataset import write_table
     df = table_3k.copy()
     df["label.share"] = 0        # a backend that never reports shares
@@ -145,7 +145,6 @@ def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_jso
     out = tmp_path / "e.json"
     assert main(["eval", "--data", str(tmp_path / "t.parquet"), "--json", str(out), "--plots", str(tmp_path / "p"),
                  *TINY]) == 0
-    import json
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
     assert report["variants"]["stack"]["share"]["auc"] is None
     assert (tmp_path / "p" / "calibration.png").is_file()
@@ -275,7 +274,6 @@ def test_learn_takes_paths_relative_to_where_it_runs(tmp_path, tiny_bundle, tiny
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-2000:]
-    import json
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["learned_examples"] > 1000
 
@@ -295,7 +293,6 @@ def test_learn_says_so_when_the_log_was_served_by_another_bundle(tmp_path, other
 def test_sigterm_to_the_learner_s_process_group_stops_it_cleanly(tmp_path, tiny_bundle, tiny_records):
     """`timeout`, systemd and Ctrl-C signal the whole group: the feeder child must leave the shutdown to
     the trainer, which checkpoints and exits 0 (it used to die of FeederDied, exit 1)."""
-    import json
     import signal
     import time
     from online.eventlog import EventLog
@@ -319,3 +316,21 @@ def test_sigterm_to_the_learner_s_process_group_stops_it_cleanly(tmp_path, tiny_
     assert proc.returncode == 0, err[-2000:]
     assert "FeederDied" not in err
     assert json.loads(status.read_text())["learned_through"] == len(tiny_records) - 1
+
+
+def test_demo_reuses_its_bundle_only_when_trained_with_the_same_settings(tmp_path, capsys):
+    """`feedrank demo` keeps its bundle between runs, but retrains it when the impressions, the trees
+    or the training defaults differ from those it was trained with."""
+    from feedrank.demo import _bundle
+    first = _bundle(tmp_path, 3000, 5, quiet=True)
+    manifest = (first / "manifest.json").read_text()
+    assert "training a bundle" in capsys.readouterr().out
+    assert _bundle(tmp_path, 3000, 5, quiet=True) == first
+    assert "using the bundle" in capsys.readouterr().out
+    assert (first / "manifest.json").read_text() == manifest
+    _bundle(tmp_path, 3000, 6, quiet=True)                        # other trees: retrained
+    assert "training a bundle" in capsys.readouterr().out
+    assert json.loads((first / "manifest.json").read_text())["gbdt"]["trees"] == 6
+    (tmp_path / "bundle.settings").write_text("3000 an-older-version")
+    _bundle(tmp_path, 3000, 6, quiet=True)                        # trained by another version: retrained
+    assert "training a bundle" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """Online against frozen: the same bundle scored on a later stream, once frozen and once learning.
 
-The stream after the bundle's training window is replayed in time order. The frozen stack scores
+The bundle is trained on the earlier part of the table as ``train`` trains one, its extractors' and
+LR's slices in the proportions of ``config.slices`` (the test fraction is unused: the stream is the
+test). The stream after the bundle's training window is replayed in time order. The frozen stack scores
 every impression with the bundle's weights; the online stack scores each impression with what it
 has learned so far and learns it 5 minutes after its time (progressive validation), as the online
 learner does when an impression's attribution window closes. Metrics are per task over the last
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,7 @@ def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100
     tasks = tuple(schema.tasks_in(df.columns))
     with tempfile.TemporaryDirectory() as work:
         t0 = time.time()
-        cfg = replace(config, slices=(0.5, 0.5, 0.0))
-        bundle = train_bundle(head, Path(work) / "bundle", cfg, tasks, progress, evaluate_slice=False)
+        bundle = train_bundle(head, Path(work) / "bundle", config, tasks, progress, evaluate_slice=False)
         ranker = StackedRanker.load(bundle)
         tasks = tuple(ranker.tasks)    # training leaves out a task with one outcome
         feats = ranker.features(CandidateBatch.from_table(stream, ranker.spec))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from stacker.dataset import PLAUSIBLE_MS, unit_hint
+from stacker.dataset import implausible_ms, unit_hint
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
 
@@ -180,8 +180,7 @@ class RankingHandler:
         unknown_media = [m for m in set(r.media) if m and m not in ranker.spec.media_types]
         if unknown_media:
             raise InvalidInput("candidates.media_types", f"unknown media type {unknown_media[0]!r}")
-        lo, hi = PLAUSIBLE_MS
-        bad = (r.created_at != 0) & ((r.created_at < lo) | (r.created_at >= hi))
+        bad = implausible_ms(r.created_at, zero_ok=True)
         if bad.any():
             i = int(np.argmax(bad))
             raise InvalidInput("candidates.created_at_ms", f"{int(r.created_at[i])} at index {i} is not a time "
@@ -202,7 +201,7 @@ class RankingHandler:
                 raise InvalidInput(name, f"{len(value)} characters, limit {s.max_string_len}")
         if r.time_ms < 0:
             raise InvalidInput("context.time_ms", f"negative ({r.time_ms})")
-        if 0 < r.time_ms < PLAUSIBLE_MS[0] or r.time_ms >= PLAUSIBLE_MS[1]:
+        if implausible_ms(r.time_ms, zero_ok=True):
             raise InvalidInput("context.time_ms", f"{r.time_ms} is not a time between 1990 and 2100 in milliseconds "
                                f"since the epoch{unit_hint(r.time_ms)} (0: the server's clock)")
         if r.time_ms > now_ms + s.max_future_ms:

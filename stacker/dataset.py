@@ -116,14 +116,20 @@ def _timestamps(col: pd.Series, what: str, zero_ok: bool = False) -> np.ndarray:
         x = col.to_numpy("datetime64[ms]").astype(np.int64)
     else:
         x = _numbers(col, what, integer=True)
-    lo, hi = PLAUSIBLE_MS
-    bad = (x < lo) | (x >= hi)
-    if zero_ok:
-        bad &= x != 0
+    bad = implausible_ms(x, zero_ok)
     if bad.any():
         _refuse(what, bad, col, f"outside 1990-2100 as milliseconds since the epoch"
                                 f"{unit_hint(float(np.median(x[bad])), plural=True)}")
     return x.astype(np.int64)
+
+
+def implausible_ms(x, zero_ok: bool = False):
+    """Where ``x`` is no time between 1990 and 2100 in milliseconds since the epoch (``zero_ok``: 0,
+    unknown, is fine), elementwise."""
+    x = np.asarray(x)
+    lo, hi = PLAUSIBLE_MS
+    bad = (x < lo) | (x >= hi)
+    return bad & (x != 0) if zero_ok else bad
 
 
 def unit_hint(ms: float, plural: bool = False) -> str:
@@ -284,8 +290,8 @@ def read_table(path) -> pd.DataFrame:
     if df.empty:
         raise ValueError(f"{path}: no rows")
     if "schema_version" not in df.columns:
-        raise ValueError(f"{path}: not an impression table{_bad_line(path)}") if _bad_line(path) else \
-            _version_error(path, None)
+        bad_line = _bad_line(path)
+        raise ValueError(f"{path}: not an impression table{bad_line}") if bad_line else _version_error(path, None)
     versions = df["schema_version"]
     if versions.isna().any():
         first = int(np.flatnonzero(versions.isna().to_numpy())[0])

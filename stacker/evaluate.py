@@ -28,9 +28,9 @@ from .dnn import train_mlp
 from .gbdt import train_gbdt
 from .metrics import json_safe, task_metrics
 from .progress import Progress, warn
-from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample, early_pass, fit_lr, labels_of,
-                    lr_work, predict_features, split_by_time, stack_features, take_rows, time_slices,
-                    train_extractors)
+from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample_table, early_pass, fit_lr,
+                    labels_of, lr_work, predict_features, split_by_time, stack_features, take_rows,
+                    time_slices, train_extractors)
 from .vwstack import TaskLearners, VWConfig, learn_text, predict_text
 from .vwtext import batch_text
 
@@ -140,8 +140,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         ex = train_extractors(extract, tasks, config, Path(work), progress)
         timings["extractors"] = round(time.time() - t0, 2)
         Y_lr = labels_of(lr_slice, tasks)
-        keep, weights = downsample(Y_lr, lr_slice["request_id"].to_numpy(object),
-                                   lr_slice["post_id"].to_numpy(object), config.downsample_rate)
+        keep, weights = downsample_table(lr_slice, Y_lr, config.downsample_rate)
         rows = np.flatnonzero(keep)
         # Every row of both training slices (the LR variants refit their biases on every row of theirs;
         # lr_ids learns from both slices); the LR slice's are the last of them.
@@ -149,8 +148,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
         lr_feats = tuple(x[len(extract):] for x in all_feats)
         # The stack first learns the extractors' slice (the rows downsampling keeps there), as train does.
         Y_ex = labels_of(extract, tasks)
-        keep_ex, weights_ex = downsample(Y_ex, extract["request_id"].to_numpy(object),
-                                         extract["post_id"].to_numpy(object), config.downsample_rate)
+        keep_ex, weights_ex = downsample_table(extract, Y_ex, config.downsample_rate)
         early = (take_rows(tuple(x[:len(extract)] for x in all_feats), np.flatnonzero(keep_ex)),
                  Y_ex[keep_ex], weights_ex[keep_ex]) if early_pass("ldupac", config) else None
         refits: dict = {}
@@ -183,8 +181,7 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
             timed("dnn", lambda: train_mlp(X_all, Y_all, config.dnn,
                                            progress=lambda i, n: bar.update(1)).predict_proba(test_feats[0]))
 
-        keep_all, w_all = downsample(Y_all, train_all["request_id"].to_numpy(object),
-                                     train_all["post_id"].to_numpy(object), config.downsample_rate)
+        keep_all, w_all = downsample_table(train_all, Y_all, config.downsample_rate)
         rows_all = np.flatnonzero(keep_all)
         timed("lr_ids", lambda: _learn_and_predict(tasks, config, "upac", all_feats, Y_all, rows_all,
                                                    w_all[rows_all], test_feats, progress, "lr_ids", refits))
@@ -199,10 +196,9 @@ def evaluate(df: pd.DataFrame, config: TrainConfig = TrainConfig(), dataset: str
     variants = {v: {t: task_metrics(Y_test[:, k], preds[v][:, k], base[k]) for k, t in enumerate(tasks)}
                 for v in order if v in preds}
     report = {"dataset": dataset, "test_rows": int(len(test)), "variants": variants,
-              "tasks": list(tasks), "train_rows": {"extractors": len(extract), "lr": len(lr_slice),
-                                                   "lr_early_pass_over_extractors":
-                                                       int(keep_ex.sum()) if early_pass("ldupac", config) else 0,
-                                                   "lr_kept": int(len(rows))},
+              "tasks": list(tasks),
+              "train_rows": {"extractors": len(extract), "lr": len(lr_slice), "lr_kept": int(len(rows)),
+                             "lr_early_pass_over_extractors": 0 if early is None else len(early[1])},
               "stack_online_label_delay_ms": int(label_delay_ms), "lr_bias_refit": refits,
               "seconds": timings, "wall_time_s": round(time.time() - started, 1),
               **({"warnings": warnings} if warnings else {}), "_predictions": {"y": Y_test, **preds}}

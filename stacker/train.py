@@ -118,6 +118,11 @@ def downsample(labels: np.ndarray, request_ids, post_ids, rate: float) -> tuple[
     return keep, weights
 
 
+def downsample_table(df: pd.DataFrame, labels: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`downsample` for the rows of an impression table (``labels``: theirs, [N, T])."""
+    return downsample(labels, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
+
+
 def labels_of(df: pd.DataFrame, tasks) -> np.ndarray:
     return np.stack([df[schema.label_column(t)].to_numpy(np.int8) for t in tasks], axis=1)
 
@@ -269,7 +274,8 @@ def refit_biases(learners: TaskLearners, feats, Y: np.ndarray, namespaces: str =
     Every row, not the downsampled rows the LR learned weighted by 1/w: those understate the predictions
     to come, since every kept negative was learned (its ids' weights pulled down by its own label) and
     counts 1/w times (on the default world, under the earlier defaults of a quarter of the negatives
-    kept, they put click at 0.85 of its rate where every row puts it at 0.97). Nor the predictions each row got before it was learned (progressive validation): the final
+    kept, they put click at 0.85 of its rate where every row puts it at 0.97). Nor the predictions each
+    row got before it was learned (progressive validation): the final
     weights are not at the level the learning passed through (docs/evaluation.md, "Calibration")."""
     p = predict_features(learners, feats, namespaces, bar=bar)
     shifts = bias_shifts(p, Y)
@@ -287,14 +293,13 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     tasks = learners.tasks
     rate = config.downsample_rate if rate is None else rate
     Y = labels_of(df, tasks)
-    keep, weights = downsample(Y, df["request_id"].to_numpy(object), df["post_id"].to_numpy(object), rate)
+    keep, weights = downsample_table(df, Y, rate)
     rows = np.flatnonzero(keep)
     passes = lr_passes("ldupac", config)
     early, early_rows = None, 0
     if early_df is not None and len(early_df) and early_pass("ldupac", config):
         Y_early = labels_of(early_df, tasks)
-        keep_early, w_early = downsample(Y_early, early_df["request_id"].to_numpy(object),
-                                         early_df["post_id"].to_numpy(object), rate)
+        keep_early, w_early = downsample_table(early_df, Y_early, rate)
         kept = early_df.iloc[np.flatnonzero(keep_early)].reset_index(drop=True)
         early = (stack_features(ex, kept, config.vw.values), Y_early[keep_early], w_early[keep_early])
         early_rows = len(kept)

@@ -43,7 +43,6 @@ predictions.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from itertools import repeat
@@ -370,15 +369,22 @@ class SparseScorer:
         return 1.0 / (1.0 + np.exp(-self.logits(leaves, hidden, ids, ctx)))
 
 
-def workspace_weights(workspace, bits: int) -> np.ndarray:
-    """Dense float32 copy of a workspace's non-zero weights, as rows of 8 slots ``[2**(bits-3), 8]``."""
-    entries = json.loads(workspace.json_weights())["weights"]
-    flat = np.zeros(1 << bits, dtype=np.float32)
-    if entries:
-        idx = np.fromiter((e["index"] for e in entries), dtype=np.int64, count=len(entries))
-        val = np.fromiter((e["value"] for e in entries), dtype=np.float32, count=len(entries))
-        flat[idx] = val
-    return np.ascontiguousarray(flat.reshape(SLOTS, -1).T)
+def workspace_weights(workspace, bits: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Dense float32 copy of a workspace's weights, as rows of 8 slots ``[2**(bits-3), 8]``.
+
+    Read one weight at a time, ``chunk`` at a time, straight into the copy (10 s at ``-b 26``). VW's
+    ``json_weights`` takes as long and holds 600 bytes per non-zero weight while it writes: 2.5 GiB for
+    the 4M of a stack trained on 1M impressions."""
+    import pylibvw
+
+    get, rows = pylibvw.vw.get_weight, 1 << (bits - 3)
+    out = np.empty((rows, SLOTS), dtype=np.float32)
+    for slot in range(SLOTS):
+        for a in range(0, rows, chunk):
+            b = min(a + chunk, rows)
+            out[a:b, slot] = np.fromiter(map(get, repeat(workspace), range(slot * rows + a, slot * rows + b),
+                                             repeat(0)), np.float32, b - a)
+    return out
 
 
 def namespace_hashes(workspace, pair_letters: str = "") -> dict[str, int]:

@@ -108,6 +108,24 @@ def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
     assert served.std(axis=0).min() > 0  # not a constant model
 
 
+def test_weights_copy_holds_every_weight_vw_lists(bundle_dir):
+    """The numpy copy, read one weight at a time, against VW's own listing of its non-zero weights."""
+    import json
+
+    from online.learner import vw_config
+    from stacker.bundle import VW_MODEL
+    from stacker.vwstack import SLOTS
+    ranker = StackedRanker.load(bundle_dir)
+    vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path=bundle_dir / VW_MODEL)
+    copy = vw.weights()
+    listed = json.loads(vw.workspace.json_weights())["weights"]
+    flat = np.zeros(SLOTS * len(copy), np.float32)
+    flat[[e["index"] for e in listed]] = [e["value"] for e in listed]
+    assert copy.shape == (1 << (vw.config.bits - 3), SLOTS) and len(listed) > 1000
+    np.testing.assert_array_equal(copy, flat.reshape(SLOTS, -1).T)
+    vw.close()
+
+
 def test_stack_online_learns_each_row_only_once_its_labels_are_due(bundle_dir, table):
     """``progressive`` with row times scores a chunk with exactly the rows whose labels were due (time
     at most the chunk's first row's minus the delay) learned, in time order."""

@@ -3,7 +3,8 @@
 Layout::
 
     manifest.json        format version, bundle id, feature spec, tasks, EV weights, VW settings,
-                         training window and metrics, and the SHA-256 and size of every file below
+                         training window and metrics, the SHA-256 and size of every file below,
+                         and the SHA-256 of its own contents (manifest_sha256)
     gbdt.ubj             XGBoost model (leaf extractor)
     dnn.npz              frozen multi-task MLP (scaler + layers)
     lr_weights.npz       numpy copy of every task's non-zero VW weights (the serving path)
@@ -31,10 +32,13 @@ from .metrics import json_safe
 # stacker.vwstack). Versions 1 and 2 held one VW model per task and are refused.
 # 4: dnn.npz also holds each input's training range (lo, hi), which the network clips its inputs to; a
 # server that predates it refuses the bundle rather than score it unclipped. Version 3 still loads.
-FORMAT_VERSION = 4
-SUPPORTED_VERSIONS = (3, 4)
+# 5: the manifest holds its own checksum (MANIFEST_SHA256), so an edited manifest (tasks swapped, EV
+# weights changed) is refused like a changed model file. Versions 3 and 4 still load unchecked.
+FORMAT_VERSION = 5
+SUPPORTED_VERSIONS = (3, 4, 5)
 VW_MODEL = "vw/lr.model"
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"
 
 
 class BundleError(Exception):
@@ -74,9 +78,12 @@ def finalize(directory: Path, manifest: dict) -> Path:
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = dict(manifest, format_version=FORMAT_VERSION, files=files)
+    # Checksummed as it will read back (JSON keys are strings), then written with the checksum.
+    manifest = json.loads(json.dumps(json_safe(dict(manifest, format_version=FORMAT_VERSION, files=files)),
+                                     allow_nan=False))
+    manifest[MANIFEST_SHA256] = manifest_digest(manifest)
     tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False))
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, directory / MANIFEST)
     return directory
 
@@ -98,7 +105,22 @@ def read_manifest(directory) -> dict:
         raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
                           f"one of the supported {SUPPORTED_VERSIONS} (bundles before version 3 hold one "
                           f"VW model per task; retrain them with feedrank train)")
+    if manifest["format_version"] >= 5:
+        recorded = manifest.get(MANIFEST_SHA256)
+        if not isinstance(recorded, str):
+            raise BundleError(f"{path}: lists no {MANIFEST_SHA256} (format_version {manifest['format_version']} "
+                              "manifests carry their own checksum)")
+        if recorded != manifest_digest(manifest):
+            raise BundleError(f"{path}: checksum mismatch (the manifest was edited after the bundle was made; "
+                              f"its {MANIFEST_SHA256} no longer matches its contents)")
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's contents but its own checksum, as compact JSON with sorted keys."""
+    rest = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                          .encode()).hexdigest()
 
 
 def candidate_bundles(model_dir) -> list[Path]:

@@ -347,7 +347,7 @@ def test_explained_blocks_add_up_to_the_served_logit(tiny_bundle):
 
 
 def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_path):
-    from stacker.bundle import copy_bundle
+    from stacker.bundle import copy_bundle, finalize
     rs, stub, admin, _ = live
     good = copy_bundle(tiny_bundle, tmp_path / "good")
     resp = admin.Reload(pb.ReloadRequest(bundle_path=str(good)), metadata=AUTH)
@@ -368,9 +368,14 @@ def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_
     no_depth = copy_bundle(tiny_bundle, tmp_path / "nodepth")
     m = json.loads((no_depth / "manifest.json").read_text())
     del m["gbdt"]["depth"]
-    (no_depth / "manifest.json").write_text(json.dumps(m))
+    finalize(no_depth, m)                                  # a consistent manifest the loader cannot use
+    edited = copy_bundle(tiny_bundle, tmp_path / "edited")
+    m = json.loads((edited / "manifest.json").read_text())
+    m["tasks"] = m["tasks"][::-1]                          # every task's scores under another's name
+    (edited / "manifest.json").write_text(json.dumps(m))
     for path, why in ((str(tmp_path / "nul\x00byte"), "not a bundle directory"), ("/" + "x" * 10_000, "File name too long"),
-                      (str(listed), "manifest is a JSON list, not an object"), (str(no_depth), "cannot load model files ('depth')")):
+                      (str(listed), "manifest is a JSON list, not an object"), (str(no_depth), "cannot load model files ('depth')"),
+                      (str(edited), "manifest.json: checksum mismatch (the manifest was edited")):
         err = _error(admin.Reload, pb.ReloadRequest(bundle_path=path), metadata=AUTH)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and why in err.details(), err.details()
         assert rs.model.current().path == good

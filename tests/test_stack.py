@@ -176,7 +176,8 @@ def test_bundle_round_trip_and_manifest(bundle_dir):
 
 @pytest.mark.parametrize("damage, message", [
     ("tamper", "checksum mismatch"), ("truncate", "truncated"), ("delete", "missing"),
-    ("manifest", "not valid JSON"), ("version", "format_version")])
+    ("manifest", "not valid JSON"), ("version", "format_version"), ("edit", "the manifest was edited"),
+    ("unsummed", "lists no manifest_sha256")])
 def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     target = copy / "gbdt.ubj"
@@ -191,6 +192,14 @@ def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damag
     elif damage == "manifest":
         target = copy / "manifest.json"
         target.write_text(target.read_text()[:50])
+    elif damage in ("edit", "unsummed"):
+        target = copy / "manifest.json"
+        m = json.loads(target.read_text())
+        if damage == "edit":
+            m["ev_weights"]["click"] = 100.0
+        else:
+            del m["manifest_sha256"]
+        target.write_text(json.dumps(m))
     else:
         target = copy / "manifest.json"
         m = json.loads(target.read_text())
@@ -550,9 +559,9 @@ def test_an_adaptive_bundle_scores_like_vw(tmp_path, table):
     vw.close()
 
 
-def test_new_bundles_are_format_4(bundle_dir):
+def test_new_bundles_are_format_5(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert m["format_version"] == 4 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
+    assert m["format_version"] == 5 and m["vw"]["optimizer"] == "ftrl" and m["vw"]["values"]["l"] == 0.05
     assert m["vw"]["layout"] == "task-slots-v1" and "vw/lr.model" in m["files"]
     assert m["vw"]["shared_tasks"] == [t for t in m["tasks"] if t != "hide"]
 

@@ -143,6 +143,9 @@ def _load_data(args, components: bool = False):
     if getattr(args, "data", None) and Path(args.data).is_dir():
         out = _log_table(args), f"event log {args.data}", None
     elif getattr(args, "data", None):
+        if getattr(args, "served_by", None):
+            raise UsageError(f"--served-by goes with an event-log directory in --data, and {args.data} is a "
+                             "table (its features are named already): drop --served-by")
         out = read_table(args.data), f"table {args.data}", None
     elif getattr(args, "dataset", None):
         from stacker.movielens import load_movielens_100k
@@ -161,21 +164,23 @@ def cmd_simulate(args):
     from feedsim.describe import describe, format_description
     from feedsim.simulate import simulate
     from stacker.dataset import write_table
+    from stacker.metrics import json_safe
     if args.describe:
+        if args.out:
+            raise UsageError("--describe prints the world's statistics and writes no table: drop --out, "
+                             "or run simulate --out without --describe")
+        _check_writable(args.json, "--json")
         d = describe(n_impressions=args.n, seed=args.seed, progress=_progress(args))
         print(format_description(d))
         if args.json:
-            Path(args.json).write_text(json.dumps(d, indent=2))
+            Path(args.json).write_text(json.dumps(json_safe(d), indent=2, allow_nan=False))
         return 0
     if not args.out:
-        print("feedrank simulate: give --out PATH (.parquet or .jsonl) or --describe", file=sys.stderr)
-        return 2
+        raise UsageError("give --out PATH (.parquet or .jsonl) or --describe")
     if args.json:
-        print("feedrank simulate: --json goes with --describe", file=sys.stderr)
-        return 2
+        raise UsageError("--json goes with --describe")
     if Path(args.out).suffix.lower() not in (".parquet", ".jsonl"):
-        print(f"feedrank simulate: --out {args.out}: use .parquet or .jsonl", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {args.out}: use .parquet or .jsonl")
     if Path(args.out).exists() and not args.force:
         raise UsageError(f"--out {args.out} exists; give another path, or --force to replace it")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +206,23 @@ def _check_out(out: Path, force: bool) -> None:
                          f"or empty directory")
 
 
+def _check_writable(path, flag: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: its directory (made if missing)
+    must be writable, and a file's path must not be a directory."""
+    if not path:
+        return
+    path = Path(path)
+    parent = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot make {parent} ({e.strerror or e})") from None
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not a writable directory")
+
+
 def cmd_train(args):
     from stacker.train import train_bundle
     _check_out(Path(args.out), args.force)
@@ -222,7 +244,8 @@ def cmd_train(args):
 
     def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
         return "n/a" if x is None else f"{x:.{digits}f}"
-    for task, m in metrics.items():
+    for task, m in sorted(metrics.items(), key=lambda kv: manifest["tasks"].index(kv[0])
+                          if kv[0] in manifest["tasks"] else len(manifest["tasks"])):   # the bundle's task order
         base = f" (base rate {num(m['base_rate_ne'], 4)})" if "base_rate_ne" in m else ""
         print(f"  {task:<8} NE {num(m['ne'], 4)}{base}  AUC {num(m['auc'], 4)}  "
               f"calibration {num(m['calibration'], 3)}  positives {m['positives']}")
@@ -236,6 +259,8 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from stacker.evaluate import evaluate, format_table, write_outputs
+    _check_writable(args.json, "--json")
+    _check_writable(args.plots, "--plots", directory=True)
     config = _train_config(args)
     df, source, comps = _load_data(args, components=True)
     peers = {}
@@ -257,6 +282,8 @@ def cmd_eval(args):
 
 def cmd_eval_online(args):
     from online.compare import compare, format_comparison, plot, write
+    _check_writable(args.json, "--json")
+    _check_writable(args.plot, "--plot")
     config = _train_config(args)
     df, source = _load_data(args)
     report = compare(df, config, bundle_share=args.bundle_share, progress=_progress(args))
@@ -275,13 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="write simulated impressions or describe the default world")
-    p.add_argument("-n", type=T.positive_int, default=1_000_000, help="impressions (default 1,000,000)")
+    p.add_argument("-n", type=T.positive_int, default=1_000_000, help="impressions (default 1,000,000); with --describe, the sample its statistics are measured on")
     p.add_argument("--out", help="output table (.parquet or .jsonl)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--describe", action="store_true", help="print the default world's statistics")
     p.add_argument("--json", help="with --describe: also write the statistics as JSON")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=None,
+                   help="draw another sample of impressions (requests, users, labels) from the same world "
+                        "(default: the world's own seed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="train a bundle from a table or the simulator")
@@ -314,8 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(with --served-by)")
     src.add_argument("--simulate", type=T.positive_int, metavar="N", help="N simulated impressions")
     p.add_argument("--bundle-share", type=T.share, default=0.5,
-                   help="share of the (time-ordered) rows the bundle is trained on; the rest is streamed")
-    p.add_argument("--plot", default="runs/eval-online.png", help="PNG of NE over time, frozen vs online")
+                   help="share of the (time-ordered) rows the bundle is trained on; the rest is streamed "
+                        "(default 0.5)")
+    p.add_argument("--plot", default="runs/eval-online.png",
+                   help="PNG of NE over time, frozen vs online (default runs/eval-online.png)")
     p.add_argument("--json", help="write the comparison as JSON")
     _add_train_options(p)
     p.set_defaults(func=cmd_eval_online, dataset=None)

@@ -172,7 +172,7 @@ def register(sub) -> None:
     p.add_argument("--model-dir", help="publish weight updates under MODEL_DIR/updates/<bundle_id>/")
     p.add_argument("--tasks", help="comma-separated tasks to learn (default: all of the bundle's)")
     add_join_options(p)
-    p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (1 = off)")
+    p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (default 1 = off)")
     p.add_argument("--checkpoint-every-s", type=float, default=30.0)
     p.add_argument("--checkpoint-every-examples", type=int, default=None)
     p.add_argument("--publish-every-s", type=float, default=0.2)

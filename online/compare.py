@@ -20,17 +20,21 @@ import numpy as np
 from stacker import schema
 from stacker.evaluate import progressive
 from stacker.features import CandidateBatch
-from stacker.metrics import task_metrics
+from stacker.metrics import json_safe, task_metrics
 from stacker.progress import Progress
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
-from stacker.train import TrainConfig, labels_of, split_by_time, train_bundle
+from stacker.train import MIN_SLICE_ROWS, TrainConfig, labels_of, split_by_time, train_bundle
 
 
 def compare(df, config: TrainConfig, bundle_share: float = 0.5, chunk: int = 100,
             progress: Progress | None = None, online_learning_rate: float | None = None) -> dict:
     progress = progress or Progress()
     head, stream = split_by_time(df, (bundle_share, 1 - bundle_share))
+    if len(stream) // 3 < MIN_SLICE_ROWS:
+        raise ValueError(f"{len(df):,} rows are too few to compare on: the stream (the latest "
+                         f"{1 - bundle_share:.0%}) holds {len(stream):,} rows, and its last third, where the "
+                         f"metrics are taken, needs at least {MIN_SLICE_ROWS:,}")
     tasks = tuple(schema.tasks_in(df.columns))
     with tempfile.TemporaryDirectory() as work:
         t0 = time.time()
@@ -77,7 +81,7 @@ def format_comparison(r: dict) -> str:
 
 def write(r: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(r, indent=2))
+    path.write_text(json.dumps(json_safe(r), indent=2, allow_nan=False))   # NaN (undefined) as null
 
 
 def plot(r: dict, path: Path) -> Path:

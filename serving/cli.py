@@ -54,22 +54,33 @@ def register(sub) -> None:
     p.add_argument("--config", help="settings file (.toml, .json or .yaml); env FEEDRANK_* and flags override it")
     p.add_argument("--bundle", help="bundle directory to serve")
     p.add_argument("--model-dir", help="serve the newest valid bundle here and hot-swap newer ones")
-    p.add_argument("--host")
-    p.add_argument("--port", type=T.port)
-    p.add_argument("--workers", type=T.positive_int, help="server processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--threads", type=T.positive_int, help="gRPC handler threads per process")
-    p.add_argument("--metrics-port", type=T.port, help="Prometheus HTTP port")
-    p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN)")
-    p.add_argument("--eventlog-dir", help="local event log directory")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
+    from .settings import ServingSettings
+    fields = ServingSettings.model_fields
+
+    def default(name: str, text: str) -> str:    # the settings' own default, shown in --help
+        d = fields[name].default
+        return f"{text} (default {'off' if d is None else d})"
+    p.add_argument("--host", help=default("host", "address to listen on ('[::]' for all interfaces)"))
+    p.add_argument("--port", type=T.port, help=default("port", "gRPC port (0 = pick a free one)"))
+    p.add_argument("--workers", type=T.positive_int, help=default("workers", "server processes sharing the port "
+                                                                               "(SO_REUSEPORT)"))
+    p.add_argument("--threads", type=T.positive_int, help=default("threads", "gRPC handler threads per process"))
+    p.add_argument("--metrics-port", type=T.port, help=default("metrics_port", "Prometheus HTTP port"))
+    p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN; "
+                                         "default: admin calls refused)")
+    p.add_argument("--eventlog-dir", help=default("eventlog_dir", "local event log directory"))
+    p.add_argument("--tls-cert", help="server certificate (PEM), with --tls-key (default: plaintext)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--learner", action=argparse.BooleanOptionalAction, default=None,
                    help="run the online learner in its own process beside the server (default: on)")
-    p.add_argument("--learner-state-dir", help="the learner's checkpoints, status and published updates")
-    p.add_argument("--attribution-window-ms", type=T.positive_int, help="attribution window in ms of event time")
+    p.add_argument("--learner-state-dir", help=default("learner_state_dir", "the learner's checkpoints, status and "
+                                                                           "published updates"))
+    p.add_argument("--attribution-window-ms", type=T.positive_int,
+                   help=default("attribution_window_ms", "attribution window in ms of event time"))
     p.add_argument("--returned-is-viewed", action="store_true", default=None,
                    help="treat every returned post as viewed")
-    p.add_argument("--downsample-rate", type=T.rate, help="online negative downsampling rate (1 = off)")
+    p.add_argument("--downsample-rate", type=T.rate,
+                   help=default("downsample_rate", "online negative downsampling rate (1 = off)"))
     p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
     p.set_defaults(func=cmd_serve)
 

@@ -173,7 +173,7 @@ def _load_initial(rs: RankingServer) -> None:
             rs.model.load_newest(s.model_dir)
     except RefusedBundle as e:
         log.error("%s", e)
-    if not rs.model.ready:
+    if not rs.model.ready and s.bundle is None:    # a refused --bundle stops the server (serve) instead
         log.warning("%s", NO_MODEL_HINT)
 
 

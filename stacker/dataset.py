@@ -176,7 +176,8 @@ def _check_columns(path, df: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in KEY_COLUMNS if c not in df.columns and c != "position"]  # position: optional
     if missing:
         raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                         f"(an impression table has {', '.join(KEY_COLUMNS)}, f.* features and label.* tasks)")
+                         f"(an impression table has {', '.join(c for c in KEY_COLUMNS if c != 'position')}, "
+                         "position where it was logged, f.* features and label.* tasks)")
     if not tasks_in(df.columns):
         raise ValueError(f"{path}: no label.<task> column, so nothing to learn")
     return df
@@ -212,6 +213,8 @@ class TableWriter:
         self._jsonl = None
 
     def write(self, df: pd.DataFrame) -> None:
+        if self.rows == 0 and self._schema is None and self._jsonl is None:
+            _check_columns(self.name, df)    # refused now, not when the table is read back
         df = _fix_dtypes(df.copy(), self.name, self.rows)
         if self.suffix == ".parquet":
             import pyarrow as pa
@@ -221,13 +224,13 @@ class TableWriter:
                 meta = dict(table.schema.metadata or {})
                 meta[META_KEY] = str(SCHEMA_VERSION).encode()
                 self._schema = table.schema.with_metadata(meta)
-                self._parquet = pq.ParquetWriter(self._partial, self._schema)
+                self._parquet = self._opened(lambda: pq.ParquetWriter(self._partial, self._schema))
             elif table.schema.names != self._schema.names:
                 raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
             self._parquet.write_table(table.cast(self._schema))
         else:
             if self._jsonl is None:
-                self._jsonl = open(self._partial, "w")
+                self._jsonl = self._opened(lambda: open(self._partial, "w"))
                 self._columns = list(df.columns)
             elif list(df.columns) != self._columns:
                 raise ValueError(f"{self.name}: a chunk's columns differ from the first chunk's")
@@ -236,6 +239,13 @@ class TableWriter:
                 text = df.to_json(orient="records", lines=True, double_precision=15)
                 self._jsonl.write(text if text.endswith("\n") else text + "\n")
         self.rows += len(df)
+
+    def _opened(self, make):
+        """``make()``, the file beside ``path`` the chunks go to; a failure names ``path``, not that file."""
+        try:
+            return make()
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write a table there ({e.strerror or e})", str(self.path)) from e
 
     def commit(self) -> None:
         """Finish the table and put it at ``path`` (after at least one :meth:`write`)."""

@@ -9,6 +9,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# One colour per variant in every plot.
+_ORDER = ("base_rate", "lr_ids", "gbdt", "dnn", "gbdt_lr", "dnn_lr", "stack", "stack_online", "river_fm", "oracle")
+
+
+def variant_color(variant: str, variants) -> tuple:
+    colors = plt.get_cmap("tab10").colors
+    k = _ORDER.index(variant) if variant in _ORDER else len(_ORDER) + list(variants).index(variant)
+    return colors[k % len(colors)]
+
 
 def ne_plot(report: dict, path: Path) -> Path:
     tasks, variants = report["tasks"], list(report["variants"])
@@ -16,13 +25,15 @@ def ne_plot(report: dict, path: Path) -> Path:
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
         ne = [report["variants"][v][t]["ne"] for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, ne, width, label=v)
+        ax.bar(np.arange(len(tasks)) + i * width, [np.nan if x is None else x for x in ne], width, label=v,
+               color=variant_color(v, variants))
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("normalized entropy (lower is better)")
     ax.set_title(f"{report['dataset']}: NE on the latest time slice ({report['test_rows']:,} rows)")
-    lo = min(report["variants"][v][t]["ne"] for v in variants for t in tasks)
-    ax.set_ylim(max(0.0, lo - 0.1), 1.15)
+    ne = np.array([report["variants"][v][t]["ne"] for v in variants for t in tasks], dtype=float)
+    lo, hi = (np.nanmin(ne), np.nanmax(ne)) if np.isfinite(ne).any() else (0.0, 1.0)
+    ax.set_ylim(max(0.0, lo - 0.1), max(1.15, hi + 0.05))   # every bar whole
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -50,7 +61,7 @@ def calibration_plot(report: dict, path: Path, bins: int = 12) -> Path:
             idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
             mp = np.bincount(idx, p, len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
             my = np.bincount(idx, y[:, k], len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
-            ax.plot(mp, my, marker=".", label=v, lw=1)
+            ax.plot(mp, my, marker=".", label=v, lw=1, color=variant_color(v, report["variants"]))
             top = max(top, mp.max(), my.max())
         ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8)
         ax.set_title(task)

@@ -356,6 +356,9 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
         warnings.append(f"{', '.join(empty)}: no value in the extractors' slice (the earliest "
                         f"{len(parts[0]):,} rows), so the GBDT and the DNN learn nothing from "
                         f"{'them' if len(empty) > 1 else 'it'}; default 0")
+    if "position" not in parts[0].columns:
+        warnings.append("no position column: every impression is taken as shown at the top, so position "
+                        "bias is not learned and lower slots' lower engagement is read as the posts' own")
     keys = pd.concat([p[["request_id", "post_id"]] for p in parts], ignore_index=True)
     repeated = int(keys.duplicated().sum())
     if repeated:

@@ -49,6 +49,7 @@ def _fails(capsys, argv) -> str:
     (["train", "--simulate", "100", "--slices", "a,b,c"], "--slices 'a,b,c': three comma-separated fractions"),
     (["train", "--simulate", "100", "--shared-tasks", "clik,like"], "--shared-tasks: unknown task 'clik'"),
     (["train", "--simulate", "100", "--interactions", "ua,au"], "id crosses ua,au: a cross is listed twice"),
+    (["simulate", "--describe", "--out", "x.parquet"], "--describe prints the world's statistics and writes no table"),
 ])
 def test_bad_arguments_are_refused_before_any_work(capsys, argv, says):
     assert says in _fails(capsys, argv)
@@ -62,6 +63,16 @@ def test_bad_tables_and_paths_get_one_line(capsys, tmp_path):
     assert err.startswith("feedrank eval: error: ") and "bad.jsonl: not valid JSON Lines" in err and "line 2" in err
     assert "use .parquet or .jsonl" in _fails(capsys, ["simulate", "-n", "100", "--out", str(tmp_path / "x.csv")])
     assert not (tmp_path / "b").exists()
+    assert main(["simulate", "-n", "300", "--out", str(tmp_path / "t.parquet"), "--quiet"]) == 0
+    assert "--served-by goes with an event-log directory in --data" in _fails(
+        capsys, ["train", "--data", str(tmp_path / "t.parquet"), "--served-by", str(tmp_path), "--out",
+                 str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "afile").write_text("")
+    for argv in (["eval", "--json", str(tmp_path / "afile" / "e.json")], ["eval", "--plots", str(tmp_path / "afile")],
+                 ["eval-online", "--plot", str(tmp_path / "afile" / "o.png")]):
+        err = _fails(capsys, [*argv, "--simulate", "3000"])     # refused before simulating anything
+        assert err.startswith(f"feedrank {argv[0]}: error: {argv[1]} ") and "afile" in err and "simulated" not in err
 
 
 def test_too_few_rows_to_train_on_are_refused(capsys, tmp_path):
@@ -129,6 +140,12 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert len(manifest["training"]["warnings"]) == 3
     assert manifest["feature_spec"]["defaults"]["post.length"] == 0.0
+    write_table(table_3k.drop(columns=["position"]), tmp_path / "nopos.parquet")   # a backend that logs none
+    assert main(["train", "--data", str(tmp_path / "nopos.parquet"), "--out", str(tmp_path / "np"), *TINY]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: no position column: every impression is taken as shown at the top" in err
+    assert [line.split()[0] for line in out.splitlines() if " NE " in line] == \
+        ["click", "like", "comment", "share", "hide", "dwell"]                   # the bundle's task order
 
 
 def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_json(capsys, tmp_path, table_3k):
@@ -154,6 +171,13 @@ def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_jso
     assert "stack_online learns no label before scoring its rows, so it equals stack" in capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["variants"]["stack_online"]["click"] == report["variants"]["stack"]["click"]
+    # eval-online: its metrics come from the stream's last third; undefined ones are null in its JSON
+    assert "700 rows are too few to compare on: the stream (the latest 50%) holds 350 rows, and its last third" \
+        in _fails(capsys, ["eval-online", "--data", str(tmp_path / "small700.parquet"), *TINY])
+    assert main(["eval-online", "--data", str(tmp_path / "t.parquet"), "--json", str(out), "--plot",
+                 str(tmp_path / "o.png"), *TINY]) == 0
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    assert report["online"]["share"]["auc"] is None and report["frozen"]["click"]["auc"] > 0.5
 
 
 def test_training_leaves_a_neighbour_named_like_its_staging_directory_alone(tmp_path, table_3k):

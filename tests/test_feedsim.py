@@ -192,12 +192,15 @@ def test_unreadable_tables_are_refused_with_the_file_and_the_fault(small, tmp_pa
         read_table(tmp_path / "nope.parquet")
     with pytest.raises(ValueError, match="unknown table format '.csv'"):
         read_table(tmp_path / "t.csv")
-    write_table(df.drop(columns=["user_id", "ts"]), tmp_path / "cols.parquet")
-    with pytest.raises(ValueError, match="cols.parquet: missing columns ts, user_id"):
-        read_table(tmp_path / "cols.parquet")
-    write_table(df[[c for c in df.columns if not c.startswith("label.")]], tmp_path / "nolabel.jsonl")
-    with pytest.raises(ValueError, match="no label.<task> column"):
-        read_table(tmp_path / "nolabel.jsonl")
+    no_labels = df[[c for c in df.columns if not c.startswith("label.")]]
+    for bad, name, fault in ((df.drop(columns=["user_id", "ts"]), "cols", "missing columns ts, user_id"),
+                             (no_labels, "nolabel", "no label.<task> column")):
+        with pytest.raises(ValueError, match=f"{name}.parquet: {fault}"):     # refused when written
+            write_table(bad, tmp_path / f"{name}.parquet")
+        assert not list(tmp_path.glob(f"*{name}*"))                          # and nothing left behind
+        bad.assign(schema_version=SCHEMA_VERSION).to_json(tmp_path / f"{name}.jsonl", orient="records", lines=True)
+        with pytest.raises(ValueError, match=f"{name}.jsonl: {fault}"):       # or when read, made elsewhere
+            read_table(tmp_path / f"{name}.jsonl")
     path = tmp_path / "torn.jsonl"
     write_table(df, path)
     lines = path.read_text().splitlines()

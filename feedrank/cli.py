@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="write simulated impressions or describe the default world")
-    p.add_argument("-n", type=T.positive_int, default=1_000_000, help="impressions (default 1,000,000); with --describe, the sample its statistics are measured on")
+    p.add_argument("-n", type=T.positive_int, default=1_000_000,
+                   help="impressions (default 1,000,000); with --describe, the sample its statistics are "
+                        "measured on")
     p.add_argument("--out", help="output table (.parquet or .jsonl)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--describe", action="store_true", help="print the default world's statistics")

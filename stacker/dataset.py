@@ -306,11 +306,30 @@ def read_table(path) -> pd.DataFrame:
     if versions.isna().any():
         first = int(np.flatnonzero(versions.isna().to_numpy())[0])
         raise ValueError(f"{path}: {int(versions.isna().sum()):,} rows have no schema_version field (the first: "
-                         f"row {first:,}); write the table with stacker.dataset.write_table")
+                         f"row {first:,}, line {_line_of_row(path, first):,}); write the table with "
+                         "stacker.dataset.write_table")
     bad = versions[versions.astype(str) != str(SCHEMA_VERSION)]
     if len(bad):
         raise _version_error(path, bad.iloc[0])
-    return _check_columns(path, _fix_dtypes(df.drop(columns=["schema_version"]), str(path)))
+    try:
+        return _check_columns(path, _fix_dtypes(df.drop(columns=["schema_version"]), str(path)))
+    except TableError as e:
+        if e.first is None:
+            raise
+        raise TableError(f"{e} (line {_line_of_row(path, e.first):,} of the file)", e.what, e.problem, e.count,
+                         e.total, e.first, e.value) from None
+
+
+def _line_of_row(path: Path, row: int) -> int:
+    """The 1-based line of a JSON Lines file holding its ``row``-th record (rows count from 0; blank lines
+    hold none)."""
+    seen = -1
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return number
+    return row + 1
 
 
 def _bad_line(path) -> str:

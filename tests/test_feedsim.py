@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -207,6 +208,13 @@ def test_unreadable_tables_are_refused_with_the_file_and_the_fault(small, tmp_pa
     lines[7] = lines[7][:40]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"torn.jsonl: not valid JSON Lines .*; line 8: "):
+        read_table(path)
+    write_table(df, path)                                              # a bad value, after a blank line
+    lines = path.read_text().splitlines()
+    lines[10] = re.sub(r'"label\.click":\d', '"label.click":2', lines[10])
+    lines.insert(3, "")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"label.click: not 0 or 1 .* \(row 10: 2\) \(line 12 of the file\)"):
         read_table(path)
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="junk.parquet: not a readable Parquet file"):

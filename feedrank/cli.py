@@ -173,6 +173,7 @@ def cmd_simulate(args):
         d = describe(n_impressions=args.n, seed=args.seed, progress=_progress(args))
         print(format_description(d))
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(json_safe(d), indent=2, allow_nan=False))
         return 0
     if not args.out:
@@ -207,20 +208,25 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _check_writable(path, flag: str, directory: bool = False) -> None:
-    """Refuse, before any work, an output path that cannot be written: its directory (made if missing)
-    must be writable, and a file's path must not be a directory."""
+    """Refuse, before any work, an output path that could not be written: a file that is there must be
+    writable, and otherwise the nearest directory that is there on the way to it (the writer makes the
+    rest); a file's path must not be a directory. Nothing is made here."""
     if not path:
         return
     path = Path(path)
-    parent = path if directory else path.parent
     if not directory and path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file path")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot make {parent} ({e.strerror or e})") from None
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {parent} is not a writable directory")
+    if path.exists() and not directory:
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: not writable")
+        return
+    there = path if directory else path.parent
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise UsageError(f"{flag} {path}: {there} is not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {there} is not a writable directory")
 
 
 def cmd_train(args):

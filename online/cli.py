@@ -173,19 +173,23 @@ def register(sub) -> None:
     p.add_argument("--tasks", help="comma-separated tasks to learn (default: all of the bundle's)")
     add_join_options(p)
     p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (default 1 = off)")
-    p.add_argument("--checkpoint-every-s", type=float, default=30.0)
-    p.add_argument("--checkpoint-every-examples", type=int, default=None)
-    p.add_argument("--publish-every-s", type=float, default=0.2)
+    p.add_argument("--checkpoint-every-s", type=float, default=30.0,
+                   help="checkpoint (VW models and log offsets) at least this often (default 30)")
+    p.add_argument("--checkpoint-every-examples", type=int, default=None,
+                   help="also checkpoint after this many learned examples (default: by time only)")
+    p.add_argument("--publish-every-s", type=float, default=0.2,
+                   help="with --model-dir: publish weight updates this often, or 10 times a publish's own "
+                        "time if longer (default 0.2)")
     p.add_argument("--pretouch", action="store_true", help="touch every weight page at start-up")
     p.add_argument("--audit", action="store_true", help="write what each checkpoint learned to STATE/audit/")
     p.add_argument("--keep-open", action="store_true", help="with --replay: do not close open windows at the end")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--stream", default="feedrank:records")
-    p.add_argument("--group", default="learner")
-    p.add_argument("--consumer", default="learner-0")
+    p.add_argument("--stream", default="feedrank:records", help="with --redis: the stream (default feedrank:records)")
+    p.add_argument("--group", default="learner", help="with --redis: the consumer group (default learner)")
+    p.add_argument("--consumer", default="learner-0", help="with --redis: this consumer's name (default learner-0)")
     p.add_argument("--single-process", action="store_true",
                    help="featurize and learn in one process (default: a two-process pipeline)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("export", help="served records joined with their events, as an impression table")

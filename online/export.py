@@ -43,9 +43,11 @@ def bundle_specs(paths) -> dict[str, FeatureSpec]:
     """``bundle_id -> FeatureSpec`` from bundle directories, or directories holding bundles."""
     specs: dict[str, FeatureSpec] = {}
     for path in map(Path, paths):
-        found = [path] if (path / MANIFEST).is_file() else candidate_bundles(path)
+        refused: list = []
+        found = [path] if (path / MANIFEST).is_file() else candidate_bundles(path, refused)
         if not found:
-            raise BundleError(f"{path}: neither a bundle directory nor a directory of bundles")
+            raise BundleError("; ".join(map(str, refused)) if refused else
+                              f"{path}: neither a bundle directory nor a directory of bundles")
         for d in found:
             m = read_manifest(d)
             specs[m["bundle_id"]] = FeatureSpec.from_dict(m["feature_spec"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ SUPPORTED_VERSIONS = (3, 4, 5)
 VW_MODEL = "vw/lr.model"
 MANIFEST = "manifest.json"
 MANIFEST_SHA256 = "manifest_sha256"
+log = logging.getLogger(__name__)
 
 
 class BundleError(Exception):
@@ -105,12 +107,18 @@ def read_manifest(directory) -> dict:
         raise BundleError(f"{path}: format_version {manifest.get('format_version')!r} is not "
                           f"one of the supported {SUPPORTED_VERSIONS} (bundles before version 3 hold one "
                           f"VW model per task; retrain them with feedrank train)")
-    if manifest["format_version"] >= 5:
+    # Manifests of format 5 on carry their own checksum, and one that carries it is checked whatever
+    # format it now claims (a version lowered by hand does not skip the check).
+    if manifest["format_version"] >= 5 or MANIFEST_SHA256 in manifest:
         recorded = manifest.get(MANIFEST_SHA256)
         if not isinstance(recorded, str):
             raise BundleError(f"{path}: lists no {MANIFEST_SHA256} (format_version {manifest['format_version']} "
                               "manifests carry their own checksum)")
-        if recorded != manifest_digest(manifest):
+        try:
+            digest = manifest_digest(manifest)
+        except (ValueError, TypeError, RecursionError) as e:   # NaN or Infinity: JSON's parser takes them
+            raise BundleError(f"{path}: manifest holds a value strict JSON has not ({e})") from None
+        if recorded != digest:
             raise BundleError(f"{path}: checksum mismatch (the manifest was edited after the bundle was made; "
                               f"its {MANIFEST_SHA256} no longer matches its contents)")
     return manifest
@@ -123,15 +131,30 @@ def manifest_digest(manifest: dict) -> str:
                           .encode()).hexdigest()
 
 
-def candidate_bundles(model_dir) -> list[Path]:
-    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first."""
+_warned: set = set()
+
+
+def candidate_bundles(model_dir, refused: list | None = None) -> list[Path]:
+    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first. A directory
+    whose manifest is there but refused is left out, logged once per state of the manifest and added to
+    ``refused`` (its error) if given."""
     found = []
     for p in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
         if p.is_dir() and not p.name.endswith(".partial"):
             try:
                 found.append((int(read_manifest(p).get("created_at", 0)), p.stat().st_mtime, p))
-            except BundleError:
-                continue
+            except BundleError as e:
+                if not (p / MANIFEST).is_file():
+                    continue                      # not a bundle: another directory beside them
+                if refused is not None:
+                    refused.append(e)
+                try:
+                    state = (str(p), (p / MANIFEST).stat().st_mtime_ns)
+                except OSError:
+                    continue
+                if state not in _warned:
+                    _warned.add(state)
+                    log.warning("skipping %s: %s", p, e)
     return [p for *_, p in sorted(found, reverse=True)]
 
 

@@ -150,15 +150,20 @@ def train_extractors(df: pd.DataFrame, tasks, config: TrainConfig, workdir: Path
     return Extractors(spec, LeafExtractor(booster, config.gbdt.depth, config.gbdt.threads), mlp, path)
 
 
+def leaf_dtype(trees: int, node_stride: int):
+    """The smallest integer type for leaf features, which run below ``trees * node_stride``: uint16 for
+    200 trees of depth 6 (25,600), half the memory of XGBoost's int32 for every row of both training
+    slices; int32 past 65,536."""
+    return np.uint16 if trees * node_stride <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
 def stack_features(ex: Extractors, df: pd.DataFrame, values=None, chunk: int = 50_000):
     """Leaves, rounded hidden activations (times the ``d`` value of ``values``), ids and context for
     every row of a table."""
     batch = CandidateBatch.from_table(df, ex.spec)
     X = build_dense(ex.spec, batch)
     ids, ctx = build_sparse(ex.spec, batch)
-    # Leaf features run below trees * 2**(depth+1): 25,600 for 200 trees of depth 6, so two bytes each
-    # (half the memory of XGBoost's int32 for every row of both training slices).
-    small = np.uint16 if ex.extractor.trees * ex.extractor.node_stride <= np.iinfo(np.uint16).max + 1 else np.int32
+    small = leaf_dtype(ex.extractor.trees, ex.extractor.node_stride)
     leaves = np.concatenate([ex.extractor.leaves(X[i:i + chunk]).astype(small, copy=False)
                              for i in range(0, len(X), chunk)]) if len(X) else np.zeros((0, ex.extractor.trees), small)
     hidden = round_hidden(ex.mlp.hidden(X), namespace_values(values)["d"])

@@ -95,6 +95,18 @@ def test_leaf_features_match_xgboost_pred_leaf(tmp_path, table, dense):
     assert all((t, int(own[i, t])) in is_leaf for i in range(300) for t in range(15))
 
 
+def test_training_holds_leaf_features_in_two_bytes_where_they_fit(bundle_dir, table):
+    from stacker.train import Extractors, leaf_dtype, stack_features
+    ranker = StackedRanker.load(bundle_dir)
+    ex = Extractors(ranker.spec, ranker.extractor, ranker.mlp, bundle_dir / "gbdt.ubj")
+    rows = table.iloc[-300:].reset_index(drop=True)
+    X, leaves = stack_features(ex, rows)[:2]
+    assert leaves.dtype == np.uint16
+    np.testing.assert_array_equal(leaves, ranker.extractor.leaves(X))    # XGBoost's int32, the same values
+    assert leaf_dtype(200, 128) == leaf_dtype(512, 128) == np.uint16     # ids up to 65,534
+    assert leaf_dtype(513, 128) == leaf_dtype(70, 1024) == np.int32
+
+
 def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
     from online.learner import vw_config
     from stacker.bundle import VW_MODEL
@@ -108,21 +120,26 @@ def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
     assert served.std(axis=0).min() > 0  # not a constant model
 
 
-def test_weights_copy_holds_every_weight_vw_lists(bundle_dir):
-    """The numpy copy, read one weight at a time, against VW's own listing of its non-zero weights."""
+def test_weights_copy_holds_every_weight_vw_lists(bundle_dir, monkeypatch):
+    """The numpy copy, read one weight at a time (a dense model) or from VW's listing (a sparse one),
+    against VW's own listing of its non-zero weights."""
     import json
 
     from online.learner import vw_config
+    from stacker import vwstack
     from stacker.bundle import VW_MODEL
     from stacker.vwstack import SLOTS
     ranker = StackedRanker.load(bundle_dir)
     vw = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path=bundle_dir / VW_MODEL)
-    copy = vw.weights()
     listed = json.loads(vw.workspace.json_weights())["weights"]
-    flat = np.zeros(SLOTS * len(copy), np.float32)
+    flat = np.zeros(SLOTS << (vw.config.bits - 3), np.float32)
     flat[[e["index"] for e in listed]] = [e["value"] for e in listed]
-    assert copy.shape == (1 << (vw.config.bits - 3), SLOTS) and len(listed) > 1000
-    np.testing.assert_array_equal(copy, flat.reshape(SLOTS, -1).T)
+    assert len(listed) > 1000
+    for share in (0.0, 2.0):                  # every weight read one at a time; VW's listing
+        monkeypatch.setattr(vwstack, "LISTED_SHARE", share)
+        copy = vw.weights()
+        assert copy.shape == (1 << (vw.config.bits - 3), SLOTS)
+        np.testing.assert_array_equal(copy, flat.reshape(SLOTS, -1).T)
     vw.close()
 
 
@@ -177,7 +194,8 @@ def test_bundle_round_trip_and_manifest(bundle_dir):
 @pytest.mark.parametrize("damage, message", [
     ("tamper", "checksum mismatch"), ("truncate", "truncated"), ("delete", "missing"),
     ("manifest", "not valid JSON"), ("version", "format_version"), ("edit", "the manifest was edited"),
-    ("unsummed", "lists no manifest_sha256")])
+    ("unsummed", "lists no manifest_sha256"), ("lowered", "the manifest was edited"),
+    ("nan", "holds a value strict JSON has not")])
 def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     target = copy / "gbdt.ubj"
@@ -192,11 +210,15 @@ def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damag
     elif damage == "manifest":
         target = copy / "manifest.json"
         target.write_text(target.read_text()[:50])
-    elif damage in ("edit", "unsummed"):
+    elif damage in ("edit", "unsummed", "lowered", "nan"):
         target = copy / "manifest.json"
         m = json.loads(target.read_text())
         if damage == "edit":
             m["ev_weights"]["click"] = 100.0
+        elif damage == "lowered":                # an edit that claims the format before checksums
+            m["ev_weights"]["click"], m["format_version"] = 100.0, 4
+        elif damage == "nan":
+            m["ev_weights"]["click"] = float("nan")
         else:
             del m["manifest_sha256"]
         target.write_text(json.dumps(m))
@@ -521,6 +543,7 @@ def test_a_format_3_bundle_loads_and_scores_its_inputs_unclipped(bundle_dir, tab
     finalize(old, m)
     m = json.loads((old / "manifest.json").read_text())
     m["format_version"] = 3
+    del m["manifest_sha256"]          # as format 3 wrote them (a format-5 manifest lowered to 3 is refused)
     (old / "manifest.json").write_text(json.dumps(m))
     new, ranker = StackedRanker.load(bundle_dir), StackedRanker.load(old)
     assert ranker.mlp.lo is None and new.mlp.lo is not None
@@ -723,3 +746,23 @@ def test_without_the_refit_the_bundle_keeps_the_biases_its_passes_learned(tmp_pa
     diff = logit(refit.predict_features(refit.features(batch))) - logit(off.predict_features(off.features(batch)))
     # every row but the odd one whose ids hash onto a bias weight's coordinate at -b 18
     assert np.isclose(diff, shifts, atol=1e-3).all(axis=1).mean() > 0.999
+
+
+def test_a_directory_of_bundles_skips_an_edited_one_saying_so_once(bundle_dir, tmp_path, caplog):
+    from online.export import bundle_specs
+    from stacker.bundle import copy_bundle
+    models = tmp_path / "models"
+    good, edited = copy_bundle(bundle_dir, models / "good"), copy_bundle(bundle_dir, models / "edited")
+    (models / "updates").mkdir()                                     # not a bundle: passed over in silence
+    m = json.loads((edited / "manifest.json").read_text())
+    m["tasks"] = m["tasks"][::-1]
+    (edited / "manifest.json").write_text(json.dumps(m))
+    refused: list = []
+    with caplog.at_level("WARNING", logger="stacker.bundle"):
+        assert bundles.candidate_bundles(models, refused) == [good]
+        assert bundles.candidate_bundles(models) == [good]
+    assert len(refused) == 1 and "manifest.json: checksum mismatch" in str(refused[0])
+    assert [r.getMessage() for r in caplog.records] == [f"skipping {edited}: {refused[0]}"]
+    shutil.rmtree(good)
+    with pytest.raises(bundles.BundleError, match="edited/manifest.json: checksum mismatch"):
+        bundle_specs([models])                                        # export names why, not "no bundles"

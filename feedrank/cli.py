@@ -250,8 +250,8 @@ def cmd_train(args):
 
     def num(x, digits):   # null in the manifest: not defined (no positive in the test slice)
         return "n/a" if x is None else f"{x:.{digits}f}"
-    for task, m in sorted(metrics.items(), key=lambda kv: manifest["tasks"].index(kv[0])
-                          if kv[0] in manifest["tasks"] else len(manifest["tasks"])):   # the bundle's task order
+    for task in (t for t in manifest["tasks"] if t in metrics):    # the bundle's task order
+        m = metrics[task]
         base = f" (base rate {num(m['base_rate_ne'], 4)})" if "base_rate_ne" in m else ""
         print(f"  {task:<8} NE {num(m['ne'], 4)}{base}  AUC {num(m['auc'], 4)}  "
               f"calibration {num(m['calibration'], 3)}  positives {m['positives']}")

@@ -48,39 +48,45 @@ def cmd_bench(args) -> int:
             "freshness": freshness.bench_freshness}[args.what](args)
 
 
+class _SettingsDefaults(argparse.HelpFormatter):
+    """``serve --help`` gives the default of each flag in ``SHOWN`` from the settings themselves (the flags
+    default to None so a settings file and the environment can apply); pydantic is imported only when help
+    is shown, not on every command's start-up."""
+
+    SHOWN = ("host", "port", "workers", "threads", "metrics_port", "eventlog_dir", "learner_state_dir",
+             "attribution_window_ms", "downsample_rate")
+
+    def _get_help_string(self, action):
+        if action.dest not in self.SHOWN:
+            return action.help
+        from .settings import ServingSettings
+        d = ServingSettings.model_fields[action.dest].default
+        return f"{action.help} (default {'off' if d is None else d})"
+
+
 def register(sub) -> None:
     from feedrank import argtypes as T
-    p = sub.add_parser("serve", help="run the gRPC ranking server")
+    p = sub.add_parser("serve", help="run the gRPC ranking server", formatter_class=_SettingsDefaults)
     p.add_argument("--config", help="settings file (.toml, .json or .yaml); env FEEDRANK_* and flags override it")
     p.add_argument("--bundle", help="bundle directory to serve")
     p.add_argument("--model-dir", help="serve the newest valid bundle here and hot-swap newer ones")
-    from .settings import ServingSettings
-    fields = ServingSettings.model_fields
-
-    def default(name: str, text: str) -> str:    # the settings' own default, shown in --help
-        d = fields[name].default
-        return f"{text} (default {'off' if d is None else d})"
-    p.add_argument("--host", help=default("host", "address to listen on ('[::]' for all interfaces)"))
-    p.add_argument("--port", type=T.port, help=default("port", "gRPC port (0 = pick a free one)"))
-    p.add_argument("--workers", type=T.positive_int, help=default("workers", "server processes sharing the port "
-                                                                               "(SO_REUSEPORT)"))
-    p.add_argument("--threads", type=T.positive_int, help=default("threads", "gRPC handler threads per process"))
-    p.add_argument("--metrics-port", type=T.port, help=default("metrics_port", "Prometheus HTTP port"))
+    p.add_argument("--host", help="address to listen on ('[::]' for all interfaces)")
+    p.add_argument("--port", type=T.port, help="gRPC port (0 = pick a free one)")
+    p.add_argument("--workers", type=T.positive_int, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--threads", type=T.positive_int, help="gRPC handler threads per process")
+    p.add_argument("--metrics-port", type=T.port, help="Prometheus HTTP port")
     p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN; "
                                          "default: admin calls refused)")
-    p.add_argument("--eventlog-dir", help=default("eventlog_dir", "local event log directory"))
+    p.add_argument("--eventlog-dir", help="local event log directory")
     p.add_argument("--tls-cert", help="server certificate (PEM), with --tls-key (default: plaintext)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--learner", action=argparse.BooleanOptionalAction, default=None,
                    help="run the online learner in its own process beside the server (default: on)")
-    p.add_argument("--learner-state-dir", help=default("learner_state_dir", "the learner's checkpoints, status and "
-                                                                           "published updates"))
-    p.add_argument("--attribution-window-ms", type=T.positive_int,
-                   help=default("attribution_window_ms", "attribution window in ms of event time"))
+    p.add_argument("--learner-state-dir", help="the learner's checkpoints, status and published updates")
+    p.add_argument("--attribution-window-ms", type=T.positive_int, help="attribution window in ms of event time")
     p.add_argument("--returned-is-viewed", action="store_true", default=None,
                    help="treat every returned post as viewed")
-    p.add_argument("--downsample-rate", type=T.rate,
-                   help=default("downsample_rate", "online negative downsampling rate (1 = off)"))
+    p.add_argument("--downsample-rate", type=T.rate, help="online negative downsampling rate (1 = off)")
     p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
     p.set_defaults(func=cmd_serve)
 

@@ -9,29 +9,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# One colour per variant in every plot.
-_ORDER = ("base_rate", "lr_ids", "gbdt", "dnn", "gbdt_lr", "dnn_lr", "stack", "stack_online", "river_fm", "oracle")
-
-
 def variant_color(variant: str, variants) -> tuple:
+    """A variant's colour, by its place among the report's ``variants``: the same in every plot of a run,
+    those that leave a variant out included."""
     colors = plt.get_cmap("tab10").colors
-    k = _ORDER.index(variant) if variant in _ORDER else len(_ORDER) + list(variants).index(variant)
-    return colors[k % len(colors)]
+    return colors[list(variants).index(variant) % len(colors)]
 
 
 def ne_plot(report: dict, path: Path) -> Path:
     tasks, variants = report["tasks"], list(report["variants"])
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4.5))
     width = 0.8 / len(variants)
+    ne = np.array([[report["variants"][v][t]["ne"] for t in tasks] for v in variants], dtype=float)  # None: NaN
     for i, v in enumerate(variants):
-        ne = [report["variants"][v][t]["ne"] for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, [np.nan if x is None else x for x in ne], width, label=v,
-               color=variant_color(v, variants))
+        ax.bar(np.arange(len(tasks)) + i * width, ne[i], width, label=v, color=variant_color(v, variants))
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("normalized entropy (lower is better)")
     ax.set_title(f"{report['dataset']}: NE on the latest time slice ({report['test_rows']:,} rows)")
-    ne = np.array([report["variants"][v][t]["ne"] for v in variants for t in tasks], dtype=float)
     lo, hi = (np.nanmin(ne), np.nanmax(ne)) if np.isfinite(ne).any() else (0.0, 1.0)
     ax.set_ylim(max(0.0, lo - 0.1), max(1.15, hi + 0.05))   # every bar whole
     ax.legend(ncol=4, fontsize=8)

@@ -401,8 +401,9 @@ def _listed_weights(workspace, bits: int) -> np.ndarray:
     entries = json.loads(workspace.json_weights())["weights"]
     flat = np.zeros(1 << bits, dtype=np.float32)
     if entries:
-        flat[np.fromiter((e["index"] for e in entries), np.int64, len(entries))] = \
-            np.fromiter((e["value"] for e in entries), np.float32, len(entries))
+        idx = np.fromiter((e["index"] for e in entries), dtype=np.int64, count=len(entries))
+        val = np.fromiter((e["value"] for e in entries), dtype=np.float32, count=len(entries))
+        flat[idx] = val
     return np.ascontiguousarray(flat.reshape(SLOTS, -1).T)
 
 

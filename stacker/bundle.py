@@ -11,7 +11,8 @@ Layout::
     vw/lr.model          the resumable VW model of every task's LR (the online learner continues from it)
 
 Loading verifies sizes and checksums and refuses a tampered, truncated or mismatched bundle with a
-message naming the file.
+message naming the file, and a manifest whose fields the server could not use (a default that is not a
+number, tasks listed twice) naming the field.
 """
 from __future__ import annotations
 
@@ -121,7 +122,74 @@ def read_manifest(directory) -> dict:
         if recorded != digest:
             raise BundleError(f"{path}: checksum mismatch (the manifest was edited after the bundle was made; "
                               f"its {MANIFEST_SHA256} no longer matches its contents)")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise BundleError(f"{path}: {problem}")
     return manifest
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _names(x, empty_ok: bool = True) -> bool:
+    return isinstance(x, list) and all(isinstance(n, str) and n for n in x) and len(set(x)) == len(x) \
+        and (empty_ok or bool(x))
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the fields a server, learner or export reads from a manifest (None when
+    nothing is): a manifest another tool wrote, or one of a format before its own checksum, edited by
+    hand, is refused when read instead of failing on a request."""
+    from .vwstack import VWConfig
+
+    def section(name):
+        value = manifest.get(name)
+        return value if isinstance(value, dict) else None
+
+    if not isinstance(manifest.get("bundle_id"), str) or not manifest["bundle_id"]:
+        return f"bundle_id {manifest.get('bundle_id')!r} is not a non-empty string"
+    tasks = manifest.get("tasks")
+    if not _names(tasks, empty_ok=False):
+        return f"tasks {tasks!r} is not a non-empty list of distinct task names"
+    ev = section("ev_weights")
+    if ev is None or not all(_number(v) for v in ev.values()):
+        return f"ev_weights {manifest.get('ev_weights')!r} is not an object of finite numbers"
+    spec = section("feature_spec")
+    if spec is None:
+        return "feature_spec is missing or not an object"
+    for key in ("user_features", "post_features", "media_types", "devices", "surfaces"):
+        if not _names(spec.get(key), empty_ok=key.endswith("_features")):
+            return f"feature_spec.{key} {spec.get(key)!r} is not a list of distinct names"
+    defaults = spec.get("defaults")
+    if not isinstance(defaults, dict):
+        return f"feature_spec.defaults {defaults!r} is not an object"
+    for name, value in defaults.items():
+        if not _number(value):
+            return f"feature_spec.defaults[{name!r}] is {value!r}, not a finite number"
+    gbdt = section("gbdt")
+    for key in ("depth", "trees"):
+        value = None if gbdt is None else gbdt.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"gbdt.{key} {value!r} is not a positive integer"
+    vw = section("vw")
+    if vw is None:
+        return "vw is missing or not an object"
+    bits = vw.get("bits")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 4 <= bits <= 30:
+        return f"vw.bits {bits!r} is not an integer between 4 and 30"
+    hashes = vw.get("namespace_hashes")
+    if not isinstance(hashes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in hashes.values()):
+        return f"vw.namespace_hashes {hashes!r} is not an object of integers"
+    try:
+        VWConfig.from_dict(vw)
+    except KeyError as e:
+        return f"vw lacks {e}"
+    except (TypeError, ValueError, AttributeError) as e:
+        return f"vw settings are not valid ({e})"
+    if not isinstance(manifest.get("files"), dict):
+        return "files is missing or not an object"
+    return None
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -195,7 +195,9 @@ def test_bundle_round_trip_and_manifest(bundle_dir):
     ("tamper", "checksum mismatch"), ("truncate", "truncated"), ("delete", "missing"),
     ("manifest", "not valid JSON"), ("version", "format_version"), ("edit", "the manifest was edited"),
     ("unsummed", "lists no manifest_sha256"), ("lowered", "the manifest was edited"),
-    ("nan", "holds a value strict JSON has not")])
+    ("nan", "holds a value strict JSON has not"),
+    ("default", "feature_spec.defaults['post.length'] is 'abc', not a finite number"),
+    ("tasks", "tasks ['click', 'click'] is not a non-empty list"), ("cross", "vw settings are not valid (id cross 'uu'")])
 def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     target = copy / "gbdt.ubj"
@@ -210,6 +212,17 @@ def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damag
     elif damage == "manifest":
         target = copy / "manifest.json"
         target.write_text(target.read_text()[:50])
+    elif damage in ("default", "tasks", "cross"):  # checksummed, but not a manifest feedrank reads
+        target = copy / "manifest.json"
+        m = json.loads(target.read_text())
+        if damage == "default":
+            m["feature_spec"]["defaults"]["post.length"] = "abc"
+        elif damage == "tasks":
+            m["tasks"] = ["click", "click"]
+        else:
+            m["vw"]["interactions"] = ["uu"]
+        m["manifest_sha256"] = bundles.manifest_digest(m)
+        target.write_text(json.dumps(m))
     elif damage in ("edit", "unsummed", "lowered", "nan"):
         target = copy / "manifest.json"
         m = json.loads(target.read_text())

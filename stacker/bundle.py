@@ -202,15 +202,27 @@ def manifest_digest(manifest: dict) -> str:
 _warned: set = set()
 
 
+def bundle_age(directory, manifest: dict) -> tuple:
+    """What orders bundles from oldest to newest: the manifest's ``created_at``, then the directory's
+    modification time."""
+    return (int(manifest.get("created_at", 0)), Path(directory).stat().st_mtime)
+
+
 def candidate_bundles(model_dir, refused: list | None = None) -> list[Path]:
-    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first. A directory
-    whose manifest is there but refused is left out, logged once per state of the manifest and added to
-    ``refused`` (its error) if given."""
+    """Bundle directories under ``model_dir`` (those with a readable manifest), newest first
+    (:func:`dated_bundles`)."""
+    return [p for _, p in dated_bundles(model_dir, refused)]
+
+
+def dated_bundles(model_dir, refused: list | None = None) -> list[tuple[tuple, Path]]:
+    """Bundle directories under ``model_dir`` (those with a readable manifest) with their
+    :func:`bundle_age`, newest first. A directory whose manifest is there but refused is left out, logged
+    once per state of the manifest and added to ``refused`` (its error) if given."""
     found = []
     for p in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
         if p.is_dir() and not p.name.endswith(".partial"):
             try:
-                found.append((int(read_manifest(p).get("created_at", 0)), p.stat().st_mtime, p))
+                found.append((bundle_age(p, read_manifest(p)), p))
             except BundleError as e:
                 if not (p / MANIFEST).is_file():
                     continue                      # not a bundle: another directory beside them
@@ -223,7 +235,7 @@ def candidate_bundles(model_dir, refused: list | None = None) -> list[Path]:
                 if state not in _warned:
                     _warned.add(state)
                     log.warning("skipping %s: %s", p, e)
-    return [p for *_, p in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
 
 
 def verify(directory) -> dict:

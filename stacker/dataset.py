@@ -60,7 +60,9 @@ def _fix_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
                     "negative or past 2**31 - 1 (0 is the top)")
             df[col] = pos.astype(np.int32)
         elif col in _ID_COLUMNS:
-            df[col] = _strings(df[col], where + col, nulls=False)
+            ids = _strings(df[col], where + col, nulls=False)
+            _refuse(where + col, (ids == "").to_numpy(), df[col], "empty (an id is a non-empty string)")
+            df[col] = ids
         elif col == "media_type":
             media = _strings(df[col], where + col, nulls=False).str.lower()
             _refuse(where + col, ~media.isin(MEDIA_TYPES).to_numpy(), df[col],
@@ -213,6 +215,13 @@ class TableWriter:
         self._jsonl = None
 
     def write(self, df: pd.DataFrame) -> None:
+        if "schema_version" in df.columns:   # a table read back as plain JSON Lines (pandas.read_json)
+            found = set(df["schema_version"].astype(str).unique())
+            if found - {str(SCHEMA_VERSION)}:
+                raise ValueError(f"{self.name}: the table's schema_version column holds "
+                                 f"{', '.join(sorted(found - {str(SCHEMA_VERSION)})[:3])}, but this feedrank "
+                                 f"writes version {SCHEMA_VERSION}; convert the table, or drop the column")
+            df = df.drop(columns=["schema_version"])
         if self.rows == 0 and self._schema is None and self._jsonl is None:
             _check_columns(self.name, df)    # refused now, not when the table is read back
         df = _fix_dtypes(df.copy(), self.name, self.rows)

@@ -102,8 +102,8 @@ class CandidateBatch:
     media: np.ndarray                  # [N] int index into spec.media_types
     created_at: np.ndarray             # [N] int64 ms
     post_features: np.ndarray          # [N, P], spec order
-    device: np.ndarray | str = "web"
-    surface: np.ndarray | str = "home"
+    device: np.ndarray | str = ""       # a missing context value is "", as in a Rank request without it
+    surface: np.ndarray | str = ""
     position: np.ndarray | None = None  # [N]; None = scored as if at the top
 
     def __len__(self) -> int:
@@ -121,8 +121,8 @@ class CandidateBatch:
             user_features=cols(spec.user_features), post_ids=df["post_id"].to_numpy(object),
             author_ids=df["author_id"].to_numpy(object), media=media,
             created_at=df["created_at"].to_numpy(np.int64), post_features=cols(spec.post_features),
-            device=df["ctx.device"].to_numpy(object) if "ctx.device" in df else "web",
-            surface=df["ctx.surface"].to_numpy(object) if "ctx.surface" in df else "home",
+            device=df["ctx.device"].to_numpy(object) if "ctx.device" in df else "",
+            surface=df["ctx.surface"].to_numpy(object) if "ctx.surface" in df else "",
             position=df["position"].to_numpy(np.int32) if "position" in df else None)
 
 

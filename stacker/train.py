@@ -87,15 +87,26 @@ def config_key(config: TrainConfig) -> str:
 
 
 def time_slices(ts: np.ndarray, fractions) -> list[np.ndarray]:
-    """Row positions of consecutive time slices holding the given fractions of rows (ties in ``ts``
-    keep their order)."""
-    order = np.argsort(np.asarray(ts), kind="stable")
+    """Row positions of consecutive time slices holding about the given fractions of rows (ties in ``ts``
+    keep their order). A slice ends where the timestamp changes: rows of one time (the candidates of one
+    request, a daily batch) all fall in the same slice, so no two slices share a time, and each boundary
+    is the change nearest to its fraction."""
+    ts = np.asarray(ts)
+    order = np.argsort(ts, kind="stable")
+    sorted_ts = ts[order]
     bounds = np.round(np.cumsum((0,) + tuple(fractions)) / sum(fractions) * len(order)).astype(int)
+    for k in range(1, len(bounds) - 1):
+        b = bounds[k]
+        if 0 < b < len(order) and sorted_ts[b - 1] == sorted_ts[b]:
+            first = int(np.searchsorted(sorted_ts, sorted_ts[b], side="left"))
+            after = int(np.searchsorted(sorted_ts, sorted_ts[b], side="right"))
+            bounds[k] = first if b - first <= after - b else after
+    bounds = np.maximum.accumulate(bounds)
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def split_by_time(df: pd.DataFrame, fractions) -> list[pd.DataFrame]:
-    """Cut a table into consecutive time slices of the given fractions of rows."""
+    """Cut a table into consecutive time slices of about the given fractions of rows (:func:`time_slices`)."""
     return [df.iloc[rows].reset_index(drop=True) for rows in time_slices(df["ts"].to_numpy(), fractions)]
 
 
@@ -327,6 +338,24 @@ def learn_lr(learners: TaskLearners, ex: Extractors, df: pd.DataFrame, config: T
     return counts
 
 
+def _varying_within_requests(parts: list[pd.DataFrame], columns) -> dict[str, int]:
+    """For each of ``columns`` that is not one value within every request of the tables ``parts``, how many
+    requests hold more than one (missing values count as one value)."""
+    out: dict[str, int] = {}
+    for part in parts:
+        if not columns or len(part) < 2:
+            continue
+        codes = pd.factorize(part["request_id"])[0]
+        order = np.argsort(codes, kind="stable")
+        same = codes[order][1:] == codes[order][:-1]
+        for col in columns:
+            v = part[col].to_numpy(np.float64)[order]
+            differs = same & (v[1:] != v[:-1]) & ~(np.isnan(v[1:]) & np.isnan(v[:-1]))
+            if differs.any():
+                out[col] = out.get(col, 0) + len(np.unique(codes[order][1:][differs]))
+    return out
+
+
 MIN_SLICE_ROWS = 200   # below this a slice cannot fit the trees, the network and the LR's biases
 
 
@@ -335,6 +364,10 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
     learned poorly; refuses slices too small, or without a task that has both outcomes.
 
     ``parts``: the extractors' and the LR's slices (and the test slice, which is not checked)."""
+    from .vwstack import MAX_TASKS
+    if len(tasks) > MAX_TASKS:
+        raise ValueError(f"{len(tasks)} tasks ({', '.join(schema.label_column(t) for t in tasks)}): one stack "
+                         f"learns at most {MAX_TASKS}; leave the others' label columns out of the table")
     train_rows = len(parts[0]) + len(parts[1])
     if min(len(parts[0]), len(parts[1])) < MIN_SLICE_ROWS:
         raise ValueError(f"{train_rows + sum(len(p) for p in parts[2:]):,} rows are too few to train on: the "
@@ -364,6 +397,20 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
     if "position" not in parts[0].columns:
         warnings.append("no position column: every impression is taken as shown at the top, so position "
                         "bias is not learned and lower slots' lower engagement is read as the posts' own")
+    absent = [c for c in schema.CONTEXT_COLUMNS if c not in parts[0].columns]
+    if absent:
+        warnings.append(f"no {' or '.join(absent)} column: every impression is taken as without that context "
+                        "(\"\", as a Rank request that does not give it), so its effect is not learned")
+    unread = [c for c in parts[0].columns if c not in schema.KEY_COLUMNS + schema.CONTEXT_COLUMNS
+              and not c.startswith((schema.FEATURE_PREFIX, schema.LABEL_PREFIX, schema.TRUE_PREFIX))]
+    if unread:
+        warnings.append(f"{', '.join(unread[:6])}{' and others' if len(unread) > 6 else ''}: not read (features "
+                        f"are f.<name>, tasks label.<task>, context {' and '.join(schema.CONTEXT_COLUMNS)})")
+    varying = _varying_within_requests(parts[:2], [c for c in schema.feature_columns(parts[0].columns)
+                                                   if c.startswith(schema.FEATURE_PREFIX + "user.")])
+    for col, requests in varying.items():
+        warnings.append(f"{col}: differs between the rows of {requests:,} requests, but a Rank request gives a "
+                        "user feature once for all its candidates (a per-candidate value is named without user.)")
     keys = pd.concat([p[["request_id", "post_id"]] for p in parts], ignore_index=True)
     repeated = int(keys.duplicated().sum())
     if repeated:
@@ -442,6 +489,11 @@ def train_bundle(df: pd.DataFrame, out_dir, config: TrainConfig = TrainConfig(),
     parts = split_by_time(df, config.slices if evaluate_slice else config.slices[:2])
     asked = tasks
     tasks, warnings = check_training_slices(parts, tasks)
+    unweighted = [t for t in tasks if t not in config.ev_weights]
+    if unweighted:
+        warnings.append(f"{', '.join(schema.label_column(t) for t in unweighted)}: no EV weight "
+                        f"(TrainConfig.ev_weights), so {'it weighs' if len(unweighted) == 1 else 'they weigh'} 0 "
+                        "in Rank's order unless a request's task_weights gives one")
     for w in warnings:
         warn(w)
     with tempfile.TemporaryDirectory() as work:

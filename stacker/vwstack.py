@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from itertools import repeat
 
@@ -373,18 +374,26 @@ class SparseScorer:
 LISTED_SHARE = 0.005   # below this share of non-zero weights, VW's own listing is faster and smaller
 
 
-def workspace_weights(workspace, bits: int, chunk: int = 1 << 20) -> np.ndarray:
+def workspace_weights(workspace, bits: int, args: str | None = None, chunk: int = 1 << 20) -> np.ndarray:
     """Dense float32 copy of a workspace's weights, as rows of 8 slots ``[2**(bits-3), 8]``.
 
-    VW lists its non-zero weights (``json_weights``) at about 3 us and 600 bytes apiece while it writes:
-    2.5 GiB and 10 s for the 4M of a stack trained on 1M impressions. Reading every weight one at a time
-    takes 0.15 us apiece (10 s at ``-b 26``) and no memory beyond the copy. So a sample of 65,536 weights
-    decides: under ``LISTED_SHARE`` of them non-zero (a small model), the listing; otherwise the scan."""
+    Given the workspace's ``args``, from the model VW saves (:func:`_saved_weights`): a third of a second
+    and no memory beyond the copy for the 4M non-zero weights of a stack trained on 1M impressions.
+    Otherwise, or when that copy does not check out against VW's own weights, VW lists its non-zero
+    weights (``json_weights``) at about 3 us and 600 bytes apiece while it writes (2.5 GiB and 10 s for
+    those 4M), and reading every weight one at a time takes 0.15 us apiece (10 s at ``-b 26``) and no
+    memory beyond the copy; a sample of 65,536 weights decides between those two: under
+    ``LISTED_SHARE`` of them non-zero (a small model), the listing, otherwise the scan."""
     import pylibvw
 
     get, size = pylibvw.vw.get_weight, 1 << bits
-    sample = range(0, size, max(1, size >> 16))
-    if sum(map(bool, map(get, repeat(workspace), sample, repeat(0)))) < LISTED_SHARE * len(sample):
+    sample = np.arange(0, size, max(1, size >> 16))
+    sampled = np.fromiter(map(get, repeat(workspace), sample.tolist(), repeat(0)), np.float32, len(sample))
+    if args is not None:
+        saved = _saved_weights(workspace, bits, args, sample, sampled)
+        if saved is not None:
+            return saved
+    if np.count_nonzero(sampled) < LISTED_SHARE * len(sample):
         return _listed_weights(workspace, bits)
     rows = size >> 3
     out = np.empty((rows, SLOTS), dtype=np.float32)
@@ -394,6 +403,75 @@ def workspace_weights(workspace, bits: int, chunk: int = 1 << 20) -> np.ndarray:
             out[a:b, slot] = np.fromiter(map(get, repeat(workspace), range(slot * rows + a, slot * rows + b),
                                              repeat(0)), np.float32, b - a)
     return out
+
+
+SPOT_CHECKS = 4096   # saved records compared with VW's own weights, beside the sample
+
+
+def _saved_weights(workspace, bits: int, args: str, sample: np.ndarray, sampled: np.ndarray) -> np.ndarray | None:
+    """:func:`workspace_weights` from the model VW saves: after a header as long as that of a model with
+    the same ``args`` and nothing learned, one record per non-zero weight, its index (uint32 below 31
+    bits) and its state (the weight first: FTRL's weight, z and n). None, to fall back on reading VW's
+    weights, unless the records parse as ascending indices below ``2**bits`` and agree exactly with VW
+    on every weight of ``sample`` (``sampled``) and on ``SPOT_CHECKS`` records."""
+    import os
+    import tempfile
+
+    from vowpalwabbit import pyvw
+
+    if bits >= 31:
+        return None
+    with tempfile.TemporaryDirectory(prefix="feedrank-weights-") as tmp:
+        model = os.path.join(tmp, "model")
+        workspace.save(model)
+        # The header's length does not depend on -b (saving a blank -b 26 model takes 0.9 s; at -b 12,
+        # 10 ms); the blank model with the very same arguments is the second try.
+        small = re.sub(r"(^|\s)-b \d+", r"\1-b 12", args)
+        for blank_args in dict.fromkeys([small, args]):
+            blank = pyvw.Workspace(blank_args)
+            try:
+                blank.save(os.path.join(tmp, "blank"))
+            finally:
+                blank.finish()
+            found = _weight_records(model, os.path.getsize(os.path.join(tmp, "blank")), workspace, bits,
+                                    sample, sampled)
+            if found is not None:
+                return found
+    return None
+
+
+def _weight_records(model: str, header: int, workspace, bits: int, sample: np.ndarray,
+                    sampled: np.ndarray) -> np.ndarray | None:
+    """The weights of a saved model whose records start at ``header``, checked (:func:`_saved_weights`)."""
+    import os
+
+    import pylibvw
+
+    length = os.path.getsize(model) - header
+    if length <= 0 or length % 4:
+        return None
+    with open(model, "rb") as f:
+        f.seek(header)
+        words = np.fromfile(f, dtype="<u4")
+    size, rows = 1 << bits, 1 << (bits - 3)
+    for floats in (3, 1, 2, 4):                  # FTRL with --save_resume writes three floats
+        if len(words) % (1 + floats):
+            continue
+        records = words.reshape(-1, 1 + floats)
+        index = records[:, 0].astype(np.int64)
+        weight = np.ascontiguousarray(records[:, 1]).view(np.float32)
+        if len(index) and (index[-1] >= size or np.any(np.diff(index) <= 0)):
+            continue
+        out = np.zeros((rows, SLOTS), np.float32)
+        out[index % rows, index // rows] = weight
+        if not np.array_equal(out[sample % rows, sample // rows], sampled):
+            continue
+        picks = np.random.default_rng(0).choice(len(index), min(SPOT_CHECKS, len(index)), replace=False)
+        vw = np.fromiter(map(pylibvw.vw.get_weight, repeat(workspace), index[picks].tolist(), repeat(0)),
+                         np.float32, len(picks))
+        if np.array_equal(vw, weight[picks]):
+            return out
+    return None
 
 
 def _listed_weights(workspace, bits: int) -> np.ndarray:
@@ -522,7 +600,7 @@ class TaskLearners:
 
     def weights(self) -> np.ndarray:
         """Numpy copy ``[2**(bits-3), 8]`` of the weights (rows of slots, see the module docstring)."""
-        return workspace_weights(self.workspace, self.config.bits)
+        return workspace_weights(self.workspace, self.config.bits, self.config.args())
 
     def get_weights(self, rows: np.ndarray) -> np.ndarray:
         """Current weights [len(rows), 8] of the given rows (one get_weight call per slot: pylibvw reads
@@ -547,6 +625,21 @@ class TaskLearners:
             if cfg.optimizer == "ftrl":
                 n = ws.get_weight(i, 2)
                 ws.set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(n)) / cfg.ftrl_alpha))
+
+    def set_weights(self, weights: np.ndarray) -> int:
+        """Make the workspace's weights those of ``weights`` (``[2**(bits-3), 8]``, as :meth:`weights`
+        gives them), with FTRL's ``z`` set to match each weight changed (as :meth:`shift_biases` does);
+        returns how many weights changed. For a bundle whose numpy copy holds weights learned after its VW
+        model was saved (a snapshot of a served model): learning goes on from what it serves."""
+        ws, cfg = self.workspace, self.config
+        rows, slots = np.nonzero(self.weights() != weights)
+        set_weight, get_weight = ws.set_weight, ws.get_weight
+        for r, k, w in zip(rows.tolist(), slots.tolist(), weights[rows, slots].astype(np.float64).tolist()):
+            i = k * self.rows + r
+            set_weight(i, 0, w)
+            if cfg.optimizer == "ftrl":
+                set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(get_weight(i, 2))) / cfg.ftrl_alpha))
+        return len(rows)
 
     def save(self, path) -> None:
         self.workspace.save(str(path))

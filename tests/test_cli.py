@@ -105,7 +105,7 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     write_table(df, tmp_path / "noshare.parquet")
     assert main(["train", "--data", str(tmp_path / "noshare.parquet"), "--out", str(tmp_path / "s"), *TINY]) == 0
     out, err = capsys.readouterr()
-    assert "warning: label.share: no row of the LR's 1,500 training rows is positive, so share is not learned" in err
+    assert "warning: label.share: no row of the LR's 1,503 training rows is positive, so share is not learned" in err
     assert re.search(r"click +NE \d\.\d{4} \(base rate \d\.\d{4}\)", out), out
     assert "tasks: click, like, comment, hide, dwell (share left out: one outcome only)" in out
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -120,25 +120,38 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     shares_early["label.share"] = (shares_early.index < 50).astype(int)
     write_table(shares_early, tmp_path / "early.parquet")
     assert main(["train", "--data", str(tmp_path / "early.parquet"), "--out", str(tmp_path / "e"), *TINY]) == 0
-    assert "so share is not learned (a task needs both outcomes; 50 positives among the extractors' 900)" \
+    assert "so share is not learned (a task needs both outcomes; 50 positives among the extractors' 894)" \
         in capsys.readouterr().err
     for task in ("click", "like", "comment", "hide", "dwell"):
         df[f"label.{task}"] = 1
     write_table(df, tmp_path / "none.parquet")
     err = _fails(capsys, ["eval", "--data", str(tmp_path / "none.parquet"), *TINY])
-    assert "no task has both outcomes in the LR's 1,500 training rows" in err
+    assert "no task has both outcomes in the LR's 1,503 training rows" in err
     df = table_3k.copy()
     df["label.poke"] = df["label.click"]                        # not an event kind the server takes
     df.loc[df.index[:1000], "f.post.length"] = np.nan            # no value in the extractors' slice
     df = pd.concat([df, df.iloc[-5:]], ignore_index=True)        # five impressions twice
+    df["label_like2"] = df["label.like"]                        # a typo: not read
+    df["f.user.seen"] = np.arange(len(df)) % 3                  # per candidate, though a user feature
     write_table(df, tmp_path / "odd.parquet")
     assert main(["train", "--data", str(tmp_path / "odd.parquet"), "--out", str(tmp_path / "b"), *TINY]) == 0
     err = capsys.readouterr().err
     assert "warning: label.poke: not an event kind" in err
     assert "warning: f.post.length: no value in the extractors' slice" in err
     assert "warning: 5 rows repeat another row's (request_id, post_id)" in err
+    assert "warning: label_like2: not read (features are f.<name>, tasks label.<task>" in err
+    varies = re.search(r"warning: f.user.seen: differs between the rows of (\d+) requests, but a Rank request", err)
+    requests = df.groupby("request_id")["f.user.seen"].nunique().gt(1).sum()   # the test slice's too
+    assert varies and 0.7 * requests < int(varies.group(1)) < requests, (varies, requests)
+    assert "warning: label.poke: no EV weight (TrainConfig.ev_weights), so it weighs 0" in err
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert len(manifest["training"]["warnings"]) == 3
+    assert len(manifest["training"]["warnings"]) == 6
+    for k in range(2):                                           # nine tasks: refused before any training
+        df[f"label.extra{k}"] = df["label.click"]
+    write_table(df, tmp_path / "nine.parquet")
+    err = _fails(capsys, ["train", "--data", str(tmp_path / "nine.parquet"), "--out", str(tmp_path / "9"), *TINY])
+    assert "error: 9 tasks (label.click, label.like, " in err and "one stack learns at most 7" in err
+    assert "GBDT" not in err
     assert manifest["feature_spec"]["defaults"]["post.length"] == 0.0
     write_table(table_3k.drop(columns=["position"]), tmp_path / "nopos.parquet")   # a backend that logs none
     assert main(["train", "--data", str(tmp_path / "nopos.parquet"), "--out", str(tmp_path / "np"), *TINY]) == 0
@@ -146,6 +159,19 @@ def test_a_task_without_both_outcomes_is_left_out_and_odd_tables_are_warned_abou
     assert "warning: no position column: every impression is taken as shown at the top" in err
     assert [line.split()[0] for line in out.splitlines() if " NE " in line] == \
         ["click", "like", "comment", "share", "hide", "dwell"]                   # the bundle's task order
+    # no context columns: trained as a Rank request without context is served ("", not a device of its own)
+    from stacker.features import CandidateBatch
+    from stacker.ranker import StackedRanker
+    bare = table_3k.drop(columns=["ctx.device", "ctx.surface"])
+    write_table(bare, tmp_path / "noctx.parquet")
+    assert main(["train", "--data", str(tmp_path / "noctx.parquet"), "--out", str(tmp_path / "nc"), *TINY]) == 0
+    assert "warning: no ctx.device or ctx.surface column: every impression is taken as without that context" \
+        in capsys.readouterr().err
+    ranker = StackedRanker.load(tmp_path / "nc")
+    batch = CandidateBatch.from_table(bare.tail(50), ranker.spec)
+    assert batch.device == batch.surface == ""
+    served = CandidateBatch.from_table(bare.tail(50).assign(**{"ctx.device": "", "ctx.surface": ""}), ranker.spec)
+    np.testing.assert_array_equal(ranker.predict(batch), ranker.predict(served))
 
 
 def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_json(capsys, tmp_path, table_3k):
@@ -153,8 +179,8 @@ def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_jso
     write_table(table_3k.head(600), tmp_path / "small.parquet")    # extractors' slice: 180 rows
     assert "rows are too few to train on" in _fails(capsys, ["eval", "--data", str(tmp_path / "small.parquet"),
                                                             *TINY])
-    write_table(table_3k.head(700), tmp_path / "small700.parquet")    # test slice: 140 rows
-    assert "700 rows are too few to evaluate on: the test slice (the latest 20%) holds 140 rows and needs at " \
+    write_table(table_3k.head(700), tmp_path / "small700.parquet")    # test slice: 136 rows
+    assert "700 rows are too few to evaluate on: the test slice (the latest 20%) holds 136 rows and needs at " \
         "least 200" in _fails(capsys, ["eval", "--data", str(tmp_path / "small700.parquet"), *TINY])
     df = table_3k.copy()
     df.loc[df.index[-600:], "label.share"] = 0                   # no share in the test slice: AUC undefined
@@ -172,7 +198,7 @@ def test_eval_refuses_a_table_too_small_for_its_test_slice_and_writes_strict_jso
     report = json.loads(out.read_text())
     assert report["variants"]["stack_online"]["click"] == report["variants"]["stack"]["click"]
     # eval-online: its metrics come from the stream's last third; undefined ones are null in its JSON
-    assert "700 rows are too few to compare on: the stream (the latest 50%) holds 350 rows, and its last third" \
+    assert "700 rows are too few to compare on: the stream (the latest 50%) holds 352 rows, and its last third" \
         in _fails(capsys, ["eval-online", "--data", str(tmp_path / "small700.parquet"), *TINY])
     assert main(["eval-online", "--data", str(tmp_path / "t.parquet"), "--json", str(out), "--plot",
                  str(tmp_path / "o.png"), *TINY]) == 0

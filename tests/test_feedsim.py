@@ -98,7 +98,7 @@ def test_describe_bounds(described):
         < w["tie+post learned from history"] < w["tie+post"]
     # The same figures over the latest fifth (eval's test slice), scored against the earlier base rate.
     latest = d["latest_slice"]
-    assert latest["rows"] == 40_000
+    assert abs(latest["rows"] - 40_000) < 50        # the latest fifth, cut between requests
     assert set(latest["oracle_click_ne_without"]) == set(w)
     lw = latest["oracle_click_ne_without"]
     assert latest["oracle_click_ne"] < lw["tie+post learned from history"] < lw["tie+post"] < 1.0
@@ -110,7 +110,7 @@ def test_describe_bounds(described):
     text = format_description(d)
     assert "click" in text and "tie" in text and "without tie+post" in text
     assert "with tie learned from history" in text and "user x author pairs" in text
-    assert "with tie+post learned from history" in text and "latest 40,000" in text
+    assert "with tie+post learned from history" in text and f"latest {latest['rows']:,}" in text
 
 
 def test_describe_latest_slice_is_evals_test_slice(described):
@@ -185,6 +185,18 @@ def test_wrong_schema_version_refused(small, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=str(bad)):
         read_table(path)
+    # a JSON Lines table read back as plain JSON keeps its schema_version column: written again, it is
+    # taken out (or refused when it holds another version), never written as a data column
+    write_table(df, path)
+    plain = pd.read_json(path, lines=True)
+    for suffix in (".jsonl", ".parquet"):
+        write_table(plain, tmp_path / f"again{suffix}")
+        again = read_table(tmp_path / f"again{suffix}")
+        assert "schema_version" not in again.columns and list(again.columns) == list(read_table(path).columns)
+    plain["schema_version"] = bad
+    with pytest.raises(ValueError, match=rf"again.jsonl: the table's schema_version column holds {bad}, but "
+                                         rf"this feedrank writes version {SCHEMA_VERSION}"):
+        write_table(plain, tmp_path / "again.jsonl")
 
 
 def test_unreadable_tables_are_refused_with_the_file_and_the_fault(small, tmp_path):
@@ -323,6 +335,8 @@ def _every(k, col, value):
     (_every(3, "user_id", 0.5), r"user_id: not a string or a whole number below 2\*\*53 in 667 of 2,000 rows "
                                 r"\(row 0: 0.5\)"),
     (_every(3, "user_id", 2.0 ** 60), r"user_id: not a string or a whole number below 2\*\*53"),
+    (_every(4, "request_id", ""), r"request_id: empty \(an id is a non-empty string\) in 500 of 2,000 rows "
+                                  r"\(row 0: ''\)"),
     (_every(4, "media_type", "reel"), r"media_type: not one of text, photo, video, link in 500 of 2,000 rows "
                                       r"\(row 0: 'reel'\)"),
     (_set("position", -1), r"position: negative or past 2\*\*31 - 1"),

@@ -139,6 +139,7 @@ class EventLog:
             self.path.mkdir(parents=True, exist_ok=True)
         self._segments = self._scan()
         self._fd = -1
+        self._cut_to: int | None = None      # where to cut a record a failed append wrote in part
         if readonly:
             self.end_offset = 0
             for self.end_offset, _ in self.read():
@@ -211,19 +212,58 @@ class EventLog:
             raise PermissionError(f"{self.path}: event log opened read-only")
         if not records:
             return []
+        if self._cut_to is not None:
+            self._cut_torn_append()           # before a new segment: an older one holds no torn record
         if os.fstat(self._fd).st_size >= self.segment_bytes:
+            self._new_segment(self.end_offset)      # (the current segment stays open until it is made)
+            fd = os.open(self._seg_path(self.end_offset), os.O_WRONLY | os.O_APPEND)
             os.close(self._fd)
-            self._new_segment(self.end_offset)
-            self._fd = os.open(self._seg_path(self.end_offset), os.O_WRONLY | os.O_APPEND)
+            self._fd = fd
         buf = b"".join([encode(r) for r in records])
-        view = memoryview(buf)
-        while view:
-            view = view[os.write(self._fd, view):]
-        if self.fsync:
-            os.fsync(self._fd)
+        before = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self.fsync:
+                os.fsync(self._fd)
+        except BaseException:
+            self._settle_failed_append(before, buf)
+            raise
         start = self.end_offset
         self.end_offset += len(records)
         return list(range(start, self.end_offset))
+
+    def _settle_failed_append(self, before: int, buf: bytes) -> None:
+        """After an append that failed (disk full, I/O error): the records it wrote whole stay in the log at
+        the next offsets (unacknowledged, so their sender retries them, and readers drop the repeated event
+        ids), and a record it wrote in part is cut off, so that the next append starts on a line of its
+        own. If the cut fails too, every append first retries it, and refuses until it succeeds."""
+        try:
+            written = max(0, os.fstat(self._fd).st_size - before)
+        except OSError:
+            written = len(buf)                    # unknown: take it as whole, and let the cut find the line
+        whole = buf.rfind(b"\n", 0, min(written, len(buf))) + 1
+        self.end_offset += buf.count(b"\n", 0, whole)
+        if written > whole:
+            self._cut_to = before + whole
+            try:
+                self._cut_torn_append()
+            except OSError:
+                log.exception("%s: cannot cut the record an append wrote in part; appends refuse until it is cut",
+                              self.path)
+
+    def _cut_torn_append(self) -> None:
+        """Truncate the segment to ``_cut_to`` (after a failed append), then forget it."""
+        try:
+            os.ftruncate(self._fd, self._cut_to)
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            raise OSError(e.errno, f"{self.path}: an earlier append wrote a record in part and it cannot be cut "
+                          f"yet ({e.strerror}); nothing is appended until it is") from e
+        log.warning("%s: cut a record an append wrote in part (offset %d)", self.path, self.end_offset)
+        self._cut_to = None
 
     def read(self, from_offset: int = 0) -> Iterator[tuple[int, Record]]:
         """Yield ``(offset, record)`` from ``from_offset`` up to the end as of this call."""

@@ -369,6 +369,12 @@ class Trainer:
         # here are never masked in, so their weights stay the bundle's.
         model_path = resumed[1] / CKPT_MODEL if resumed is not None else Path(ranker.path) / bundles.VW_MODEL
         self.learners = TaskLearners(ranker.tasks, vw_config(ranker.manifest), model_path)
+        if resumed is None and "snapshot_of" in ranker.manifest:
+            # A snapshot serves the weights its source learned online; its VW model is the source's as
+            # trained. Learning goes on from what it serves, not from the older model.
+            changed = self.learners.set_weights(ranker.scorer.weights)
+            log.info("snapshot %s of %s: %d weights learned online taken into the VW model", self.bundle_id,
+                     ranker.manifest["snapshot_of"].get("version"), changed)
         if pretouch:
             self.learners.pretouch()
         # Rows a base must hold: the bundle's, and every row published since (kept as a mask, so a base

@@ -77,7 +77,7 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=T.port, help="Prometheus HTTP port")
     p.add_argument("--admin-token", help="bearer token for Reload/Snapshot (prefer FEEDRANK_ADMIN_TOKEN; "
                                          "default: admin calls refused)")
-    p.add_argument("--eventlog-dir", help="local event log directory")
+    p.add_argument("--eventlog-dir", help="local event log directory (off: serve without one, nor a learner)")
     p.add_argument("--tls-cert", help="server certificate (PEM), with --tls-key (default: plaintext)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--learner", action=argparse.BooleanOptionalAction, default=None,

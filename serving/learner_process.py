@@ -15,7 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from .model import candidate_bundles
+from stacker.bundle import candidate_bundles
+
 from .settings import ServingSettings
 
 log = logging.getLogger(__name__)

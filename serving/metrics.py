@@ -35,6 +35,22 @@ class ServingMetrics:
         start_http_server(port, addr=host, registry=self.registry)
 
 
+class SinkCollector:
+    """The served-record sink's counts (:class:`serving.sink.EventLogSink`), read at scrape time."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        served = CounterMetricFamily("feedrank_served_records", "Served records by what became of them: written "
+                                     "to the event log, dropped (lost), not_streamed (in the local log only)",
+                                     labels=["outcome"])
+        for outcome in ("written", "dropped", "not_streamed"):
+            served.add_metric([outcome], float(getattr(self.sink, outcome)))
+        yield served
+
+
 class LearnerStatusCollector:
     """Exposes the online learner's status file (lag, events/s, join outcomes, checkpoints, update
     sequence, progressive metrics) as Prometheus metrics, read at scrape time."""

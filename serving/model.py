@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stacker.bundle import BundleError, candidate_bundles
+from stacker.bundle import BundleError, bundle_age, dated_bundles
 from stacker.ranker import StackedRanker
 
 from .errors import NotReady, RefusedBundle
@@ -35,6 +35,9 @@ class LiveModel:
         # Refused bundle -> (its files' sizes and mtimes then, why): tried again once they change,
         # so a bundle copied in file by file loads when the copy completes.
         self.refused: dict[Path, tuple[tuple, str]] = {}
+        # The age (bundle_age) of the newest bundle ever live: the model directory's watcher loads only a
+        # bundle newer than that, so a Reload back to an older bundle (a rollback) stays live.
+        self.newest_live: tuple | None = None
 
     @property
     def ready(self) -> bool:
@@ -71,6 +74,11 @@ class LiveModel:
                                     f"{self._ranker.version if self._ranker else 'nothing'}: {e}") from e
             self._ranker = ranker
             self.loaded_at_ms = int(time.time() * 1000)
+            try:
+                age = bundle_age(path, ranker.manifest)
+                self.newest_live = age if self.newest_live is None else max(self.newest_live, age)
+            except (OSError, TypeError, ValueError):
+                pass
             log.info("serving bundle %s from %s (loaded in %.2fs)", ranker.version, path,
                      time.perf_counter() - t0)
         if self.on_swap:
@@ -78,11 +86,12 @@ class LiveModel:
         return ranker
 
     def load_newest(self, model_dir: Path) -> StackedRanker | None:
-        """Load the newest loadable bundle in ``model_dir`` not already live or refused."""
+        """Load the newest loadable bundle in ``model_dir`` that is newer than every bundle live so far
+        (``newest_live``: one a Reload rolled back from is not loaded again) and not refused."""
         live = self._ranker.path.resolve() if self._ranker and self._ranker.path else None
-        for p in candidate_bundles(model_dir):
+        for age, p in dated_bundles(model_dir):
             rp = p.resolve()
-            if rp == live:
+            if rp == live or (self.newest_live is not None and age <= self.newest_live):
                 return None
             if rp in self.refused and self.refused[rp][0] == _files_state(p):
                 continue

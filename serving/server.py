@@ -23,7 +23,7 @@ from feedrank.v1 import ranking_pb2 as pb
 from .errors import RefusedBundle
 from .events import EventIngest
 from .handler import RankingHandler
-from .metrics import LearnerStatusCollector, ServingMetrics
+from .metrics import LearnerStatusCollector, ServingMetrics, SinkCollector
 from .model import NO_MODEL_HINT, BundleWatcher, LiveModel, UpdateFollower
 from .servicer import AdminServicer, RankerServicer, add_to_server
 from .settings import ServingSettings
@@ -122,6 +122,7 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
         event_log = BusEventLog(path, settings.bus_url, settings.eventlog_fsync) if settings.bus_url \
             else SharedEventLog(path, fsync=settings.eventlog_fsync)
         sink = EventLogSink(event_log, settings.served_batch, settings.served_flush_ms, settings.served_queue)
+        metrics.registry.register(SinkCollector(sink))
         ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len, settings.max_future_ms)
     handler = RankingHandler(model, settings, sink)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -53,7 +53,7 @@ class ServingSettings(BaseSettings):
     freshness_half_life_h: float = Field(6.0, gt=0, description="half-life in hours of the freshness boost")
     explain_top_k: int = Field(10, ge=0, description="contributions returned per post when explain is set")
     idempotency_cache: int = Field(2048, ge=0, description="recent responses kept by request id (LRU)")
-    eventlog_dir: Path | None = Field(Path("runs/eventlog"), description="local event log (served records + events); None = off")
+    eventlog_dir: Path | None = Field(Path("runs/eventlog"), description="local event log (served records + events); off (None) = none")
     eventlog_fsync: bool = Field(True, description="fsync every event-log batch")
     served_batch: int = Field(1024, ge=1, description="served records per event-log append")
     served_flush_ms: float = Field(50.0, ge=0, description="longest a served record waits before being appended")
@@ -68,6 +68,18 @@ class ServingSettings(BaseSettings):
     control_dir: Path | None = Field(None, description="set by `--workers N`: where a Reload is broadcast to sibling workers")
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = Field("INFO", description="Python logging level")
+
+    @field_validator("eventlog_dir", mode="before")
+    @classmethod
+    def _eventlog_off(cls, value):
+        """``off`` (or ``none``, ``null``) turns the event log off; an empty path is refused rather than
+        taken for the working directory."""
+        if isinstance(value, str):
+            if value.strip().lower() in ("off", "none", "null"):
+                return None
+            if not value.strip():
+                raise ValueError("empty: give a directory, or off to serve without an event log (and learner)")
+        return value
 
     @model_validator(mode="after")
     def _derived_paths(self) -> "ServingSettings":

@@ -112,17 +112,29 @@ class BusEventLog(SharedEventLog):
                 self.log.append(records)
                 return offsets
             # Served records (nobody retries them): the local log first, so an outage leaves no gap in
-            # it (export, retraining); the stream's copy of the batch is then counted as dropped.
+            # it (export, retraining); the stream's copy of the batch is then counted as not streamed.
             self.log.append(records)
-            return [id_to_offset(i) for i in self.bus.publish(records)]
+            try:
+                return [id_to_offset(i) for i in self.bus.publish(records)]
+            except Exception as e:
+                raise NotStreamed(f"{len(records)} served records kept in the local log but not sent to the "
+                                  f"stream ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         super().close()
         self.bus.close()
 
 
+class NotStreamed(Exception):
+    """Served records written to the local log whose copy to the stream failed (:class:`BusEventLog`)."""
+
+
 class EventLogSink:
-    """Appends served records to a :class:`SharedEventLog` from a background thread, in batches."""
+    """Appends served records to a :class:`SharedEventLog` from a background thread, in batches.
+
+    Counts ``written`` (in the log), ``dropped`` (lost: the queue was full, or the log refused them) and
+    ``not_streamed`` (in the local log, but not sent to the stream: a learner over the bus never sees
+    them); ``feedrank_served_records_total`` exports them."""
 
     def __init__(self, log_: SharedEventLog, batch: int = 1024, flush_ms: float = 50.0,
                  max_queue: int = 200_000):
@@ -133,6 +145,7 @@ class EventLogSink:
         self.max_queue = max_queue
         self.dropped = 0
         self.written = 0
+        self.not_streamed = 0
         self._thread = threading.Thread(target=self._run, name="served-record-sink", daemon=True)
         self._thread.start()
 
@@ -164,6 +177,10 @@ class EventLogSink:
                 try:
                     self.log.append(records)
                     self.written += len(records)
+                except NotStreamed as e:
+                    self.written += len(records)
+                    self.not_streamed += len(records)
+                    log.error("%s: a learner over the bus does not see them", e)
                 except Exception:
                     self.dropped += len(records)
                     log.exception("served records lost: event-log append failed")

@@ -16,7 +16,8 @@ def write_snapshot(ranker: StackedRanker, out_root: Path) -> Path:
     """Copy the live bundle with the serving LR weights (online updates included) and a new id.
 
     The resumable ``vw/lr.model`` is the source bundle's: the online learner, not the
-    server, owns the VW state.
+    server, owns the VW state. A learner started on the snapshot first sets that model's weights to
+    the snapshot's (``TaskLearners.set_weights``), so it goes on from what the snapshot serves.
     """
     if ranker.path is None:
         raise NotReady("Snapshot: the live model has no bundle directory to copy")

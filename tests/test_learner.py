@@ -309,3 +309,29 @@ def test_a_shifted_bias_moves_every_score_by_its_shift_and_learning_goes_on_from
     # one example moves a bias by a small step, far less than the shifts (up to 1) it would lose if FTRL's
     # state still described the bias before the shift
     assert np.all(learned != shifted) and np.max(np.abs(learned - shifted)) < 0.05, learned - shifted
+
+
+def test_a_learner_on_a_snapshot_goes_on_from_the_weights_it_serves(tmp_path, tiny_bundle, event_log):
+    """A snapshot holds the weights its source learned online beside the source's VW model as trained: a
+    learner started on it takes the served weights into VW, so what it publishes does not undo them."""
+    from serving.snapshot import write_snapshot
+    from stacker.ranker import StackedRanker
+    source = OnlineLearner(tiny_bundle, tmp_path / "a", attribution_window_ms=WINDOW_MS)
+    replay(source, event_log, progress=False, chunk=500, stop_after=2_000)
+    served = StackedRanker.load(tiny_bundle)
+    served.scorer.weights[:] = source.learners.weights()          # as the server holds them after updates
+    snapshot = write_snapshot(served, tmp_path / "snapshots")
+    learned = np.flatnonzero(np.any(served.scorer.weights != StackedRanker.load(tiny_bundle).scorer.weights, axis=1))
+    assert len(learned) > 100
+    on_snapshot = OnlineLearner(snapshot, tmp_path / "s", attribution_window_ms=WINDOW_MS)
+    np.testing.assert_array_equal(on_snapshot.learners.weights(), served.scorer.weights)
+    # FTRL's z matches each weight taken in, so the next update of a coordinate starts from it
+    ws, cfg = on_snapshot.learners.workspace, on_snapshot.learners.config
+    for i in learned[:50].tolist():
+        for k in np.flatnonzero(served.scorer.weights[i]).tolist():
+            index, w = k * on_snapshot.learners.rows + i, float(served.scorer.weights[i, k])
+            n = ws.get_weight(index, 2)
+            assert ws.get_weight(index, 1) == pytest.approx(
+                -w * (cfg.l2 + (cfg.ftrl_beta + np.sqrt(n)) / cfg.ftrl_alpha), rel=1e-5, abs=1e-9)
+    for learner in (source, on_snapshot):
+        learner.close()

@@ -241,7 +241,7 @@ def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bund
     models = tmp_path / "models"
     models.mkdir()
     copy_bundle(tiny_bundle, models / "a")
-    rs = serving_server(model_dir=models, poll_interval_s=0.1)
+    rs = serving_server(model_dir=models, poll_interval_s=0.1, admin_token=TOKEN)
     assert rs.model.current().path == models / "a"
     manifest = (tiny_bundle / "manifest.json").read_text()
     import json
@@ -255,6 +255,20 @@ def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bund
     while rs.model.current().bundle_id != "newer" and time.time() < deadline:
         time.sleep(0.05)
     assert rs.model.current().bundle_id == "newer"
+    # a Reload back to the older bundle (a rollback) stays live: the watcher does not load "newer" again
+    older = rs.model.current().bundle_id
+    admin = pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
+    rolled = admin.Reload(pb.ReloadRequest(bundle_path=str(models / "a")), metadata=AUTH)
+    assert rs.model.current().path == models / "a" and rolled.previous_version.bundle_id == older
+    time.sleep(1.0)                                      # ten polls of the directory
+    assert rs.model.current().path == models / "a"
+    newest = copy_bundle(tiny_bundle, tmp_path / "c")   # the next new bundle goes live
+    finalize(newest, dict(m, bundle_id="newest", created_at=m["created_at"] + 2000))
+    shutil.move(str(newest), models / "c")
+    deadline = time.time() + 10
+    while rs.model.current().bundle_id != "newest" and time.time() < deadline:
+        time.sleep(0.05)
+    assert rs.model.current().bundle_id == "newest"
 
 
 def test_admin_rpcs_need_the_bearer_token(live):
@@ -374,7 +388,8 @@ def test_reload_swaps_and_a_bad_bundle_is_refused(live, feeds, tiny_bundle, tmp_
     m["tasks"] = m["tasks"][::-1]                          # every task's scores under another's name
     (edited / "manifest.json").write_text(json.dumps(m))
     for path, why in ((str(tmp_path / "nul\x00byte"), "not a bundle directory"), ("/" + "x" * 10_000, "File name too long"),
-                      (str(listed), "manifest is a JSON list, not an object"), (str(no_depth), "cannot load model files ('depth')"),
+                      (str(listed), "manifest is a JSON list, not an object"),
+                      (str(no_depth), "manifest.json: gbdt.depth None is not a positive integer"),
                       (str(edited), "manifest.json: checksum mismatch (the manifest was edited")):
         err = _error(admin.Reload, pb.ReloadRequest(bundle_path=path), metadata=AUTH)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and why in err.details(), err.details()
@@ -429,12 +444,13 @@ def test_log_events_per_event_results_and_durability(live, tmp_path):
     from online.records import Engagement
     _, stub, _, _ = live
     E = pb.Event
-    events = [E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=10),
-              E(event_id="e2", request_id="r1", post_id="p2", kind=pb.EVENT_KIND_DWELL, ts_ms=11, dwell_ms=12_000),
-              E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=10),
-              E(event_id="e3", request_id="r1", post_id="", kind=pb.EVENT_KIND_LIKE, ts_ms=12),
-              E(event_id="e4", request_id="r1", post_id="p4", kind=pb.EVENT_KIND_DWELL, ts_ms=12),
-              E(event_id="e5", request_id="r1", post_id="p5", ts_ms=12)]
+    t = int(time.time() * 1000) - 60_000
+    events = [E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=t),
+              E(event_id="e2", request_id="r1", post_id="p2", kind=pb.EVENT_KIND_DWELL, ts_ms=t + 1, dwell_ms=12_000),
+              E(event_id="e1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK, ts_ms=t),
+              E(event_id="e3", request_id="r1", post_id="", kind=pb.EVENT_KIND_LIKE, ts_ms=t + 2),
+              E(event_id="e4", request_id="r1", post_id="p4", kind=pb.EVENT_KIND_DWELL, ts_ms=t + 2),
+              E(event_id="e5", request_id="r1", post_id="p5", ts_ms=t + 2)]
     resp = stub.LogEvents(pb.LogEventsRequest(events=events))
     S = pb.EventResult
     assert [r.status for r in resp.results] == [S.STATUS_ACCEPTED, S.STATUS_ACCEPTED, S.STATUS_DUPLICATE,
@@ -447,18 +463,25 @@ def test_log_events_per_event_results_and_durability(live, tmp_path):
     now = int(time.time() * 1000)
     timed = stub.LogEvents(pb.LogEventsRequest(events=[
         E(event_id="f1", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=2**63 - 1),
-        E(event_id="f2", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=now + 60_000)]))
-    assert [r.status for r in timed.results] == [S.STATUS_REJECTED] * 2
+        E(event_id="f2", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=now + 60_000),
+        E(event_id="f3", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=now // 1000),
+        E(event_id="f4", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_VIEW, ts_ms=10),
+        E(event_id="f5", request_id="r1", post_id="p1", kind=pb.EVENT_KIND_CLICK)]))    # no time: the server's
+    assert [r.status for r in timed.results] == [S.STATUS_REJECTED] * 4 + [S.STATUS_ACCEPTED]
     assert timed.results[1].reason.startswith("event.ts_ms: ") and \
         timed.results[1].reason.endswith("s ahead of the server's clock (limit 5 s)")
+    assert timed.results[2].reason == f"event.ts_ms: {now // 1000} is not a time between 1990 and 2100 in " \
+        "milliseconds since the epoch (it looks like seconds: multiply by 1,000) (0: the server's clock)"
+    assert timed.results[3].reason.startswith("event.ts_ms: 10 is not a time between 1990 and 2100")
     err = _error(stub.LogEvents, pb.LogEventsRequest(events=[E(event_id=f"m{i}", request_id="r", post_id="p",
                                                                  kind=pb.EVENT_KIND_VIEW, ts_ms=now)
                                                                for i in range(10_001)]))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.details() == "events: 10001 events, limit 10000 per call"
     logged = [r for _, r in EventLog(tmp_path / "eventlog", readonly=True).read() if isinstance(r, Engagement)]
-    assert [e.event_id for e in logged] == ["e1", "e2"]
-    assert logged[1].dwell_ms == 12_000 and logged[0].kind == "click"
+    assert [e.event_id for e in logged] == ["e1", "e2", "f5"]
+    assert logged[1].dwell_ms == 12_000 and logged[0].kind == "click" and logged[0].ts == t
+    assert now <= logged[2].ts <= int(time.time() * 1000)
 
 
 def test_duplicates_are_recognised_after_a_restart_past_any_number_of_served_records(tmp_path):
@@ -466,7 +489,8 @@ def test_duplicates_are_recognised_after_a_restart_past_any_number_of_served_rec
     from serving.events import EventIngest
     from serving.sink import SharedEventLog
     def events(ids):
-        return [{"event_id": f"e{i}", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1} for i in ids]
+        return [{"event_id": f"e{i}", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1_700_000_000_000}
+                for i in ids]
     log = SharedEventLog(tmp_path / "log", fsync=False)
     ingest = EventIngest(log, dedup_window=3)
     assert [r.status for r in ingest.log_events(events(range(5)))] == ["accepted"] * 5
@@ -518,6 +542,12 @@ def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
         s = load_settings(tmp_path / name)
         assert (s.port, s.max_candidates) == ((7002, 222) if name.endswith("yaml") else (7003, 333))
         monkeypatch.setenv("FEEDRANK_MAX_CANDIDATES", "654")
+    # the event log: "off" turns it off (from the environment too); an empty path is no directory
+    monkeypatch.setenv("FEEDRANK_EVENTLOG_DIR", "off")
+    assert load_settings().eventlog_dir is None and load_settings().online_metrics_file is None
+    monkeypatch.setenv("FEEDRANK_EVENTLOG_DIR", "")
+    with pytest.raises(ValueError, match="eventlog_dir\n.*empty: give a directory, or off"):
+        load_settings()
 
 
 def test_docs_grpcurl_example_is_a_valid_rank_request(live):

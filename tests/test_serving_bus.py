@@ -75,7 +75,7 @@ def test_an_event_that_did_not_reach_the_stream_is_not_a_duplicate_when_retried(
     from serving.errors import NotReady
     from serving.events import EventIngest
     from serving.sink import BusEventLog
-    event = {"event_id": "e1", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1}
+    event = {"event_id": "e1", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1_700_000_000_000}
     with redis_server(tmp_path) as url:
         log = BusEventLog(tmp_path / "log", url, fsync=False)
         ingest = EventIngest(log)
@@ -91,3 +91,35 @@ def test_an_event_that_did_not_reach_the_stream_is_not_a_duplicate_when_retried(
         got = RedisBus(url).consume(count=10, block_ms=10)
         assert [(type(r), r.event_id) for _, r in got] == [(Engagement, "e1")]
         log.close()
+
+
+def test_served_records_the_stream_missed_are_kept_locally_and_counted_apart(tmp_path):
+    """Redis down: served records still reach the local log (export, retraining) and are counted
+    not_streamed, not dropped, in feedrank_served_records_total."""
+    from online.bench import redis_server
+    from online.eventlog import EventLog
+    from serving.metrics import SinkCollector
+    from serving.sink import BusEventLog, EventLogSink
+
+    class Batch:                                            # what the handler submits: records of a request
+        post_ids = ["p0", "p1", "p2"]
+
+        def records(self):
+            return [ServedRecord("r", p, "u", "a", i, 1_700_000_000_000, "b", 0, "text", 0, "ios", "home", [], [])
+                    for i, p in enumerate(self.post_ids)]
+
+    with redis_server(tmp_path) as url:
+        log = BusEventLog(tmp_path / "log", url, fsync=False)
+        sink = EventLogSink(log, flush_ms=5)
+        sink.submit(Batch())
+        sink.flush()
+        RedisBus(url).client.shutdown(nosave=True)
+        sink.submit(Batch())
+        sink.flush()
+        assert (sink.written, sink.dropped, sink.not_streamed) == (6, 0, 3)
+        counted = {s.labels["outcome"]: s.value for m in SinkCollector(sink).collect() for s in m.samples
+                   if s.name == "feedrank_served_records_total"}
+        assert counted == {"written": 6.0, "dropped": 0.0, "not_streamed": 3.0}
+        sink.close()
+        log.log.close()
+    assert [r.post_id for _, r in EventLog(tmp_path / "log", readonly=True).read()] == ["p0", "p1", "p2"] * 2

@@ -365,9 +365,6 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
 
     ``parts``: the extractors' and the LR's slices (and the test slice, which is not checked)."""
     from .vwstack import MAX_TASKS
-    if len(tasks) > MAX_TASKS:
-        raise ValueError(f"{len(tasks)} tasks ({', '.join(schema.label_column(t) for t in tasks)}): one stack "
-                         f"learns at most {MAX_TASKS}; leave the others' label columns out of the table")
     train_rows = len(parts[0]) + len(parts[1])
     if min(len(parts[0]), len(parts[1])) < MIN_SLICE_ROWS:
         raise ValueError(f"{train_rows + sum(len(p) for p in parts[2:]):,} rows are too few to train on: the "
@@ -387,6 +384,9 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
     if not kept:
         raise ValueError(f"no task has both outcomes in the LR's {len(parts[1]):,} training rows: "
                          + "; ".join(warnings))
+    if len(kept) > MAX_TASKS:
+        raise ValueError(f"{len(kept)} tasks ({', '.join(schema.label_column(t) for t in kept)}): one stack "
+                         f"learns at most {MAX_TASKS}; leave the others' label columns out of the table")
     warnings += [f"{schema.label_column(t)}: not an event kind ({', '.join(schema.TASKS)}), so the online "
                  f"learner will see no engagement for it" for t in kept if t not in schema.TASKS]
     empty = [c for c in schema.feature_columns(parts[0].columns) if parts[0][c].isna().all()]

@@ -377,8 +377,8 @@ LISTED_SHARE = 0.005   # below this share of non-zero weights, VW's own listing 
 def workspace_weights(workspace, bits: int, args: str | None = None, chunk: int = 1 << 20) -> np.ndarray:
     """Dense float32 copy of a workspace's weights, as rows of 8 slots ``[2**(bits-3), 8]``.
 
-    Given the workspace's ``args``, from the model VW saves (:func:`_saved_weights`): a third of a second
-    and no memory beyond the copy for the 4M non-zero weights of a stack trained on 1M impressions.
+    Given the workspace's ``args``, from the model VW saves (:func:`_saved_weights`): 1.3-1.6 s and little
+    memory beyond the copy for the 4M non-zero weights of a stack trained on 1M impressions at ``-b 26``.
     Otherwise, or when that copy does not check out against VW's own weights, VW lists its non-zero
     weights (``json_weights``) at about 3 us and 600 bytes apiece while it writes (2.5 GiB and 10 s for
     those 4M), and reading every weight one at a time takes 0.15 us apiece (10 s at ``-b 26``) and no

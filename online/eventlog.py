@@ -23,6 +23,7 @@ tombstone of the same length, and readers yield :class:`~online.records.Malforme
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -140,6 +141,7 @@ class EventLog:
         self._segments = self._scan()
         self._fd = -1
         self._cut_to: int | None = None      # where to cut a record a failed append wrote in part
+        self._unusable = ""                  # why appends stop until the log is reopened
         if readonly:
             self.end_offset = 0
             for self.end_offset, _ in self.read():
@@ -207,11 +209,16 @@ class EventLog:
         return base + n
 
     def append(self, records: Sequence[Record]) -> list[int]:
-        """Write, flush and fsync a batch; return the offset of each record."""
+        """Write, flush and fsync a batch; return the offset of each record. On failure (a full disk, an
+        I/O error) nothing is acknowledged; the exception's ``records_kept`` says how many of the batch's
+        first records are in the log all the same (see :meth:`_settle_failed_append`)."""
         if self.readonly:
             raise PermissionError(f"{self.path}: event log opened read-only")
         if not records:
             return []
+        if self._unusable:
+            raise OSError(errno.EIO, f"{self.path}: {self._unusable}; nothing is appended until the log is "
+                          "reopened (restart the server)")
         if self._cut_to is not None:
             self._cut_torn_append()           # before a new segment: an older one holds no torn record
         if os.fstat(self._fd).st_size >= self.segment_bytes:
@@ -225,26 +232,40 @@ class EventLog:
             view = memoryview(buf)
             while view:
                 view = view[os.write(self._fd, view):]
-            if self.fsync:
-                os.fsync(self._fd)
-        except BaseException:
-            self._settle_failed_append(before, buf)
+        except BaseException as e:
+            e.records_kept = self._settle_failed_append(before, buf)
             raise
+        if self.fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                # Written but maybe not durable, and a later fsync may succeed without these pages reaching
+                # the disk: after a crash the offsets of what followed could move. Every record stays where
+                # readers see it, and appends stop until a reopen checks the tail.
+                self.end_offset += len(records)
+                self._unusable = f"fsync failed ({e.strerror or e})"
+                log.error("%s: %s; no more appends until the log is reopened", self.path, self._unusable)
+                e.records_kept = len(records)
+                raise
         start = self.end_offset
         self.end_offset += len(records)
         return list(range(start, self.end_offset))
 
-    def _settle_failed_append(self, before: int, buf: bytes) -> None:
-        """After an append that failed (disk full, I/O error): the records it wrote whole stay in the log at
-        the next offsets (unacknowledged, so their sender retries them, and readers drop the repeated event
-        ids), and a record it wrote in part is cut off, so that the next append starts on a line of its
-        own. If the cut fails too, every append first retries it, and refuses until it succeeds."""
+    def _settle_failed_append(self, before: int, buf: bytes) -> int:
+        """After a write that failed part-way (disk full, I/O error): the records it wrote whole stay in the
+        log at the next offsets (unacknowledged, so their sender retries them, and readers drop the repeated
+        event ids), and a record it wrote in part is cut off, so that the next append starts on a line of
+        its own; returns how many stay. If the cut fails, every append first retries it, and refuses until
+        it succeeds; if the file's size cannot be read, appends stop until the log is reopened."""
         try:
             written = max(0, os.fstat(self._fd).st_size - before)
-        except OSError:
-            written = len(buf)                    # unknown: take it as whole, and let the cut find the line
+        except OSError as e:
+            self._unusable = f"a failed append left the segment's end unknown ({e.strerror or e})"
+            log.error("%s: %s; no more appends until the log is reopened", self.path, self._unusable)
+            return 0
         whole = buf.rfind(b"\n", 0, min(written, len(buf))) + 1
-        self.end_offset += buf.count(b"\n", 0, whole)
+        kept = buf.count(b"\n", 0, whole)
+        self.end_offset += kept
         if written > whole:
             self._cut_to = before + whole
             try:
@@ -252,6 +273,7 @@ class EventLog:
             except OSError:
                 log.exception("%s: cannot cut the record an append wrote in part; appends refuse until it is cut",
                               self.path)
+        return kept
 
     def _cut_torn_append(self) -> None:
         """Truncate the segment to ``_cut_to`` (after a failed append), then forget it."""

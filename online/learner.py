@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -130,11 +131,40 @@ def archive_foreign_state(state_dir, bundle_id: str, tasks) -> Path | None:
     return dest
 
 
+def restore_archived_state(state_dir, bundle_id: str, tasks) -> Path | None:
+    """Without a checkpoint in ``state_dir``, move back the newest archived checkpoints of ``bundle_id``
+    (with these tasks), which :func:`archive_foreign_state` kept when the server moved on from it: a server
+    that goes back to a bundle (a rollback) serves what its learner had learned and published, and the
+    learner goes on from there rather than from the bundle as trained. Returns the archive it came from."""
+    state_dir = Path(state_dir)
+    if load_latest(state_dir / "checkpoints") is not None:
+        return None
+    archive = state_dir / "archive"
+    kept = sorted(archive.glob(f"{bundle_id}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+                  if p.name.rsplit("-", 1)[1].isdigit() else -1, reverse=True) if archive.is_dir() else []
+    for source in kept:
+        latest = load_latest(source / "checkpoints")
+        if latest is None or latest[0]["bundle_id"] != bundle_id or tuple(latest[0]["tasks"]) != tuple(tasks):
+            continue
+        for name in ("checkpoints", "audit", "status.json"):
+            if (source / name).exists():
+                if (state_dir / name).exists():
+                    shutil.rmtree(state_dir / name) if (state_dir / name).is_dir() else (state_dir / name).unlink()
+                os.replace(source / name, state_dir / name)
+        shutil.rmtree(source, ignore_errors=True)
+        return source
+    return None
+
+
 def _archive_and_log(state_dir, bundle_id: str, tasks) -> None:
     moved = archive_foreign_state(state_dir, bundle_id, tasks)
     if moved is not None:
         log.warning("%s: checkpoints were for another bundle; kept them in %s and starting on bundle %s",
                     state_dir, moved, bundle_id)
+    restored = restore_archived_state(state_dir, bundle_id, tasks)
+    if restored is not None:
+        log.warning("%s: back on bundle %s: resuming from its checkpoints kept in %s", state_dir, bundle_id,
+                    restored)
 
 
 def resolve_tasks(ranker: StackedRanker, tasks) -> tuple[str, ...]:

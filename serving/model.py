@@ -25,18 +25,22 @@ NO_MODEL_HINT = ("no model loaded: make a bundle with `feedrank train --simulate
 class LiveModel:
     """Holds the serving ranker; ``ready`` once one is loaded."""
 
-    def __init__(self, xgb_threads: int = 1, on_swap: Callable[[StackedRanker], None] | None = None):
+    def __init__(self, xgb_threads: int = 1, on_swap: Callable[[StackedRanker], None] | None = None,
+                 model_dir: Path | None = None):
         self.xgb_threads = xgb_threads
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self.on_swap = on_swap
         self.on_update: Callable[[StackedRanker], None] | None = None
         self._ranker: StackedRanker | None = None
         self._load_lock = threading.Lock()
+        self._scan_lock = threading.Lock()    # a Reload, or a scan of the model directory, at a time
         self.loaded_at_ms = 0
         # Refused bundle -> (its files' sizes and mtimes then, why): tried again once they change,
         # so a bundle copied in file by file loads when the copy completes.
         self.refused: dict[Path, tuple[tuple, str]] = {}
-        # The age (bundle_age) of the newest bundle ever live: the model directory's watcher loads only a
-        # bundle newer than that, so a Reload back to an older bundle (a rollback) stays live.
+        # The age (bundle_age) of the newest bundle ever live, or in the model directory at a Reload: the
+        # directory's watcher loads only a bundle newer than that, so a Reload back to an older bundle (a
+        # rollback) stays live.
         self.newest_live: tuple | None = None
 
     @property
@@ -85,9 +89,28 @@ class LiveModel:
             self.on_swap(ranker)
         return ranker
 
+    def reload(self, path: Path) -> StackedRanker:
+        """An operator's Reload: :meth:`load`, and every bundle now in the model directory counts as
+        seen, so the watcher loads none of them over it (a rollback holds, on every worker alike) until
+        a newer one arrives."""
+        with self._scan_lock:                 # no directory scan between the load and the mark
+            ranker = self.load(path)
+            if self.model_dir is not None:
+                try:
+                    present = dated_bundles(self.model_dir)
+                except OSError:
+                    present = []
+                if present:
+                    self.newest_live = max(self.newest_live or present[0][0], present[0][0])
+        return ranker
+
     def load_newest(self, model_dir: Path) -> StackedRanker | None:
         """Load the newest loadable bundle in ``model_dir`` that is newer than every bundle live so far
         (``newest_live``: one a Reload rolled back from is not loaded again) and not refused."""
+        with self._scan_lock:
+            return self._load_newest(model_dir)
+
+    def _load_newest(self, model_dir: Path) -> StackedRanker | None:
         live = self._ranker.path.resolve() if self._ranker and self._ranker.path else None
         for age, p in dated_bundles(model_dir):
             rp = p.resolve()

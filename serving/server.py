@@ -115,7 +115,7 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
         if "server" in holder:
             holder["server"].set_serving(True)
 
-    model = LiveModel(settings.xgb_threads, on_swap=on_swap)
+    model = LiveModel(settings.xgb_threads, on_swap=on_swap, model_dir=settings.model_dir)
     event_log = sink = ingest = None
     if settings.eventlog_dir is not None:
         path = Path(settings.eventlog_dir) / (f"worker-{worker}" if settings.workers > 1 else "")

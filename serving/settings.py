@@ -74,6 +74,8 @@ class ServingSettings(BaseSettings):
     def _eventlog_off(cls, value):
         """``off`` (or ``none``, ``null``) turns the event log off; an empty path is refused rather than
         taken for the working directory."""
+        if value is False:                    # YAML reads a bare off as false
+            return None
         if isinstance(value, str):
             if value.strip().lower() in ("off", "none", "null"):
                 return None

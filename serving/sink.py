@@ -181,9 +181,11 @@ class EventLogSink:
                     self.written += len(records)
                     self.not_streamed += len(records)
                     log.error("%s: a learner over the bus does not see them", e)
-                except Exception:
-                    self.dropped += len(records)
-                    log.exception("served records lost: event-log append failed")
+                except Exception as e:
+                    kept = getattr(e, "records_kept", 0)   # written whole before the append failed
+                    self.written += kept
+                    self.dropped += len(records) - kept
+                    log.exception("%d served records lost: event-log append failed", len(records) - kept)
 
     def flush(self, timeout: float = 5.0) -> None:
         end = time.monotonic() + timeout

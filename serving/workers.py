@@ -53,7 +53,7 @@ class ReloadBroadcast:
         if order["origin"] != self.origin:
             from .errors import RefusedBundle
             try:
-                self.model.load(order["bundle_path"])
+                self.model.reload(order["bundle_path"])
             except RefusedBundle:
                 pass  # logged by the model; this worker keeps serving its current bundle
 

@@ -149,6 +149,9 @@ def manifest_problem(manifest: dict) -> str | None:
 
     if not isinstance(manifest.get("bundle_id"), str) or not manifest["bundle_id"]:
         return f"bundle_id {manifest.get('bundle_id')!r} is not a non-empty string"
+    created = manifest.get("created_at", 0)
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        return f"created_at {created!r} is not milliseconds since the epoch"
     tasks = manifest.get("tasks")
     if not _names(tasks, empty_ok=False):
         return f"tasks {tasks!r} is not a non-empty list of distinct task names"

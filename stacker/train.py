@@ -88,9 +88,10 @@ def config_key(config: TrainConfig) -> str:
 
 def time_slices(ts: np.ndarray, fractions) -> list[np.ndarray]:
     """Row positions of consecutive time slices holding about the given fractions of rows (ties in ``ts``
-    keep their order). A slice ends where the timestamp changes: rows of one time (the candidates of one
-    request, a daily batch) all fall in the same slice, so no two slices share a time, and each boundary
-    is the change nearest to its fraction."""
+    keep their order). A slice ends where the timestamp changes nearest its fraction, so that the rows of
+    one time (the candidates of one request, a daily batch) fall in one slice; where both changes around
+    a cut would leave a slice empty (a table of a few distinct times), the cut stays inside the time
+    (:func:`check_training_slices` warns)."""
     ts = np.asarray(ts)
     order = np.argsort(ts, kind="stable")
     sorted_ts = ts[order]
@@ -100,8 +101,8 @@ def time_slices(ts: np.ndarray, fractions) -> list[np.ndarray]:
         if 0 < b < len(order) and sorted_ts[b - 1] == sorted_ts[b]:
             first = int(np.searchsorted(sorted_ts, sorted_ts[b], side="left"))
             after = int(np.searchsorted(sorted_ts, sorted_ts[b], side="right"))
-            bounds[k] = first if b - first <= after - b else after
-    bounds = np.maximum.accumulate(bounds)
+            nearest = sorted((first, after), key=lambda c: (abs(c - b), c))
+            bounds[k] = next((c for c in nearest if bounds[k - 1] < c < bounds[k + 1]), b)
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -397,6 +398,12 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
     if "position" not in parts[0].columns:
         warnings.append("no position column: every impression is taken as shown at the top, so position "
                         "bias is not learned and lower slots' lower engagement is read as the posts' own")
+    names = ("extractors'", "LR's", "test")
+    for k in range(len(parts) - 1):
+        if len(parts[k]) and len(parts[k + 1]) and parts[k]["ts"].max() >= parts[k + 1]["ts"].min():
+            warnings.append(f"the {names[k]} and the {names[k + 1]} slices share the time "
+                            f"{int(parts[k + 1]['ts'].min())}: the table has too few distinct times to cut "
+                            "between them, so rows of that time fall on both sides")
     absent = [c for c in schema.CONTEXT_COLUMNS if c not in parts[0].columns]
     if absent:
         warnings.append(f"no {' or '.join(absent)} column: every impression is taken as without that context "

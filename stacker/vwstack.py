@@ -451,25 +451,37 @@ def _weight_records(model: str, header: int, workspace, bits: int, sample: np.nd
     if length <= 0 or length % 4:
         return None
     with open(model, "rb") as f:
-        f.seek(header)
+        head = np.frombuffer(f.read(header), np.uint8)
         words = np.fromfile(f, dtype="<u4")
     size, rows = 1 << bits, 1 << (bits - 3)
+
+    def agrees(index, weight) -> bool:                  # VW's own weights at these indices
+        vw = np.fromiter(map(pylibvw.vw.get_weight, repeat(workspace), index.tolist(), repeat(0)), np.float32,
+                         len(index))
+        return np.array_equal(vw, weight)
+
     for floats in (3, 1, 2, 4):                  # FTRL with --save_resume writes three floats
-        if len(words) % (1 + floats):
+        width = 1 + floats
+        if len(words) % width:
             continue
-        records = words.reshape(-1, 1 + floats)
+        records = words.reshape(-1, width)
         index = records[:, 0].astype(np.int64)
         weight = np.ascontiguousarray(records[:, 1]).view(np.float32)
-        if len(index) and (index[-1] >= size or np.any(np.diff(index) <= 0)):
+        if not len(index) or index[-1] >= size or np.any(np.diff(index) <= 0):
             continue
+        # A header taken too long by whole records would drop the first ones and pass every check on the
+        # rest: the 4 * width bytes before the records must not read as a record VW agrees with.
+        if len(head) >= 4 * width:
+            before = np.ascontiguousarray(head[-4 * width:]).view("<u4")
+            if before[0] < index[0] and before[1] and agrees(before[:1].astype(np.int64), before[1:2].view(np.float32)):
+                continue
         out = np.zeros((rows, SLOTS), np.float32)
         out[index % rows, index // rows] = weight
         if not np.array_equal(out[sample % rows, sample // rows], sampled):
             continue
         picks = np.random.default_rng(0).choice(len(index), min(SPOT_CHECKS, len(index)), replace=False)
-        vw = np.fromiter(map(pylibvw.vw.get_weight, repeat(workspace), index[picks].tolist(), repeat(0)),
-                         np.float32, len(picks))
-        if np.array_equal(vw, weight[picks]):
+        picks = np.union1d(picks, [0, len(index) - 1])   # the first and last records always
+        if agrees(index[picks], weight[picks]):
             return out
     return None
 

@@ -282,6 +282,7 @@ for n, batch in enumerate(batches):
             offsets = log.append(batch)
         except OSError as e:
             refused.append(e.errno)
+            acked.update({f"kept {len(acked)}": e.records_kept})   # how many of the batch stayed whole
             if attempt == 1:                          # refused twice; then space is freed
                 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             continue
@@ -309,6 +310,9 @@ def test_a_full_disk_loses_no_acknowledged_record_and_shifts_no_offset(tmp_path,
         assert run.returncode == 0, run.stderr
         out = json.loads(run.stdout)
         assert out["refused"], "the limit should have refused an append"
+        kept = {k: out["acked"].pop(k) for k in list(out["acked"]) if k.startswith("kept")}
+        # every record in the log was acknowledged, or kept whole by a refused attempt and counted so
+        assert any(kept.values()) and out["end"] == len(out["acked"]) + sum(kept.values())
         log = EventLog(path)
         assert log.end_offset == out["end"]
         got = {str(o): getattr(r, "event_id", None) or getattr(r, "request_id", None) for o, r in log.read()}

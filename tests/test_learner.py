@@ -177,7 +177,8 @@ def test_fast_batch_text_means_the_same_to_vw_as_example_lines(tiny_bundle, tiny
 def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, tiny_bundle, other_bundle,
                                                                      event_log):
     """A state directory holding another bundle's checkpoints is refused, unless the learner follows
-    its server's bundle (``archive_foreign``): then they are moved to ``archive/`` intact."""
+    its server's bundle (``archive_foreign``): then they are moved to ``archive/`` intact, and moved back
+    when the server returns to that bundle."""
     import pytest
 
     state = tmp_path / "state"
@@ -192,12 +193,12 @@ def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, t
     b.close()
     (archived,) = (state / "archive").iterdir()
     assert archived.name.startswith(old_id + "-")
-    # Moved back, the old bundle's learner resumes from it as if nothing had happened.
-    restored = tmp_path / "restored"
-    restored.mkdir()
-    (archived / "checkpoints").rename(restored / "checkpoints")
-    c = OnlineLearner(tiny_bundle, restored, attribution_window_ms=WINDOW_MS)
+    # Back on the old bundle (a rollback), the learner that follows its server moves them back and resumes
+    # from them as if nothing had happened, instead of starting over from the bundle as trained.
+    c = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS, archive_foreign=True)
     assert c.counters["learned_examples"] == learned and c.replay_from > 0
+    assert not list((state / "archive").glob(old_id + "-*"))
+    np.testing.assert_allclose(c.learners.weights(), c.ranker.scorer.weights)
     c.close()
 
 

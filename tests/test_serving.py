@@ -548,6 +548,9 @@ def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("FEEDRANK_EVENTLOG_DIR", "")
     with pytest.raises(ValueError, match="eventlog_dir\n.*empty: give a directory, or off"):
         load_settings()
+    monkeypatch.delenv("FEEDRANK_EVENTLOG_DIR")
+    (tmp_path / "off.yaml").write_text("eventlog_dir: off\n")          # YAML reads a bare off as false
+    assert load_settings(tmp_path / "off.yaml").eventlog_dir is None
 
 
 def test_docs_grpcurl_example_is_a_valid_rank_request(live):

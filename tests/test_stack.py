@@ -120,7 +120,7 @@ def test_served_probabilities_equal_vw_predictions(bundle_dir, table):
     assert served.std(axis=0).min() > 0  # not a constant model
 
 
-def test_weights_copy_holds_every_weight_vw_lists(bundle_dir, monkeypatch):
+def test_weights_copy_holds_every_weight_vw_lists(bundle_dir, monkeypatch, tmp_path):
     """The numpy copy, from the model VW saves, read one weight at a time (a dense model) or from VW's
     listing (a sparse one), against VW's own listing of its non-zero weights; a saved model that does not
     parse as expected falls back on reading VW's weights."""
@@ -141,13 +141,29 @@ def test_weights_copy_holds_every_weight_vw_lists(bundle_dir, monkeypatch):
     assert saved.shape == (1 << (vw.config.bits - 3), SLOTS) and saved.flags.c_contiguous
     np.testing.assert_array_equal(saved, want)
     sample = np.arange(0, 1 << vw.config.bits, 1 << (vw.config.bits - 16))
-    assert vwstack._saved_weights(vw.workspace, vw.config.bits, vw.config.args(), sample, flat[sample]) is not None
-    # a header of the wrong length, or a sample VW disagrees with: no copy from the saved model
-    monkeypatch.setattr(vwstack.re, "sub", lambda pattern, repl, text: text.replace("--quiet", "--quiet -q ab"))
-    assert vwstack._saved_weights(vw.workspace, vw.config.bits, vw.config.args(), sample, flat[sample]) is not None
+    bits = vw.config.bits
+    model, blank = tmp_path / "model", tmp_path / "blank"
+    vw.save(model)
+    from vowpalwabbit import pyvw
+    empty = pyvw.Workspace(vw.config.args())
+    empty.save(str(blank))
+    empty.finish()
+    header = blank.stat().st_size
+    got = vwstack._weight_records(str(model), header, vw.workspace, bits, sample, flat[sample])
+    np.testing.assert_array_equal(got, want)
+    # the records read from one record too early or too late (a header mistaken by 16 bytes: FTRL's
+    # records are an index and three floats), or off by any other length: refused, not a copy short of
+    # a weight or holding a header's bytes
+    for shift in (16, -16, 32, 4, 15):
+        assert vwstack._weight_records(str(model), header + shift, vw.workspace, bits, sample, flat[sample]) is None
+    # a sample VW disagrees with: no copy from the saved model
     wrong = flat[sample].copy()
     wrong[np.flatnonzero(wrong)[0]] += 1
-    assert vwstack._saved_weights(vw.workspace, vw.config.bits, vw.config.args(), sample, wrong) is None
+    assert vwstack._saved_weights(vw.workspace, bits, vw.config.args(), sample, wrong) is None
+    # a blank model whose header is not the trained one's: the second try, with the very same arguments
+    monkeypatch.setattr(vwstack.re, "sub", lambda pattern, repl, text: text.replace("--quiet", "--quiet -q ab"))
+    np.testing.assert_array_equal(vwstack._saved_weights(vw.workspace, bits, vw.config.args(), sample, flat[sample]),
+                                  want)
     monkeypatch.setattr(vwstack, "_saved_weights", lambda *a: None)
     for share in (0.0, 2.0):                  # every weight read one at a time; VW's listing
         monkeypatch.setattr(vwstack, "LISTED_SHARE", share)
@@ -211,7 +227,8 @@ def test_bundle_round_trip_and_manifest(bundle_dir):
     ("unsummed", "lists no manifest_sha256"), ("lowered", "the manifest was edited"),
     ("nan", "holds a value strict JSON has not"),
     ("default", "feature_spec.defaults['post.length'] is 'abc', not a finite number"),
-    ("tasks", "tasks ['click', 'click'] is not a non-empty list"), ("cross", "vw settings are not valid (id cross 'uu'")])
+    ("tasks", "tasks ['click', 'click'] is not a non-empty list"), ("cross", "vw settings are not valid (id cross 'uu'"),
+    ("created", "created_at '2026-12-05' is not milliseconds since the epoch")])
 def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     target = copy / "gbdt.ubj"
@@ -226,10 +243,12 @@ def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damag
     elif damage == "manifest":
         target = copy / "manifest.json"
         target.write_text(target.read_text()[:50])
-    elif damage in ("default", "tasks", "cross"):  # checksummed, but not a manifest feedrank reads
+    elif damage in ("default", "tasks", "cross", "created"):  # checksummed, but not one feedrank reads
         target = copy / "manifest.json"
         m = json.loads(target.read_text())
-        if damage == "default":
+        if damage == "created":
+            m["created_at"] = "2026-12-05"
+        elif damage == "default":
             m["feature_spec"]["defaults"]["post.length"] = "abc"
         elif damage == "tasks":
             m["tasks"] = ["click", "click"]
@@ -374,14 +393,23 @@ def test_time_slices_are_ordered(table):
     assert not (set(a.request_id) & set(b.request_id)) and not (set(b.request_id) & set(c.request_id))
 
 
-def test_time_slices_keep_a_time_in_one_slice():
+def test_time_slices_keep_a_time_in_one_slice(table):
     """A daily batch (one timestamp a day) is never cut between two slices: each boundary moves to the
     nearest change of day."""
     ts = np.repeat(np.arange(5) * 86_400_000, [100, 100, 100, 100, 100])
     rows = time_slices(ts[::-1].copy(), (0.3, 0.5, 0.2))
     assert [len(r) for r in rows] == [100, 300, 100]    # 150: halfway in a day, to its start; 400 stays
     assert [sorted(set(ts[::-1][r] // 86_400_000)) for r in rows] == [[0], [1, 2, 3], [4]]
-    assert [len(r) for r in time_slices(np.zeros(10), (0.5, 0.5))] == [0, 10]     # one time: one slice
+    # too few times to cut between: a cut stays inside a time rather than leave a slice empty, and
+    # training says so
+    assert [len(r) for r in time_slices(np.zeros(10), (0.5, 0.5))] == [5, 5]
+    two_days = table.head(3000).assign(ts=np.repeat([0, 86_400_000], 1500) + 1_700_000_000_000)
+    parts = split_by_time(two_days, (0.4, 0.4, 0.2))
+    assert [len(p) for p in parts] == [1500, 900, 600]
+    from stacker.train import check_training_slices
+    _, warnings = check_training_slices(parts, ("click",))
+    assert any(w.startswith("the LR's and the test slices share the time 1700086400000: the table has too few "
+                            "distinct times") for w in warnings), warnings
 
 
 def test_end_to_end_eval_the_stack_beats_its_components(tmp_path):

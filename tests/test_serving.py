@@ -237,38 +237,35 @@ def test_unavailable_until_a_model_is_loaded_then_serving(serving_server, tiny_b
 
 
 def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bundle, tmp_path, feeds):
-    from stacker.bundle import copy_bundle
+    import json
+
+    from stacker.bundle import copy_bundle, finalize
     models = tmp_path / "models"
     models.mkdir()
     copy_bundle(tiny_bundle, models / "a")
     rs = serving_server(model_dir=models, poll_interval_s=0.1, admin_token=TOKEN)
     assert rs.model.current().path == models / "a"
-    manifest = (tiny_bundle / "manifest.json").read_text()
-    import json
-    m = json.loads(manifest)
-    newer = copy_bundle(tiny_bundle, tmp_path / "b")
-    from stacker.bundle import finalize
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
     m.pop("files")
-    finalize(newer, dict(m, bundle_id="newer", created_at=m["created_at"] + 1000))
-    shutil.move(str(newer), models / "b")
-    deadline = time.time() + 10
-    while rs.model.current().bundle_id != "newer" and time.time() < deadline:
-        time.sleep(0.05)
-    assert rs.model.current().bundle_id == "newer"
+
+    def arrives(name: str, later_ms: int) -> None:
+        """A newer bundle is moved into the directory; the watcher makes it live."""
+        bundle = copy_bundle(tiny_bundle, tmp_path / name)
+        finalize(bundle, dict(m, bundle_id=name, created_at=m["created_at"] + later_ms))
+        shutil.move(str(bundle), models / name)
+        deadline = time.time() + 10
+        while rs.model.current().bundle_id != name and time.time() < deadline:
+            time.sleep(0.05)
+        assert rs.model.current().bundle_id == name
+
+    arrives("newer", 1000)
     # a Reload back to the older bundle (a rollback) stays live: the watcher does not load "newer" again
-    older = rs.model.current().bundle_id
     admin = pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
     rolled = admin.Reload(pb.ReloadRequest(bundle_path=str(models / "a")), metadata=AUTH)
-    assert rs.model.current().path == models / "a" and rolled.previous_version.bundle_id == older
+    assert rs.model.current().path == models / "a" and rolled.previous_version.bundle_id == "newer"
     time.sleep(1.0)                                      # ten polls of the directory
     assert rs.model.current().path == models / "a"
-    newest = copy_bundle(tiny_bundle, tmp_path / "c")   # the next new bundle goes live
-    finalize(newest, dict(m, bundle_id="newest", created_at=m["created_at"] + 2000))
-    shutil.move(str(newest), models / "c")
-    deadline = time.time() + 10
-    while rs.model.current().bundle_id != "newest" and time.time() < deadline:
-        time.sleep(0.05)
-    assert rs.model.current().bundle_id == "newest"
+    arrives("newest", 2000)                              # the next new bundle goes live
 
 
 def test_admin_rpcs_need_the_bearer_token(live):

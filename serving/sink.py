@@ -146,6 +146,7 @@ class EventLogSink:
         self.dropped = 0
         self.written = 0
         self.not_streamed = 0
+        self._failures, self._last_said = 0, 0.0     # failed appends in a row; when one was last logged
         self._thread = threading.Thread(target=self._run, name="served-record-sink", daemon=True)
         self._thread.start()
 
@@ -177,15 +178,30 @@ class EventLogSink:
                 try:
                     self.log.append(records)
                     self.written += len(records)
+                    self._failures = 0
                 except NotStreamed as e:
                     self.written += len(records)
                     self.not_streamed += len(records)
-                    log.error("%s: a learner over the bus does not see them", e)
+                    if self._say_failure():
+                        log.error("%s: a learner over the bus does not see them", e)
                 except Exception as e:
                     kept = getattr(e, "records_kept", 0)   # written whole before the append failed
                     self.written += kept
                     self.dropped += len(records) - kept
-                    log.exception("%d served records lost: event-log append failed", len(records) - kept)
+                    if self._say_failure():
+                        log.error("%d served records lost: event-log append failed (%s: %s); %d lost so far",
+                                  len(records) - kept, type(e).__name__, e, self.dropped,
+                                  exc_info=self._failures == 1)
+
+    def _say_failure(self) -> bool:
+        """Whether to log this failure: the first of a run of them, then one a minute (a full disk fails
+        every batch, 20 times a second)."""
+        self._failures += 1
+        now = time.monotonic()
+        if self._failures == 1 or now - self._last_said >= 60.0:
+            self._last_said = now
+            return True
+        return False
 
     def flush(self, timeout: float = 5.0) -> None:
         end = time.monotonic() + timeout

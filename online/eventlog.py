@@ -217,8 +217,10 @@ class EventLog:
         if not records:
             return []
         if self._unusable:
-            raise OSError(errno.EIO, f"{self.path}: {self._unusable}; nothing is appended until the log is "
-                          "reopened (restart the server)")
+            e = OSError(errno.EIO, f"{self.path}: {self._unusable}; nothing is appended until the log is "
+                        "reopened (restart the server)")
+            e.records_kept, e.log_unusable = 0, True
+            raise e
         if self._cut_to is not None:
             self._cut_torn_append()           # before a new segment: an older one holds no torn record
         if os.fstat(self._fd).st_size >= self.segment_bytes:
@@ -245,11 +247,16 @@ class EventLog:
                 self.end_offset += len(records)
                 self._unusable = f"fsync failed ({e.strerror or e})"
                 log.error("%s: %s; no more appends until the log is reopened", self.path, self._unusable)
-                e.records_kept = len(records)
+                e.records_kept, e.log_unusable = len(records), True
                 raise
         start = self.end_offset
         self.end_offset += len(records)
         return list(range(start, self.end_offset))
+
+    @property
+    def unusable(self) -> str:
+        """Why appends stop until the log is reopened ("" while it takes them)."""
+        return self._unusable
 
     def _settle_failed_append(self, before: int, buf: bytes) -> int:
         """After a write that failed part-way (disk full, I/O error): the records it wrote whole stay in the

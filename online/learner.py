@@ -24,6 +24,7 @@ that were never committed are removed.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -135,16 +136,33 @@ def restore_archived_state(state_dir, bundle_id: str, tasks) -> Path | None:
     """Without a checkpoint in ``state_dir``, move back the newest archived checkpoints of ``bundle_id``
     (with these tasks), which :func:`archive_foreign_state` kept when the server moved on from it: a server
     that goes back to a bundle (a rollback) serves what its learner had learned and published, and the
-    learner goes on from there rather than from the bundle as trained. Returns the archive it came from."""
+    learner goes on from there rather than from the bundle as trained. An archive that does not load (a
+    damaged file, another state version) is skipped with a warning: the learner then starts afresh.
+    Returns the archive the checkpoints came from."""
+    from online.checkpoint import CheckpointError
+
     state_dir = Path(state_dir)
     if load_latest(state_dir / "checkpoints") is not None:
         return None
     archive = state_dir / "archive"
-    kept = sorted(archive.glob(f"{bundle_id}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
-                  if p.name.rsplit("-", 1)[1].isdigit() else -1, reverse=True) if archive.is_dir() else []
+
+    def stamp(p: Path) -> int:
+        tail = p.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    kept = sorted(archive.glob(f"{glob.escape(bundle_id)}-*"), key=stamp, reverse=True) if archive.is_dir() else []
     for source in kept:
-        latest = load_latest(source / "checkpoints")
-        if latest is None or latest[0]["bundle_id"] != bundle_id or tuple(latest[0]["tasks"]) != tuple(tasks):
+        try:
+            latest = load_latest(source / "checkpoints")
+        except (CheckpointError, OSError, ValueError, KeyError) as e:
+            log.warning("%s: archived checkpoints do not load (%s); not resumed from", source, e)
+            continue
+        if latest is None or latest[0].get("bundle_id") != bundle_id \
+                or tuple(latest[0].get("tasks", ())) != tuple(tasks):
+            continue
+        if latest[0].get("state_version") != STATE_VERSION:
+            log.warning("%s: archived checkpoints of state version %s (this learner writes %s); not resumed from",
+                        source, latest[0].get("state_version"), STATE_VERSION)
             continue
         for name in ("checkpoints", "audit", "status.json"):
             if (source / name).exists():
@@ -751,14 +769,21 @@ class OnlineLearner:
                                 allowed_lateness_ms, max_open, batch_size, audit, learn_other_bundles,
                                 counters=self.counters)
         self._lock = -1
-        if archive_foreign:  # only under the state lock: no other learner may be writing there
-            from online.pipeline import lock_state_dir
-            self._lock = lock_state_dir(self.state_dir, 60.0)
-            _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
-        resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
-        self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,
-                               publish_every_s, pretouch, model_dir, checkpoint_every_examples, audit,
-                               base_every, keep_checkpoints, counters=self.counters)
+        try:
+            if archive_foreign:  # only under the state lock: no other learner may be writing there
+                from online.pipeline import lock_state_dir
+                self._lock = lock_state_dir(self.state_dir, 60.0)
+                _archive_and_log(self.state_dir, self.bundle_id, self.tasks)
+            resumed = load_resume(self.state_dir, self.bundle_id, self.tasks)
+            self.trainer = Trainer(self.ranker, self.state_dir, self.tasks, resumed, checkpoint_every_s,
+                                   publish_every_s, pretouch, model_dir, checkpoint_every_examples, audit,
+                                   base_every, keep_checkpoints, counters=self.counters)
+        except BaseException:                 # a learner that did not start holds no lock
+            self._thread_limits.restore_original_limits()
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
+            raise
         if resumed is not None:
             self.front.resume(resumed[0])
         self._started = time.time()

@@ -84,8 +84,12 @@ class EventIngest:
                 try:
                     offsets = self.log.append([ev for _, ev in accepted])
                 except Exception as e:  # nothing is acknowledged: the client retries the batch
+                    kept = getattr(e, "records_kept", 0)
+                    also = (f" (the first {kept} of them are in the log all the same: their retry logs them "
+                            "again, and the learner learns each once)") if kept else ""
+                    when = "once the server has been restarted" if getattr(e, "log_unusable", False) else "it"
                     raise NotReady(f"LogEvents: the event log could not take the batch ({type(e).__name__}: "
-                                   f"{e}); no event of it was acknowledged, retry it") from e
+                                   f"{e}); no event of it was acknowledged{also}, retry {when}") from e
                 for (i, ev), offset in zip(accepted, offsets):
                     self._remember(ev.event_id)
                     results[i] = EventResult(ev.event_id, ACCEPTED, log_offset=offset)

@@ -38,10 +38,12 @@ class LiveModel:
         # Refused bundle -> (its files' sizes and mtimes then, why): tried again once they change,
         # so a bundle copied in file by file loads when the copy completes.
         self.refused: dict[Path, tuple[tuple, str]] = {}
-        # The age (bundle_age) of the newest bundle ever live, or in the model directory at a Reload: the
-        # directory's watcher loads only a bundle newer than that, so a Reload back to an older bundle (a
-        # rollback) stays live.
+        # The age (bundle_age) of the newest bundle ever live: the directory's watcher loads only a bundle
+        # newer than that, so a Reload back to an older bundle (a rollback) stays live. Nor does it load
+        # one that was in the directory at the last Reload, unless its files have changed since.
         self.newest_live: tuple | None = None
+        self.seen_at_reload: dict[Path, tuple] = {}
+        self.reload_previous: StackedRanker | None = None   # what the last Reload replaced
 
     @property
     def ready(self) -> bool:
@@ -89,19 +91,26 @@ class LiveModel:
             self.on_swap(ranker)
         return ranker
 
-    def reload(self, path: Path) -> StackedRanker:
-        """An operator's Reload: :meth:`load`, and every bundle now in the model directory counts as
-        seen, so the watcher loads none of them over it (a rollback holds, on every worker alike) until
-        a newer one arrives."""
+    def reload(self, path: Path, seen: dict[Path, tuple] | None = None) -> StackedRanker:
+        """An operator's Reload: :meth:`load`, and every other bundle now in the model directory counts as
+        seen, so the watcher loads none of them over it (a rollback holds, on every worker alike) until a
+        new one arrives or one of them changes (a copy completes). ``reload_previous`` is then the ranker
+        it replaced. ``seen``: the bundles (and their files) another worker's Reload counted as seen, for
+        every worker to skip the same ones."""
         with self._scan_lock:                 # no directory scan between the load and the mark
+            self.reload_previous = self._ranker
             ranker = self.load(path)
-            if self.model_dir is not None:
+            if seen is not None:
+                self.seen_at_reload = dict(seen)
+            elif self.model_dir is not None:
                 try:
-                    present = dated_bundles(self.model_dir)
+                    present = [p for _, p in dated_bundles(self.model_dir)]
                 except OSError:
                     present = []
-                if present:
-                    self.newest_live = max(self.newest_live or present[0][0], present[0][0])
+                live = Path(path).resolve()
+                # As they are now: one still being copied in, or refused and then mended, changes its files
+                # and is loaded when it does.
+                self.seen_at_reload = {p.resolve(): _files_state(p) for p in present if p.resolve() != live}
         return ranker
 
     def load_newest(self, model_dir: Path) -> StackedRanker | None:
@@ -116,6 +125,8 @@ class LiveModel:
             rp = p.resolve()
             if rp == live or (self.newest_live is not None and age <= self.newest_live):
                 return None
+            if rp in self.seen_at_reload and self.seen_at_reload[rp] == _files_state(p):
+                continue
             if rp in self.refused and self.refused[rp][0] == _files_state(p):
                 continue
             try:

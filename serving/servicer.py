@@ -169,8 +169,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._authorize(context)
         if not request.bundle_path:
             raise InvalidInput("bundle_path", "missing")
-        previous = self.model._ranker
         ranker = self.model.reload(request.bundle_path)  # loads on this RPC's thread, Rank keeps going
+        previous = self.model.reload_previous
         if self.reload_hook:
             self.reload_hook(request.bundle_path)
         return pb.ReloadResponse(model_version=convert.version_of(ranker),

@@ -5,6 +5,7 @@ records are built and appended by a background thread in batches, so the log add
 """
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -103,6 +104,11 @@ class BusEventLog(SharedEventLog):
         from online.bus import id_to_offset
 
         with self._lock:
+            if self.log.unusable:             # not to the stream either: every retry would add a copy there
+                e = OSError(errno.EIO, f"{self.log.path}: {self.log.unusable}; nothing is appended until the log "
+                            "is reopened (restart the server)")
+                e.records_kept, e.log_unusable = 0, True
+                raise e
             if any(type(r) is Engagement for r in records):
                 # Events go to the stream first: if Redis is down nothing is written, the client is told,
                 # and its retry is not taken for a duplicate (the dedup window is read back from the local
@@ -113,7 +119,11 @@ class BusEventLog(SharedEventLog):
                 return offsets
             # Served records (nobody retries them): the local log first, so an outage leaves no gap in
             # it (export, retraining); the stream's copy of the batch is then counted as not streamed.
-            self.log.append(records)
+            try:
+                self.log.append(records)
+            except BaseException as e:        # the records it kept whole never reach the stream
+                e.records_not_streamed = getattr(e, "records_kept", 0)
+                raise
             try:
                 return [id_to_offset(i) for i in self.bus.publish(records)]
             except Exception as e:
@@ -187,10 +197,11 @@ class EventLogSink:
                 except Exception as e:
                     kept = getattr(e, "records_kept", 0)   # written whole before the append failed
                     self.written += kept
+                    self.not_streamed += getattr(e, "records_not_streamed", 0)
                     self.dropped += len(records) - kept
                     if self._say_failure():
-                        log.error("%d served records lost: event-log append failed (%s: %s); %d lost so far",
-                                  len(records) - kept, type(e).__name__, e, self.dropped,
+                        log.error("event-log append failed (%s: %s): %d of %d served records lost, %d so far",
+                                  type(e).__name__, e, len(records) - kept, len(records), self.dropped,
                                   exc_info=self._failures == 1)
 
     def _say_failure(self) -> bool:

@@ -40,7 +40,10 @@ class ReloadBroadcast:
 
     def publish(self, bundle_path: str) -> None:
         tmp = self.path.with_name(f"reload.{self.origin}.tmp")
-        tmp.write_text(json.dumps({"bundle_path": str(bundle_path), "origin": self.origin, "at": time.time()}))
+        # The bundles the origin counted as seen (LiveModel.reload): every worker skips the same ones.
+        seen = {str(p): list(map(list, state)) for p, state in self.model.seen_at_reload.items()}
+        tmp.write_text(json.dumps({"bundle_path": str(bundle_path), "origin": self.origin, "at": time.time(),
+                                   "seen": seen}))
         os.replace(tmp, self.path)
         self.seen_ns = self._mtime()
 
@@ -53,7 +56,9 @@ class ReloadBroadcast:
         if order["origin"] != self.origin:
             from .errors import RefusedBundle
             try:
-                self.model.reload(order["bundle_path"])
+                seen = order.get("seen")
+                self.model.reload(order["bundle_path"], seen=None if seen is None else
+                                  {Path(p): tuple(map(tuple, state)) for p, state in seen.items()})
             except RefusedBundle:
                 pass  # logged by the model; this worker keeps serving its current bundle
 

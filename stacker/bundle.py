@@ -149,9 +149,11 @@ def manifest_problem(manifest: dict) -> str | None:
 
     if not isinstance(manifest.get("bundle_id"), str) or not manifest["bundle_id"]:
         return f"bundle_id {manifest.get('bundle_id')!r} is not a non-empty string"
+    from .dataset import PLAUSIBLE_MS
     created = manifest.get("created_at", 0)
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
-        return f"created_at {created!r} is not milliseconds since the epoch"
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0 \
+            or (created and not PLAUSIBLE_MS[0] <= created < PLAUSIBLE_MS[1]):
+        return f"created_at {created!r} is not milliseconds since the epoch between 1990 and 2100"
     tasks = manifest.get("tasks")
     if not _names(tasks, empty_ok=False):
         return f"tasks {tasks!r} is not a non-empty list of distinct task names"

@@ -90,19 +90,21 @@ def time_slices(ts: np.ndarray, fractions) -> list[np.ndarray]:
     """Row positions of consecutive time slices holding about the given fractions of rows (ties in ``ts``
     keep their order). A slice ends where the timestamp changes nearest its fraction, so that the rows of
     one time (the candidates of one request, a daily batch) fall in one slice; where both changes around
-    a cut would leave a slice empty (a table of a few distinct times), the cut stays inside the time
-    (:func:`check_training_slices` warns)."""
+    a cut would empty a slice or move the cut by more than half a slice beside it (a table of a few
+    distinct times), the cut stays inside the time (:func:`check_training_slices` warns)."""
     ts = np.asarray(ts)
     order = np.argsort(ts, kind="stable")
     sorted_ts = ts[order]
     bounds = np.round(np.cumsum((0,) + tuple(fractions)) / sum(fractions) * len(order)).astype(int)
+    sizes = np.diff(bounds)
     for k in range(1, len(bounds) - 1):
         b = bounds[k]
         if 0 < b < len(order) and sorted_ts[b - 1] == sorted_ts[b]:
             first = int(np.searchsorted(sorted_ts, sorted_ts[b], side="left"))
             after = int(np.searchsorted(sorted_ts, sorted_ts[b], side="right"))
+            reach = min(sizes[k - 1], sizes[k]) / 2    # a cut moves by at most half a slice beside it
             nearest = sorted((first, after), key=lambda c: (abs(c - b), c))
-            bounds[k] = next((c for c in nearest if bounds[k - 1] < c < bounds[k + 1]), b)
+            bounds[k] = next((c for c in nearest if bounds[k - 1] < c < bounds[k + 1] and abs(c - b) <= reach), b)
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 

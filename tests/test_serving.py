@@ -259,13 +259,25 @@ def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bund
         assert rs.model.current().bundle_id == name
 
     arrives("newer", 1000)
+    # a bundle still being copied in when the rollback below comes: refused until its copy completes
+    mended = copy_bundle(tiny_bundle, tmp_path / "mended")
+    finalize(mended, dict(m, bundle_id="mended", created_at=m["created_at"] + 1500))
+    whole = (mended / "gbdt.ubj").read_bytes()
+    (mended / "gbdt.ubj").write_bytes(whole[:100])
+    shutil.move(str(mended), models / "mended")
+    time.sleep(0.5)
     # a Reload back to the older bundle (a rollback) stays live: the watcher does not load "newer" again
     admin = pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{rs.port}"))
     rolled = admin.Reload(pb.ReloadRequest(bundle_path=str(models / "a")), metadata=AUTH)
     assert rs.model.current().path == models / "a" and rolled.previous_version.bundle_id == "newer"
     time.sleep(1.0)                                      # ten polls of the directory
     assert rs.model.current().path == models / "a"
-    arrives("newest", 2000)                              # the next new bundle goes live
+    (models / "mended" / "gbdt.ubj").write_bytes(whole)  # its copy completes: it goes live
+    deadline = time.time() + 10
+    while rs.model.current().bundle_id != "mended" and time.time() < deadline:
+        time.sleep(0.05)
+    assert rs.model.current().bundle_id == "mended"
+    arrives("newest", 2000)                              # and the next new bundle
 
 
 def test_admin_rpcs_need_the_bearer_token(live):

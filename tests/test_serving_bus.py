@@ -126,3 +126,22 @@ def test_served_records_the_stream_missed_are_kept_locally_and_counted_apart(tmp
         sink.close()
         log.log.close()
     assert [r.post_id for _, r in EventLog(tmp_path / "log", readonly=True).read()] == ["p0", "p1", "p2"] * 4
+
+
+def test_a_log_that_takes_no_more_sends_nothing_to_the_stream_and_says_to_restart(tmp_path):
+    """After an fsync failure the local log takes nothing until it is reopened (online.eventlog): with
+    the bus, events are then not published either (each retry would add a copy to the stream), LogEvents
+    says a restart is needed, and served records count as dropped."""
+    from online.bench import redis_server
+    from serving.errors import NotReady
+    from serving.events import EventIngest
+    from serving.sink import BusEventLog
+    event = {"event_id": "e1", "request_id": "r", "post_id": "p", "kind": "view", "ts": 1_700_000_000_000}
+    with redis_server(tmp_path) as url:
+        log = BusEventLog(tmp_path / "log", url, fsync=False)
+        log.log._unusable = "fsync failed (Input/output error)"       # as EventLog.append leaves it
+        with pytest.raises(NotReady, match="no event of it was acknowledged, retry once the server has been "
+                                           "restarted"):
+            EventIngest(log).log_events([event])
+        assert RedisBus(url).consume(count=10, block_ms=10) == []
+        log.close()

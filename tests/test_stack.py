@@ -156,6 +156,12 @@ def test_weights_copy_holds_every_weight_vw_lists(bundle_dir, monkeypatch, tmp_p
     # a weight or holding a header's bytes
     for shift in (16, -16, 32, 4, 15):
         assert vwstack._weight_records(str(model), header + shift, vw.workspace, bits, sample, flat[sample]) is None
+    # ... even when the sample misses the weights a late start would drop: the record before the first one
+    # read is a record VW agrees with
+    first = int(np.flatnonzero(flat)[0])
+    blind = sample[sample > first + 8]
+    for shift in (16, 32):
+        assert vwstack._weight_records(str(model), header + shift, vw.workspace, bits, blind, flat[blind]) is None
     # a sample VW disagrees with: no copy from the saved model
     wrong = flat[sample].copy()
     wrong[np.flatnonzero(wrong)[0]] += 1
@@ -228,7 +234,7 @@ def test_bundle_round_trip_and_manifest(bundle_dir):
     ("nan", "holds a value strict JSON has not"),
     ("default", "feature_spec.defaults['post.length'] is 'abc', not a finite number"),
     ("tasks", "tasks ['click', 'click'] is not a non-empty list"), ("cross", "vw settings are not valid (id cross 'uu'"),
-    ("created", "created_at '2026-12-05' is not milliseconds since the epoch")])
+    ("created", "created_at '2026-12-05' is not milliseconds since the epoch between 1990 and 2100")])
 def test_damaged_bundles_are_refused_naming_the_file(tmp_path, bundle_dir, damage, message):
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     target = copy / "gbdt.ubj"
@@ -403,6 +409,7 @@ def test_time_slices_keep_a_time_in_one_slice(table):
     # too few times to cut between: a cut stays inside a time rather than leave a slice empty, and
     # training says so
     assert [len(r) for r in time_slices(np.zeros(10), (0.5, 0.5))] == [5, 5]
+    assert [len(r) for r in time_slices(np.repeat([0, 1], [7, 3]), (0.3, 0.5, 0.2))] == [3, 4, 3]   # not 7, 1, 2
     two_days = table.head(3000).assign(ts=np.repeat([0, 86_400_000], 1500) + 1_700_000_000_000)
     parts = split_by_time(two_days, (0.4, 0.4, 0.2))
     assert [len(p) for p in parts] == [1500, 900, 600]

@@ -164,7 +164,7 @@ def cmd_simulate(args):
     from feedsim.describe import describe, format_description
     from feedsim.simulate import simulate
     from stacker.dataset import write_table
-    from stacker.metrics import json_safe
+    from stacker.metrics import write_json
     if args.describe:
         if args.out:
             raise UsageError("--describe prints the world's statistics and writes no table: drop --out, "
@@ -173,8 +173,7 @@ def cmd_simulate(args):
         d = describe(n_impressions=args.n, seed=args.seed, progress=_progress(args))
         print(format_description(d))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(json_safe(d), indent=2, allow_nan=False))
+            write_json(d, args.json)
         return 0
     if not args.out:
         raise UsageError("give --out PATH (.parquet or .jsonl) or --describe")

@@ -10,7 +10,6 @@ third of the stream, where drift, new posts and new authors have had the longest
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from stacker import schema
 from stacker.evaluate import progressive
 from stacker.features import CandidateBatch
-from stacker.metrics import json_safe, task_metrics
+from stacker.metrics import task_metrics, write_json
 from stacker.progress import Progress
 from stacker import bundle as bundles
 from stacker.ranker import StackedRanker
@@ -80,8 +79,7 @@ def format_comparison(r: dict) -> str:
 
 
 def write(r: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(r), indent=2, allow_nan=False))   # NaN (undefined) as null
+    write_json(r, path)
 
 
 def plot(r: dict, path: Path) -> Path:

@@ -216,11 +216,7 @@ class EventLog:
             raise PermissionError(f"{self.path}: event log opened read-only")
         if not records:
             return []
-        if self._unusable:
-            e = OSError(errno.EIO, f"{self.path}: {self._unusable}; nothing is appended until the log is "
-                        "reopened (restart the server)")
-            e.records_kept, e.log_unusable = 0, True
-            raise e
+        self.refuse_if_unusable()
         if self._cut_to is not None:
             self._cut_torn_append()           # before a new segment: an older one holds no torn record
         if os.fstat(self._fd).st_size >= self.segment_bytes:
@@ -245,18 +241,24 @@ class EventLog:
                 # the disk: after a crash the offsets of what followed could move. Every record stays where
                 # readers see it, and appends stop until a reopen checks the tail.
                 self.end_offset += len(records)
-                self._unusable = f"fsync failed ({e.strerror or e})"
-                log.error("%s: %s; no more appends until the log is reopened", self.path, self._unusable)
+                self._stop_appends(f"fsync failed ({e.strerror or e})")
                 e.records_kept, e.log_unusable = len(records), True
                 raise
         start = self.end_offset
         self.end_offset += len(records)
         return list(range(start, self.end_offset))
 
-    @property
-    def unusable(self) -> str:
-        """Why appends stop until the log is reopened ("" while it takes them)."""
-        return self._unusable
+    def refuse_if_unusable(self) -> None:
+        """Raise, taking nothing, if appends have stopped until the log is reopened (:meth:`_stop_appends`)."""
+        if self._unusable:
+            e = OSError(errno.EIO, f"{self.path}: {self._unusable}; nothing is appended until the log is "
+                        "reopened (restart the server)")
+            e.records_kept, e.log_unusable = 0, True
+            raise e
+
+    def _stop_appends(self, why: str) -> None:
+        self._unusable = why
+        log.error("%s: %s; no more appends until the log is reopened", self.path, why)
 
     def _settle_failed_append(self, before: int, buf: bytes) -> int:
         """After a write that failed part-way (disk full, I/O error): the records it wrote whole stay in the
@@ -267,8 +269,7 @@ class EventLog:
         try:
             written = max(0, os.fstat(self._fd).st_size - before)
         except OSError as e:
-            self._unusable = f"a failed append left the segment's end unknown ({e.strerror or e})"
-            log.error("%s: %s; no more appends until the log is reopened", self.path, self._unusable)
+            self._stop_appends(f"a failed append left the segment's end unknown ({e.strerror or e})")
             return 0
         whole = buf.rfind(b"\n", 0, min(written, len(buf))) + 1
         kept = buf.count(b"\n", 0, whole)

@@ -126,10 +126,21 @@ def archive_foreign_state(state_dir, bundle_id: str, tasks) -> Path | None:
         return None
     dest = state_dir / "archive" / f"{state['bundle_id']}-{int(time.time() * 1000)}"
     dest.mkdir(parents=True)
-    for name in ("checkpoints", "audit", "status.json"):
-        if (state_dir / name).exists():
-            os.replace(state_dir / name, dest / name)
+    _move_state(state_dir, dest)
     return dest
+
+
+STATE_PARTS = ("checkpoints", "audit", "status.json")   # what a learner keeps of one bundle in its state dir
+
+
+def _move_state(source: Path, dest: Path) -> None:
+    """Move a learner's state for one bundle (:data:`STATE_PARTS`) from ``source`` to ``dest``, replacing
+    what ``dest`` holds of it."""
+    for name in STATE_PARTS:
+        if (source / name).exists():
+            if (dest / name).is_dir():
+                shutil.rmtree(dest / name)
+            os.replace(source / name, dest / name)
 
 
 def restore_archived_state(state_dir, bundle_id: str, tasks) -> Path | None:
@@ -153,22 +164,12 @@ def restore_archived_state(state_dir, bundle_id: str, tasks) -> Path | None:
     kept = sorted(archive.glob(f"{glob.escape(bundle_id)}-*"), key=stamp, reverse=True) if archive.is_dir() else []
     for source in kept:
         try:
-            latest = load_latest(source / "checkpoints")
+            if load_resume(source, bundle_id, tasks) is None:
+                continue
         except (CheckpointError, OSError, ValueError, KeyError) as e:
-            log.warning("%s: archived checkpoints do not load (%s); not resumed from", source, e)
+            log.warning("%s: archived checkpoints not resumed from (%s)", source, e)
             continue
-        if latest is None or latest[0].get("bundle_id") != bundle_id \
-                or tuple(latest[0].get("tasks", ())) != tuple(tasks):
-            continue
-        if latest[0].get("state_version") != STATE_VERSION:
-            log.warning("%s: archived checkpoints of state version %s (this learner writes %s); not resumed from",
-                        source, latest[0].get("state_version"), STATE_VERSION)
-            continue
-        for name in ("checkpoints", "audit", "status.json"):
-            if (source / name).exists():
-                if (state_dir / name).exists():
-                    shutil.rmtree(state_dir / name) if (state_dir / name).is_dir() else (state_dir / name).unlink()
-                os.replace(source / name, state_dir / name)
+        _move_state(source, state_dir)
         shutil.rmtree(source, ignore_errors=True)
         return source
     return None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from online.records import Engagement, validate_event
-from stacker.dataset import implausible_ms, unit_hint
+from stacker.dataset import implausible_ms, not_a_time
 
 from .errors import NotReady
 from .sink import SharedEventLog
@@ -67,8 +67,7 @@ class EventIngest:
                     if ev.ts == 0:                # left unset: the server's clock, as Rank's time_ms
                         ev = replace(ev, ts=now_ms)
                     elif implausible_ms(ev.ts):
-                        raise ValueError(f"event.ts_ms: {ev.ts} is not a time between 1990 and 2100 in "
-                                         f"milliseconds since the epoch{unit_hint(ev.ts)} (0: the server's clock)")
+                        raise ValueError(f"event.ts_ms: {not_a_time(ev.ts)} (0: the server's clock)")
                     if ev.ts > now_ms + self.max_future_ms:
                         raise ValueError(f"event.ts_ms: {ev.ts} is {(ev.ts - now_ms) / 1000:.1f} s ahead of the "
                                          f"server's clock (limit {self.max_future_ms / 1000:g} s)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from stacker.dataset import implausible_ms, unit_hint
+from stacker.dataset import implausible_ms, not_a_time, unit_hint
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
 
@@ -202,8 +202,7 @@ class RankingHandler:
         if r.time_ms < 0:
             raise InvalidInput("context.time_ms", f"negative ({r.time_ms})")
         if implausible_ms(r.time_ms, zero_ok=True):
-            raise InvalidInput("context.time_ms", f"{r.time_ms} is not a time between 1990 and 2100 in milliseconds "
-                               f"since the epoch{unit_hint(r.time_ms)} (0: the server's clock)")
+            raise InvalidInput("context.time_ms", f"{not_a_time(r.time_ms)} (0: the server's clock)")
         if r.time_ms > now_ms + s.max_future_ms:
             raise InvalidInput("context.time_ms", f"{r.time_ms} is {(r.time_ms - now_ms) / 1000:.0f} s in the "
                                                   f"future (limit {s.max_future_ms / 1000:.0f} s)")

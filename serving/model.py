@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stacker.bundle import BundleError, bundle_age, dated_bundles
+from stacker.bundle import BundleError, bundle_age, candidate_bundles, dated_bundles
 from stacker.ranker import StackedRanker
 
 from .errors import NotReady, RefusedBundle
@@ -104,13 +104,13 @@ class LiveModel:
                 self.seen_at_reload = dict(seen)
             elif self.model_dir is not None:
                 try:
-                    present = [p for _, p in dated_bundles(self.model_dir)]
+                    present = candidate_bundles(self.model_dir)
                 except OSError:
                     present = []
                 live = Path(path).resolve()
                 # As they are now: one still being copied in, or refused and then mended, changes its files
                 # and is loaded when it does.
-                self.seen_at_reload = {p.resolve(): _files_state(p) for p in present if p.resolve() != live}
+                self.seen_at_reload = {rp: _files_state(p) for p in present if (rp := p.resolve()) != live}
         return ranker
 
     def load_newest(self, model_dir: Path) -> StackedRanker | None:

@@ -5,7 +5,6 @@ records are built and appended by a background thread in batches, so the log add
 """
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import threading
@@ -104,11 +103,7 @@ class BusEventLog(SharedEventLog):
         from online.bus import id_to_offset
 
         with self._lock:
-            if self.log.unusable:             # not to the stream either: every retry would add a copy there
-                e = OSError(errno.EIO, f"{self.log.path}: {self.log.unusable}; nothing is appended until the log "
-                            "is reopened (restart the server)")
-                e.records_kept, e.log_unusable = 0, True
-                raise e
+            self.log.refuse_if_unusable()     # not to the stream either: every retry would add a copy there
             if any(type(r) is Engagement for r in records):
                 # Events go to the stream first: if Redis is down nothing is written, the client is told,
                 # and its retry is not taken for a duplicate (the dedup window is read back from the local

@@ -132,6 +132,10 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
 
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _names(x, empty_ok: bool = True) -> bool:
     return isinstance(x, list) and all(isinstance(n, str) and n for n in x) and len(set(x)) == len(x) \
         and (empty_ok or bool(x))
@@ -141,6 +145,7 @@ def manifest_problem(manifest: dict) -> str | None:
     """What is wrong with the fields a server, learner or export reads from a manifest (None when
     nothing is): a manifest another tool wrote, or one of a format before its own checksum, edited by
     hand, is refused when read instead of failing on a request."""
+    from .dataset import PLAUSIBLE_MS
     from .vwstack import VWConfig
 
     def section(name):
@@ -149,10 +154,8 @@ def manifest_problem(manifest: dict) -> str | None:
 
     if not isinstance(manifest.get("bundle_id"), str) or not manifest["bundle_id"]:
         return f"bundle_id {manifest.get('bundle_id')!r} is not a non-empty string"
-    from .dataset import PLAUSIBLE_MS
     created = manifest.get("created_at", 0)
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0 \
-            or (created and not PLAUSIBLE_MS[0] <= created < PLAUSIBLE_MS[1]):
+    if not _integer(created) or created < 0 or (created and not PLAUSIBLE_MS[0] <= created < PLAUSIBLE_MS[1]):
         return f"created_at {created!r} is not milliseconds since the epoch between 1990 and 2100"
     tasks = manifest.get("tasks")
     if not _names(tasks, empty_ok=False):
@@ -175,16 +178,16 @@ def manifest_problem(manifest: dict) -> str | None:
     gbdt = section("gbdt")
     for key in ("depth", "trees"):
         value = None if gbdt is None else gbdt.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _integer(value) or value < 1:
             return f"gbdt.{key} {value!r} is not a positive integer"
     vw = section("vw")
     if vw is None:
         return "vw is missing or not an object"
     bits = vw.get("bits")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 4 <= bits <= 30:
+    if not _integer(bits) or not 4 <= bits <= 30:
         return f"vw.bits {bits!r} is not an integer between 4 and 30"
     hashes = vw.get("namespace_hashes")
-    if not isinstance(hashes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in hashes.values()):
+    if not isinstance(hashes, dict) or not all(map(_integer, hashes.values())):
         return f"vw.namespace_hashes {hashes!r} is not an object of integers"
     try:
         VWConfig.from_dict(vw)

@@ -134,6 +134,12 @@ def implausible_ms(x, zero_ok: bool = False):
     return bad & (x != 0) if zero_ok else bad
 
 
+def not_a_time(ms: int) -> str:
+    """Why a single time ``ms`` is refused: no time between 1990 and 2100 in milliseconds, and what it looks
+    like instead (:func:`unit_hint`)."""
+    return f"{ms} is not a time between 1990 and 2100 in milliseconds since the epoch{unit_hint(ms)}"
+
+
 def unit_hint(ms: float, plural: bool = False) -> str:
     """What a time that is not plausible milliseconds since the epoch looks like instead, if anything."""
     it = "they look" if plural else "it looks"

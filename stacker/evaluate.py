@@ -15,7 +15,6 @@ report also says what each variant recovers of each component (``recovery``; :mo
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 from . import schema
 from .dnn import train_mlp
 from .gbdt import train_gbdt
-from .metrics import json_safe, task_metrics
+from .metrics import task_metrics, write_json
 from .progress import Progress, warn
 from .train import (MIN_SLICE_ROWS, TrainConfig, check_training_slices, downsample_table, early_pass, fit_lr,
                     labels_of, lr_work, predict_features, split_by_time, stack_features, take_rows,
@@ -321,10 +320,7 @@ def write_outputs(report: dict, json_path: Path | None, plot_dir: Path | None) -
     written = []
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     if json_path:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(json_safe(public), indent=2, allow_nan=False))
-        written.append(json_path)
+        written.append(write_json(public, json_path))
     if plot_dir:
         from .plots import calibration_plot, ne_plot
         plot_dir = Path(plot_dir)

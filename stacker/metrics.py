@@ -1,6 +1,9 @@
 """Offline metrics: normalized entropy, exact ROC AUC, calibration."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 _EPS = 1e-7
@@ -49,6 +52,15 @@ def task_metrics(y: np.ndarray, p: np.ndarray, base_rate: float) -> dict:
     p = np.asarray(p, np.float64)
     return {"ne": normalized_entropy(y, p, base_rate), "auc": roc_auc(y, p),
             "calibration": calibration(y, p), "positives": int(y.sum())}
+
+
+def write_json(obj, path) -> Path:
+    """Write ``obj`` as strict JSON (NaN and infinities, undefined metrics, as null), making missing parent
+    directories; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False))
+    return path
 
 
 def json_safe(obj):

@@ -350,12 +350,13 @@ def _varying_within_requests(parts: list[pd.DataFrame], columns) -> dict[str, in
             continue
         codes = pd.factorize(part["request_id"])[0]
         order = np.argsort(codes, kind="stable")
-        same = codes[order][1:] == codes[order][:-1]
+        request = codes[order]                      # each row's request, grouped
+        same = request[1:] == request[:-1]
         for col in columns:
             v = part[col].to_numpy(np.float64)[order]
             differs = same & (v[1:] != v[:-1]) & ~(np.isnan(v[1:]) & np.isnan(v[:-1]))
             if differs.any():
-                out[col] = out.get(col, 0) + len(np.unique(codes[order][1:][differs]))
+                out[col] = out.get(col, 0) + len(np.unique(request[1:][differs]))
     return out
 
 

@@ -374,6 +374,15 @@ class SparseScorer:
 LISTED_SHARE = 0.005   # below this share of non-zero weights, VW's own listing is faster and smaller
 
 
+def read_weights(workspace, index) -> np.ndarray:
+    """VW's weights (slot 0 of each stride) at the indices ``index``, as float32: pylibvw reads no more
+    than one weight at a time."""
+    import pylibvw
+
+    index = index.tolist() if isinstance(index, np.ndarray) else index
+    return np.fromiter(map(pylibvw.vw.get_weight, repeat(workspace), index, repeat(0)), np.float32, len(index))
+
+
 def workspace_weights(workspace, bits: int, args: str | None = None, chunk: int = 1 << 20) -> np.ndarray:
     """Dense float32 copy of a workspace's weights, as rows of 8 slots ``[2**(bits-3), 8]``.
 
@@ -384,11 +393,9 @@ def workspace_weights(workspace, bits: int, args: str | None = None, chunk: int 
     those 4M), and reading every weight one at a time takes 0.15 us apiece (10 s at ``-b 26``) and no
     memory beyond the copy; a sample of 65,536 weights decides between those two: under
     ``LISTED_SHARE`` of them non-zero (a small model), the listing, otherwise the scan."""
-    import pylibvw
-
-    get, size = pylibvw.vw.get_weight, 1 << bits
+    size = 1 << bits
     sample = np.arange(0, size, max(1, size >> 16))
-    sampled = np.fromiter(map(get, repeat(workspace), sample.tolist(), repeat(0)), np.float32, len(sample))
+    sampled = read_weights(workspace, sample)
     if args is not None:
         saved = _saved_weights(workspace, bits, args, sample, sampled)
         if saved is not None:
@@ -400,8 +407,7 @@ def workspace_weights(workspace, bits: int, args: str | None = None, chunk: int 
     for slot in range(SLOTS):
         for a in range(0, rows, chunk):
             b = min(a + chunk, rows)
-            out[a:b, slot] = np.fromiter(map(get, repeat(workspace), range(slot * rows + a, slot * rows + b),
-                                             repeat(0)), np.float32, b - a)
+            out[a:b, slot] = read_weights(workspace, range(slot * rows + a, slot * rows + b))
     return out
 
 
@@ -445,8 +451,6 @@ def _weight_records(model: str, header: int, workspace, bits: int, sample: np.nd
     """The weights of a saved model whose records start at ``header``, checked (:func:`_saved_weights`)."""
     import os
 
-    import pylibvw
-
     length = os.path.getsize(model) - header
     if length <= 0 or length % 4:
         return None
@@ -456,9 +460,7 @@ def _weight_records(model: str, header: int, workspace, bits: int, sample: np.nd
     size, rows = 1 << bits, 1 << (bits - 3)
 
     def agrees(index, weight) -> bool:                  # VW's own weights at these indices
-        vw = np.fromiter(map(pylibvw.vw.get_weight, repeat(workspace), index.tolist(), repeat(0)), np.float32,
-                         len(index))
-        return np.array_equal(vw, weight)
+        return np.array_equal(read_weights(workspace, index), weight)
 
     for floats in (3, 1, 2, 4):                  # FTRL with --save_resume writes three floats
         width = 1 + floats
@@ -617,9 +619,8 @@ class TaskLearners:
     def get_weights(self, rows: np.ndarray) -> np.ndarray:
         """Current weights [len(rows), 8] of the given rows (one get_weight call per slot: pylibvw reads
         no more than one weight at a time)."""
-        get, ws, R = self._pylibvw.vw.get_weight, self.workspace, self.rows
-        index = (np.asarray(rows, np.int64)[:, None] + np.arange(SLOTS, dtype=np.int64) * R).ravel().tolist()
-        return np.fromiter(map(get, repeat(ws), index, repeat(0)), np.float32, len(index)).reshape(-1, SLOTS)
+        index = np.asarray(rows, np.int64)[:, None] + np.arange(SLOTS, dtype=np.int64) * self.rows
+        return read_weights(self.workspace, index.ravel()).reshape(-1, SLOTS)
 
     def shift_biases(self, shifts) -> None:
         """Add ``shifts[k]`` to task k's bias (a shift of its logit on every example).
@@ -627,30 +628,27 @@ class TaskLearners:
         Under FTRL a weight is recomputed from its state at the coordinate's next update,
         ``w = -z / (l2 + (beta + sqrt(n)) / alpha)``, so ``z`` is set to match the new weight: learning
         goes on from the shifted bias (saved, resumed and served alike)."""
-        ws, cfg = self.workspace, self.config
         for k, shift in enumerate(shifts):
-            if not shift:
-                continue
-            i = token_index(k, cfg.bits)
-            w = ws.get_weight(i, 0) + float(shift)
-            ws.set_weight(i, 0, w)
-            if cfg.optimizer == "ftrl":
-                n = ws.get_weight(i, 2)
-                ws.set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(n)) / cfg.ftrl_alpha))
+            if shift:
+                i = token_index(k, self.config.bits)
+                self._set_weight(i, self.workspace.get_weight(i, 0) + float(shift))
+
+    def _set_weight(self, i: int, w: float) -> None:
+        """Set the weight at VW index ``i``; under FTRL, with its ``z`` to match, since FTRL recomputes a
+        weight from its state at the coordinate's next update: ``w = -z / (l2 + (beta + sqrt(n)) / alpha)``."""
+        ws, cfg = self.workspace, self.config
+        ws.set_weight(i, 0, w)
+        if cfg.optimizer == "ftrl":
+            ws.set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(ws.get_weight(i, 2))) / cfg.ftrl_alpha))
 
     def set_weights(self, weights: np.ndarray) -> int:
         """Make the workspace's weights those of ``weights`` (``[2**(bits-3), 8]``, as :meth:`weights`
         gives them), with FTRL's ``z`` set to match each weight changed (as :meth:`shift_biases` does);
         returns how many weights changed. For a bundle whose numpy copy holds weights learned after its VW
         model was saved (a snapshot of a served model): learning goes on from what it serves."""
-        ws, cfg = self.workspace, self.config
         rows, slots = np.nonzero(self.weights() != weights)
-        set_weight, get_weight = ws.set_weight, ws.get_weight
         for r, k, w in zip(rows.tolist(), slots.tolist(), weights[rows, slots].astype(np.float64).tolist()):
-            i = k * self.rows + r
-            set_weight(i, 0, w)
-            if cfg.optimizer == "ftrl":
-                set_weight(i, 1, -w * (cfg.l2 + (cfg.ftrl_beta + math.sqrt(get_weight(i, 2))) / cfg.ftrl_alpha))
+            self._set_weight(k * self.rows + r, w)
         return len(rows)
 
     def save(self, path) -> None:

@@ -7,6 +7,11 @@ Layout: ``<dir>/seg-<first offset:020d>.log``. Each segment starts with the head
 
 where the payload is ``["S", <ServedRecord fields in order>]`` or ``["E", <Engagement fields>]``.
 Offsets are global and dense: the n-th record of the segment starting at ``b`` has offset ``b + n``.
+A log directory also holds ``log-id``, a random id written when the log is created, and ``opens``, a
+line ``<time ms> <offset>`` for every time a writer opened it (the offset its next record took), so a
+learner's checkpoint can tell the log it counted offsets in from another one later put at the same
+path, or from the same log restored from an older copy (reopened after the checkpoint at an offset
+the checkpoint had already learned).
 A batch is written with one ``write`` and one ``fsync``, so once :meth:`EventLog.append` returns the
 records survive ``kill -9`` and power loss. A torn tail (a partial line, or a last line failing its
 checksum, at the end of the last segment) is truncated on open and never mis-read. A damaged line
@@ -27,6 +32,8 @@ import errno
 import json
 import logging
 import os
+import time
+import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +44,7 @@ from online.records import DAMAGED, SERVED_FIELDS, Engagement, Malformed, Served
 
 FORMAT_VERSION = 1
 HEADER = f"feedrank-eventlog {FORMAT_VERSION}\n".encode()
+LOG_ID_FILE, OPENS_FILE = "log-id", "opens"
 Record = ServedRecord | Engagement  # readers may yield Malformed in a record's place
 log = logging.getLogger(__name__)
 # pydantic_core's encoder writes the same compact JSON as json.dumps(separators=(",", ":")) ~6x faster
@@ -118,6 +126,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def log_identity(path) -> str | None:
+    """The id the log directory ``path`` was created with; None for a single segment file, a directory
+    not created yet, or a log written before logs had ids (its writer adds one when it next opens it)."""
+    try:
+        text = (Path(path) / LOG_ID_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return text or None
+
+
+def log_end(path) -> int:
+    """The offset the log directory ``path`` will give its next record: the last segment's first offset
+    plus its complete lines (0 for a directory without segments). Reads only the last segment."""
+    segs = sorted(Path(path).glob("seg-*.log"))
+    if not segs:
+        return 0
+    with open(segs[-1], "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b""))
+    return int(segs[-1].name[4:-4]) + max(lines - 1, 0)
+
+
+def log_opens(path) -> list[tuple[int, int]]:
+    """``(time ms, offset)`` of every writable open of the log directory ``path``, oldest first."""
+    try:
+        text = (Path(path) / OPENS_FILE).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():  # a torn last line is skipped
+            out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def _ensure_identity(path: Path, fsync: bool) -> str:
+    found = log_identity(path)
+    if found is not None:
+        return found
+    new = uuid.uuid4().hex
+    tmp = path / f".{LOG_ID_FILE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(new + "\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path / LOG_ID_FILE)
+    if fsync:
+        _fsync_dir(path)
+    return new
+
+
 class EventLog:
     """Append-only event log; see the module docstring for the format.
 
@@ -138,6 +198,7 @@ class EventLog:
         self.readonly = readonly
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
+        self.log_id = log_identity(self.path) if readonly else _ensure_identity(self.path, fsync)
         self._segments = self._scan()
         self._fd = -1
         self._cut_to: int | None = None      # where to cut a record a failed append wrote in part
@@ -151,6 +212,16 @@ class EventLog:
             self._new_segment(0)
         self.end_offset = self._recover_tail()
         self._fd = os.open(self._seg_path(self._segments[-1]), os.O_WRONLY | os.O_APPEND)
+        self._record_open()
+
+    def _record_open(self) -> None:
+        fd = os.open(self.path / OPENS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"%d %d\n" % (time.time_ns() // 1_000_000, self.end_offset))
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _scan(self) -> list[int]:
         return sorted(int(p.name[4:-4]) for p in self.path.glob("seg-*.log"))

@@ -107,6 +107,12 @@ class Joiner:
         self._resume_max_ts = max_ts
         self._resume_stats = dict(stats) if stats else None
 
+    def rebase(self, learned_through: int, keep_clock: bool) -> None:
+        """Before the first record: resume through another offset than the checkpoint's (the log was
+        replaced or lost records), keeping its counters; ``keep_clock`` keeps its event time too (the same
+        stream), else the clock starts from the records read."""
+        self.resume(learned_through, self._resume_max_ts if keep_clock else None, self._resume_stats)
+
     def state(self) -> dict:
         """What a checkpoint needs to record to resume this joiner (JSON-able)."""
         return {"through_offset": self.through_offset, "oldest_open_offset": self.oldest_open_offset,

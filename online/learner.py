@@ -62,7 +62,7 @@ def vw_config(manifest: dict) -> VWConfig:
 
 
 FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "future_records", "downsampled_out",
-                  "nothing_to_learn")
+                  "nothing_to_learn", "log_rebased")
 # A record stamped further ahead of the learner's clock is skipped (``future_records``): the joiner runs on
 # event time, and one far-future record would close every open window at once. The server refuses
 # anything over 5 s ahead; this catches producers that bypass it and replicas whose clocks are off.
@@ -220,6 +220,8 @@ class Featurizer:
             self.counters.setdefault(k, 0)
         self.learned_through = -1
         self.replay_from = 0
+        self.source_log: str | None = None  # the id of the event log whose offsets these are
+        self._resumed_at: int | None = None  # when the checkpoint resumed from was written (ms)
         self._ingested = -1
         self._pending: list[JoinedExample] = []
         self._seen_rows = np.zeros(len(ranker.scorer.weights), bool)
@@ -228,15 +230,53 @@ class Featurizer:
         """Continue from a checkpoint's state: replay the source from :attr:`replay_from`."""
         self.learned_through = state["learned_through"]
         self.replay_from = state["replay_from"]
+        self.source_log = state.get("source_log")
+        self._resumed_at = state.get("written_at")
         self.counters.update({k: v for k, v in state["counters"].items() if k in FRONT_COUNTERS})
         j = state["joiner"]
         self.joiner.resume(self.learned_through, j["max_ts"], j["stats"])
+
+    def attach_log(self, path) -> str | None:
+        """Check the offsets resumed from a checkpoint against the event log about to be read (a
+        directory), before reading it; returns the warning given, if any.
+
+        Another log at the path (the old one deleted or moved, ``--replay`` of another day's log) counts
+        its offsets from 0: read from its start, the learned weights kept. The same log ending before
+        what was learned, or reopened by a writer after the checkpoint at an offset the checkpoint had
+        learned (restored from an older copy, truncated), lost records: what was learned of them stays
+        learned, and the records from that offset on are new. Either way, reading from the checkpoint's
+        offsets would skip every new record until the log grew past them."""
+        from online.eventlog import log_end, log_identity, log_opens
+        found, said = log_identity(path), None
+        # Where this log stopped holding what was learned: its end now, or where a writer reopened it
+        # after the checkpoint was written (a normal reopen starts past everything learned).
+        lost_from = min([log_end(path)] + [at for t, at in log_opens(path) if t >= self._resumed_at],
+                        default=None) if self._resumed_at is not None else None
+        if self.source_log is not None and found is not None and found != self.source_log:
+            said = (f"{path} is another event log than the one this learner's checkpoint counted offsets in "
+                    f"(log id {found}, not {self.source_log}): the learned weights are kept and the log is "
+                    f"read from its start")
+            self.learned_through, self.replay_from = -1, 0
+            self.joiner.rebase(-1, keep_clock=False)
+        elif lost_from is not None and lost_from <= self.learned_through:
+            said = (f"{path} lost records this learner's checkpoint had learned: it held {lost_from} records when "
+                    f"it was reopened or read, the checkpoint learned through offset {self.learned_through} "
+                    f"({self.learned_through + 1 - lost_from} records are no longer in the log: restored from an "
+                    f"older copy, or cut?); the records from offset {lost_from} on are learned as new")
+            self.learned_through, self.replay_from = lost_from - 1, min(self.replay_from, lost_from)
+            self.joiner.rebase(lost_from - 1, keep_clock=True)
+        if said:
+            log.warning(said)
+            self.counters["log_rebased"] += 1
+        self.source_log = found if found is not None else self.source_log
+        return said
 
     def state(self) -> dict:
         js = self.joiner.state()
         oldest = js["oldest_open_offset"]
         return {"learned_through": self.learned_through,
                 "replay_from": self.learned_through + 1 if oldest is None else oldest,
+                "source_log": self.source_log,
                 "joiner": {"max_ts": js["max_ts"], "stats": js["stats"], "open": js["open"]},
                 "counters": {k: self.counters[k] for k in FRONT_COUNTERS}}
 
@@ -618,6 +658,7 @@ class Trainer:
         self.counters["checkpoints"] += 1
         state = {"state_version": STATE_VERSION, "bundle_id": self.bundle_id, "tasks": list(self.tasks),
                  "learned_through": fs["learned_through"], "replay_from": fs["replay_from"],
+                 "source_log": fs.get("source_log"),
                  "joiner": dict(fs["joiner"]),
                  "update_seq": self.update_seq, "counters": dict(self.counters),
                  "task_learned": dict(self.task_learned), "weighted": self.weighted,
@@ -815,6 +856,13 @@ class OnlineLearner:
         return self.trainer.stream_state
 
     # -- input -----------------------------------------------------------------------------------
+    def attach_log(self, path) -> str | None:
+        """Before reading the event log ``path``: check the checkpoint's offsets against it
+        (:meth:`Featurizer.attach_log`)."""
+        said = self.front.attach_log(path)
+        self.trainer.replay_from = self.front.replay_from
+        return said
+
     def _learn(self, batch: LearnBatch) -> None:
         self.trainer.learn(batch)
 

@@ -166,6 +166,7 @@ def _feed_replay(front, sender: _Sender, path, finish: bool = True, stop_after: 
     from online.tail import LogTailer
     path = Path(path)
     if path.is_dir():
+        front.attach_log(path)
         tailer = LogTailer(path, front.replay_from)
         chunks = iter(lambda: tailer.poll_batch(chunk), [])
         check = tailer.check_complete
@@ -205,6 +206,7 @@ def _close_idle_windows(front):
 def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
                  max_records: int = 20_000) -> None:
     from online.tail import LogTailer
+    front.attach_log(log_dir)
     tailer = LogTailer(log_dir, front.replay_from)
     idle_since = time.monotonic()
     gc_at = time.monotonic() + _GC_EVERY_S

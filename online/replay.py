@@ -54,6 +54,8 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
     from tqdm import tqdm
     total = count_records(path)
     learner.source_end_offset = total
+    if Path(path).is_dir():
+        learner.attach_log(path)
     start = learner.replay_from
     bar = tqdm(total=max(total - start, 0), unit="rec", desc="learn --replay", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
@@ -86,6 +88,7 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
     When nothing arrives for ``idle_close_s``, event time is advanced by the wall clock so windows
     still close on a quiet server (served records carry wall-clock timestamps).
     """
+    learner.attach_log(log_dir)
     tailer = LogTailer(log_dir, from_offset=learner.replay_from)
     idle_since = time.monotonic()
     while not should_stop():

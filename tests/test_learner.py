@@ -343,3 +343,92 @@ def test_a_learner_on_a_snapshot_goes_on_from_the_weights_it_serves(tmp_path, ti
                 -w * (cfg.l2 + (cfg.ftrl_beta + np.sqrt(n)) / cfg.ftrl_alpha), rel=1e-5, abs=1e-9)
     for learner in (source, on_snapshot):
         learner.close()
+
+
+def _log(path, records):
+    from online.eventlog import EventLog
+    with EventLog(path, fsync=False) as log:
+        log.append(records)
+    return path
+
+
+def _learned_fresh(tmp_path, bundle, records, name: str) -> int:
+    fresh = OnlineLearner(bundle, tmp_path / name, attribution_window_ms=WINDOW_MS)
+    replay(fresh, _log(tmp_path / f"{name}-log", records), progress=False)
+    fresh.close()
+    return fresh.counters["learned_examples"]
+
+
+def test_a_learner_resumed_on_another_log_at_its_path_reads_that_log_from_its_start(tmp_path, tiny_bundle,
+                                                                                  tiny_records, caplog):
+    import shutil
+    first, second = tiny_records[:4_000], tiny_records[4_000:]
+    path = _log(tmp_path / "log", first)
+    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(a, path, progress=False)
+    before, weights = a.counters["learned_examples"], a.learners.weights()
+    a.close()
+    shutil.rmtree(path)                       # the old log is gone; a new one starts at offset 0
+    _log(path, second)
+    assert len(second) < len(first)           # every offset of the new log is below the checkpoint's
+    b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    assert b.replay_from == 4_000
+    np.testing.assert_allclose(b.learners.weights(), weights, atol=1e-5)   # what was learned is kept
+    replay(b, path, progress=False)
+    assert "another event log" in caplog.text
+    learned = b.counters["learned_examples"] - before
+    assert learned == _learned_fresh(tmp_path, tiny_bundle, second, "fresh") > 100
+    assert b.counters["log_rebased"] == 1
+    b.close()
+    # The checkpoint now counts in the new log: resuming on it again reads nothing twice.
+    c = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(c, path, progress=False)
+    assert c.counters["learned_examples"] == b.counters["learned_examples"]
+    assert c.counters["log_rebased"] == 1
+    c.close()
+
+
+def test_a_learner_resumed_on_its_log_restored_from_an_older_copy_learns_what_is_appended(tmp_path, tiny_bundle,
+                                                                                       tiny_records, caplog):
+    import shutil
+
+    from online.eventlog import EventLog
+    one, two, three = tiny_records[:2_000], tiny_records[2_000:4_000], tiny_records[4_000:6_000]
+    path = _log(tmp_path / "log", one)
+    shutil.copytree(path, tmp_path / "backup")
+    with EventLog(path, fsync=False) as log:
+        log.append(two)
+    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(a, path, progress=False)
+    before = a.counters["learned_examples"]
+    assert a.learned_through == 3_999
+    a.close()
+    shutil.rmtree(path)
+    shutil.copytree(tmp_path / "backup", path)   # the same log (same id), 2,000 records shorter
+    with EventLog(path, fsync=False) as log:
+        assert log.append(three)[0] == 2_000
+    b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(b, path, progress=False)
+    assert "(2000 records are no longer in the log" in caplog.text
+    assert b.learned_through == 3_999
+    # ``three`` joins only with itself: the impressions of ``two`` closed when the first replay finished.
+    assert b.counters["learned_examples"] - before == _learned_fresh(tmp_path, tiny_bundle, three, "fresh") > 100
+    b.close()
+
+
+def test_the_pipelined_learner_reads_a_new_log_at_its_path_from_its_start(tmp_path, tiny_bundle, tiny_records):
+    import shutil
+
+    from online.pipeline import PipelinedLearner
+    first, second = tiny_records[:4_000], tiny_records[4_000:]
+    path = _log(tmp_path / "log", first)
+    a = PipelinedLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    before = a.replay(path)["learned_examples"]
+    a.close()
+    shutil.rmtree(path)
+    _log(path, second)
+    b = PipelinedLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    out = b.replay(path)
+    b.close()
+    assert out["learned_examples"] - before == _learned_fresh(tmp_path, tiny_bundle, second, "fresh") > 100
+    assert out["log_rebased"] == 1

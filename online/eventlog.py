@@ -313,8 +313,10 @@ class EventLog:
                 # readers see it, and appends stop until a reopen checks the tail.
                 self.end_offset += len(records)
                 self._stop_appends(f"fsync failed ({e.strerror or e})")
-                e.records_kept, e.log_unusable = len(records), True
-                raise
+                err = OSError(e.errno, f"{self.path}: fsync failed ({e.strerror or e}) after writing {len(records)} "
+                              "records; nothing is appended until the log is reopened (restart the server)")
+                err.records_kept, err.log_unusable = len(records), True
+                raise err from e
         start = self.end_offset
         self.end_offset += len(records)
         return list(range(start, self.end_offset))

@@ -885,3 +885,107 @@ def test_learner_status_is_exported_to_prometheus(tmp_path):
     assert "feedrank_learner_checkpoints_total 4.0" in text
     assert 'feedrank_progressive_ne{task="click",window="recent"} 0.79' in text
     assert 'feedrank_progressive_auc{task="click",window="recent"}' not in text  # NaN left out
+
+
+FAIL_FSYNC_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+/* fsync fails with EIO while the file named by FEEDRANK_TEST_FSYNC_FAILS exists: an I/O error the disk
+   reports at fsync, after the write itself succeeded (the case a later successful fsync does not undo). */
+int fsync(int fd) {
+    static int (*real)(int) = 0;
+    const char *flag = getenv("FEEDRANK_TEST_FSYNC_FAILS");
+    if (!real) real = (int (*)(int)) dlsym(RTLD_NEXT, "fsync");
+    if (flag && access(flag, F_OK) == 0) { errno = EIO; return -1; }
+    return real(fd);
+}
+"""
+
+
+def test_an_fsync_failure_acknowledges_nothing_stops_appends_and_a_restart_finds_every_record(tiny_bundle,
+                                                                                             tmp_path, feeds):
+    """A real `feedrank serve` whose fsync fails (libc's fsync replaced through LD_PRELOAD while a flag file
+    exists): LogEvents acknowledges nothing of that batch, says a restart is needed and refuses every later
+    batch even once fsync works again; Rank goes on; after a restart every acknowledged event is at its
+    offset and the retried batch is taken (its events already in the log come back DUPLICATE)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from online.eventlog import EventLog
+    from online.records import Engagement
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the fsync fault injector")
+    (tmp_path / "failfsync.c").write_text(FAIL_FSYNC_C)
+    shim = tmp_path / "failfsync.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "failfsync.c"), "-ldl"], check=True)
+    flag = tmp_path / "disk-fails"
+    env = {**os.environ, "LD_PRELOAD": str(shim), "FEEDRANK_TEST_FSYNC_FAILS": str(flag)}
+    log_dir = tmp_path / "log"
+    E, S = pb.Event, pb.EventResult
+    t = int(time.time() * 1000) - 1_000
+
+    def batch(first: int, n: int = 3):
+        return pb.LogEventsRequest(events=[E(event_id=f"e{i}", request_id="r1", post_id=f"p{i}",
+                                             kind=pb.EVENT_KIND_CLICK, ts_ms=t + i) for i in range(first, first + n)])
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--bundle", str(tiny_bundle),
+                                 "--port", str(port), "--eventlog-dir", str(log_dir), "--no-learner"],
+                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        deadline = time.time() + 30
+        while _health(channel) != health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
+            time.sleep(0.05)
+        return proc, channel, pb_grpc.RankerStub(channel)
+
+    def stop(proc, channel):
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc.stderr.read()
+
+    proc, channel, stub = start()
+    try:
+        first = stub.LogEvents(batch(0))
+        assert [r.status for r in first.results] == [S.STATUS_ACCEPTED] * 3
+        assert [r.log_offset for r in first.results] == [0, 1, 2]
+        flag.touch()                                           # the disk starts failing
+        err = _error(stub.LogEvents, batch(3))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "fsync failed" in err.details() and "no event of it was acknowledged" in err.details()
+        assert "the first 3 of them are in the log all the same" in err.details()
+        assert err.details().endswith("retry once the server has been restarted")
+        flag.unlink()                                          # fsync works again: the log still takes nothing
+        err = _error(stub.LogEvents, batch(6))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "reopened (restart the server)" in err.details()
+        assert len(stub.Rank(rank_request(feeds[0])).posts) == 50    # ranking goes on
+    finally:
+        said = stop(proc, channel)
+    assert "fsync failed" in said
+    proc, channel, stub = start()                              # the restart the answer asked for
+    try:
+        retried = stub.LogEvents(batch(3))
+        assert [r.status for r in retried.results] == [S.STATUS_DUPLICATE] * 3   # in the log since the failure
+        later = stub.LogEvents(batch(6))
+        assert [r.status for r in later.results] == [S.STATUS_ACCEPTED] * 3
+    finally:
+        stop(proc, channel)
+    logged = {o: r.event_id for o, r in EventLog(log_dir, readonly=True).read() if isinstance(r, Engagement)}
+    assert {o: logged[o] for o in (0, 1, 2)} == {0: "e0", 1: "e1", 2: "e2"}
+    assert sorted(logged.values()) == [f"e{i}" for i in range(9)]
+    assert [logged[r.log_offset] for r in later.results] == ["e6", "e7", "e8"]

@@ -41,6 +41,43 @@ def cmd_serve(args) -> int:
             learner.stop()
 
 
+def cmd_pin(args) -> int:
+    """Show, set or remove a model directory's pin (serving.model.pinned_bundle)."""
+    from pathlib import Path
+
+    from feedrank.cli import UsageError
+    from stacker.bundle import verify
+
+    from .model import PIN_FILE, pinned_bundle, write_pin
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise UsageError(f"{model_dir}: not a directory of bundles")
+    if args.clear and args.bundle:
+        raise UsageError("give a bundle to pin, or --clear, not both")
+    if args.clear:
+        was = (model_dir / PIN_FILE).is_file()
+        write_pin(model_dir, None)
+        print(f"{model_dir} is no longer pinned: servers watching it serve its newest bundle within their poll "
+              f"interval" if was else f"{model_dir} was not pinned")
+        return 0
+    if not args.bundle:
+        pin = pinned_bundle(model_dir)
+        print(f"{model_dir} is pinned to {pin.name}" if pin else f"{model_dir} is not pinned: servers watching it "
+              "serve its newest bundle")
+        return 0
+    bundle = Path(args.bundle)
+    if not (bundle.is_dir() and bundle.resolve().parent == model_dir.resolve()):
+        bundle = model_dir / args.bundle
+    if not bundle.is_dir() or bundle.resolve().parent != model_dir.resolve():
+        raise UsageError(f"{args.bundle}: not a bundle directory in {model_dir} (servers only load bundles there)")
+    manifest = verify(bundle)          # a pin to a bundle that does not load would be ignored
+    write_pin(model_dir, bundle)
+    print(f"{model_dir} pinned to {bundle.name} (bundle {manifest['bundle_id']}): servers watching it serve it "
+          f"within their poll interval, and after a restart, in place of its newest bundle; "
+          f"`feedrank pin {model_dir} --clear` removes the pin")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench, freshness
     logging.basicConfig(level=logging.WARNING)
@@ -89,6 +126,13 @@ def register(sub) -> None:
     p.add_argument("--downsample-rate", type=T.rate, help="online negative downsampling rate (1 = off)")
     p.add_argument("--bus", dest="bus_url", help="Redis URL of the event bus (scale-out: replicas publish, one learner consumes)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pin", help="serve one bundle of a model directory in place of the newest, on every "
+                                   "server watching it and across restarts (a rollback), or show or remove the pin")
+    p.add_argument("model_dir", help="the directory of bundles servers watch (--model-dir)")
+    p.add_argument("bundle", nargs="?", help="a bundle directory in it (its path or its name)")
+    p.add_argument("--clear", action="store_true", help="remove the pin: the newest bundle serves again")
+    p.set_defaults(func=cmd_pin)
 
     from online.bench import BENCH_CACHE_DIR
     bench = _bench_subparsers(sub)

@@ -7,6 +7,7 @@ models in one answer. A bundle that fails to load is refused and the old one kee
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +19,42 @@ from stacker.ranker import StackedRanker
 from .errors import NotReady, RefusedBundle
 
 log = logging.getLogger(__name__)
+PIN_FILE = "PINNED"
 NO_MODEL_HINT = ("no model loaded: make a bundle with `feedrank train --simulate 200000 --out bundles/default` "
                  "and serve it with `feedrank serve --bundle bundles/default` (or --model-dir bundles)")
+
+
+def pinned_bundle(model_dir) -> Path | None:
+    """The bundle a model directory is pinned to: the directory in it named by its ``PINNED`` file (written
+    by ``feedrank pin``), which every server watching the directory serves, after a restart too, in place
+    of the newest; None without a pin. Raises :class:`BundleError` for a pin that names no directory in it."""
+    pin = Path(model_dir) / PIN_FILE
+    try:
+        name = pin.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{pin}: unreadable ({e})") from e
+    if not name or "/" in name or name in (".", ".."):
+        raise BundleError(f"{pin}: must hold the name of a bundle directory in {model_dir}, got {name!r}")
+    target = Path(model_dir) / name
+    if not target.is_dir():
+        raise BundleError(f"{pin}: names {name!r}, which is not a directory in {model_dir}")
+    return target
+
+
+def write_pin(model_dir, bundle: Path | None) -> None:
+    """Pin ``model_dir`` to ``bundle`` (a directory in it), atomically; None removes the pin."""
+    pin = Path(model_dir) / PIN_FILE
+    if bundle is None:
+        pin.unlink(missing_ok=True)
+        return
+    tmp = pin.with_name(f".{PIN_FILE}.tmp")
+    with open(tmp, "w") as f:
+        f.write(Path(bundle).name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, pin)
 
 
 class LiveModel:
@@ -44,6 +79,8 @@ class LiveModel:
         self.newest_live: tuple | None = None
         self.seen_at_reload: dict[Path, tuple] = {}
         self.reload_previous: StackedRanker | None = None   # what the last Reload replaced
+        self.pinned: Path | None = None       # the model directory's pin, while it holds one
+        self._pin_problem: str | None = None  # the last bad pin logged (logged once)
 
     @property
     def ready(self) -> bool:
@@ -98,6 +135,11 @@ class LiveModel:
         it replaced. ``seen``: the bundles (and their files) another worker's Reload counted as seen, for
         every worker to skip the same ones."""
         with self._scan_lock:                 # no directory scan between the load and the mark
+            pin = self._read_pin(self.model_dir) if self.model_dir is not None else None
+            if pin is not None and Path(path).resolve() != pin.resolve():
+                raise RefusedBundle(f"{self.model_dir} is pinned to {pin.name} ({self.model_dir / PIN_FILE}): "
+                                    f"serve another bundle with `feedrank pin {self.model_dir} BUNDLE`, or "
+                                    f"remove the pin with `feedrank pin {self.model_dir} --clear` first")
             self.reload_previous = self._ranker
             ranker = self.load(path)
             if seen is not None:
@@ -119,8 +161,40 @@ class LiveModel:
         with self._scan_lock:
             return self._load_newest(model_dir)
 
+    def _read_pin(self, model_dir: Path) -> Path | None:
+        """The directory's pin; a bad one is logged (once) and counts as none."""
+        try:
+            pin = pinned_bundle(model_dir)
+        except BundleError as e:
+            if str(e) != self._pin_problem:
+                log.error("ignoring the pin: %s", e)
+                self._pin_problem = str(e)
+            return None
+        self._pin_problem = None
+        return pin
+
     def _load_newest(self, model_dir: Path) -> StackedRanker | None:
         live = self._ranker.path.resolve() if self._ranker and self._ranker.path else None
+        pin = self._read_pin(model_dir)
+        if pin is not None:
+            if self.pinned is None or self.pinned.resolve() != pin.resolve():
+                log.info("%s is pinned to %s", model_dir, pin.name)
+            self.pinned = pin
+            rp = pin.resolve()
+            if rp == live:
+                return None
+            if not (rp in self.refused and self.refused[rp][0] == _files_state(pin)):
+                try:
+                    return self.load(pin)
+                except RefusedBundle:
+                    pass
+            if self._ranker is not None:
+                return None   # keeps serving what it serves; the pinned bundle is tried again once it changes
+            # Nothing live yet (a start): the newest bundle serves until the pinned one loads.
+        elif self.pinned is not None:   # the pin was removed: the newest bundle serves again
+            log.info("%s is no longer pinned (was %s): the newest bundle serves", model_dir, self.pinned.name)
+            self.pinned = None
+            self.newest_live, self.seen_at_reload = None, {}
         for age, p in dated_bundles(model_dir):
             rp = p.resolve()
             if rp == live or (self.newest_live is not None and age <= self.newest_live):

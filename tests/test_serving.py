@@ -280,6 +280,59 @@ def test_model_dir_serves_newest_and_swaps_new_bundles(serving_server, tiny_bund
     arrives("newest", 2000)                              # and the next new bundle
 
 
+def test_a_pinned_model_directory_serves_its_pin_on_every_server_and_after_a_restart(serving_server, tiny_bundle,
+                                                                                     tmp_path, feeds, capsys, caplog):
+    """`feedrank pin DIR BUNDLE`: every server watching DIR serves that bundle in place of the newest, one
+    started later too; Reload of another bundle is refused while it holds; `--clear` brings the newest
+    back; a bad pin is ignored and named in the log."""
+    import json
+
+    from feedrank.cli import main
+    from stacker.bundle import copy_bundle, finalize
+    models = tmp_path / "models"
+    models.mkdir()
+    copy_bundle(tiny_bundle, models / "a")
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    m.pop("files")
+    newer = copy_bundle(tiny_bundle, tmp_path / "b")
+    finalize(newer, dict(m, bundle_id="b", created_at=m["created_at"] + 1000))
+    shutil.move(str(newer), models / "b")
+    first = serving_server(model_dir=models, poll_interval_s=0.1, admin_token=TOKEN)
+    assert first.model.current().bundle_id == "b"
+
+    def serves(rs, bundle_id: str) -> None:
+        deadline = time.time() + 10
+        while rs.model.current().bundle_id != bundle_id and time.time() < deadline:
+            time.sleep(0.05)
+        assert rs.model.current().bundle_id == bundle_id
+
+    assert main(["pin", str(models), str(models / "a")]) == 0
+    assert f"{models} pinned to a (bundle {m['bundle_id']})" in capsys.readouterr().out
+    serves(first, m["bundle_id"])
+    second = serving_server(model_dir=models, poll_interval_s=0.1, admin_token=TOKEN,
+                            eventlog_dir=tmp_path / "eventlog2")          # a server started (or restarted) now
+    assert second.model.current().bundle_id == m["bundle_id"]
+    stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{second.port}"))
+    assert stub.Rank(rank_request(feeds[0])).model_version.bundle_id == m["bundle_id"]
+    admin = pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{second.port}"))
+    err = _error(admin.Reload, pb.ReloadRequest(bundle_path=str(models / "b")), metadata=AUTH)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith(f"{models} is pinned to a ({models / 'PINNED'})")
+    time.sleep(0.5)
+    assert second.model.current().bundle_id == m["bundle_id"]   # a newer bundle does not displace the pin
+    assert main(["pin", str(models)]) == 0
+    assert capsys.readouterr().out.strip() == f"{models} is pinned to a"
+    assert main(["pin", str(models), "--clear"]) == 0
+    for rs in (first, second):
+        serves(rs, "b")
+    (models / "PINNED").write_text("gone\n")                  # a pin naming no bundle: ignored, said
+    time.sleep(0.5)
+    assert second.model.current().bundle_id == "b"
+    assert f"ignoring the pin: {models / 'PINNED'}: names 'gone', which is not a directory in {models}" in caplog.text
+    assert main(["pin", str(models), str(tmp_path)]) == 2      # not a bundle in the directory
+    assert "not a bundle directory in" in capsys.readouterr().err
+
+
 def test_admin_rpcs_need_the_bearer_token(live):
     _, _, admin, _ = live
     err = _error(admin.Snapshot, pb.SnapshotRequest())

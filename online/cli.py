@@ -43,6 +43,14 @@ def cmd_learn(args) -> int:
 
     def on_signal(signum, frame):
         stop["now"] = True
+    if args.bundle is None:
+        from feedrank.cli import UsageError
+        if args.replay or not args.model_dir:
+            raise UsageError("--bundle: the bundle the records were served with (only with --model-dir and --log "
+                             "or --redis may it be left out, to learn the bundle the servers on --model-dir serve)")
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        return _follow_model_dir(args, lambda: stop["now"], args.poll_s)
     if not args.single_process:
         # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
         from online.pipeline import PipelinedLearner
@@ -77,6 +85,67 @@ def cmd_learn(args) -> int:
         return 0
     finally:
         learner.close()
+
+
+def _follow_model_dir(args, stopping, check_s: float = 1.0) -> int:
+    """``feedrank learn --log|--redis --model-dir DIR`` without ``--bundle``: learn the bundle the servers on
+    DIR serve (its pin, else its newest bundle that checks out: :func:`stacker.bundle.served_bundle`), and
+    when that changes, checkpoint and go on with the new one. Its checkpoints are archived under
+    ``STATE/archive/``, and moved back if the servers return to it (a rollback), as the embedded learner
+    does."""
+    import time
+
+    from stacker.bundle import served_bundle
+    log = logging.getLogger("feedrank.learn")
+    checked: dict = {}
+    waiting = False
+    while not stopping():
+        bundle = served_bundle(args.model_dir, checked)
+        if bundle is None:
+            if not waiting:
+                log.info("no bundle to learn in %s yet: waiting for one", args.model_dir)
+                waiting = True
+            time.sleep(min(check_s, 1.0))
+            continue
+        waiting = False
+        due = [time.monotonic() + check_s]
+
+        def should_stop() -> bool:
+            if stopping():
+                return True
+            if time.monotonic() < due[0]:
+                return False
+            due[0] = time.monotonic() + check_s
+            now = served_bundle(args.model_dir, checked)
+            if now is not None and now != bundle:
+                log.info("the servers on %s moved to %s: checkpointing and learning it", args.model_dir, now.name)
+                return True
+            return False
+        kwargs = dict(_learner_kwargs(args), archive_foreign=True)
+        if args.single_process:
+            from online import replay
+            from online.learner import OnlineLearner
+            learner = OnlineLearner(bundle, args.state, **kwargs)
+        else:
+            from online.pipeline import PipelinedLearner
+            learner = PipelinedLearner(bundle, args.state, **kwargs)
+        log.info("learning bundle %s (%s), the one the servers on %s serve", learner.bundle_id, bundle,
+                 args.model_dir)
+        try:
+            if args.redis and args.single_process:
+                from online.bus import RedisBus
+                bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
+                replay.follow_redis(learner, bus, should_stop=should_stop)
+            elif args.redis:
+                learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
+                                     should_stop=should_stop)
+            elif args.single_process:
+                replay.follow_log(learner, args.log, should_stop=should_stop)
+            else:
+                learner.follow(args.log, should_stop=should_stop)
+        finally:
+            learner.close()
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -167,9 +236,14 @@ def register(sub) -> None:
     src.add_argument("--replay", metavar="FILE_OR_LOGDIR", help="learn from a recorded log, then stop")
     src.add_argument("--log", metavar="DIR", help="follow a live event log (read-only) forever")
     src.add_argument("--redis", metavar="URL", help="consume a Redis stream (consumer group) forever")
-    p.add_argument("--bundle", required=True, help="bundle directory the records were served with")
+    p.add_argument("--bundle", help="bundle directory the records were served with (with --log or --redis and "
+                                    "--model-dir, leave it out to learn the bundle the servers on MODEL_DIR serve, "
+                                    "moving to each one they move to)")
     p.add_argument("--state", required=True, help="learner state: checkpoints, audit, status.json")
     p.add_argument("--model-dir", help="publish weight updates under MODEL_DIR/updates/<bundle_id>/")
+    p.add_argument("--poll-s", type=float, default=1.0,
+                   help="without --bundle: how often to look for the bundle the servers on MODEL_DIR serve "
+                        "(default 1)")
     p.add_argument("--tasks", help="comma-separated tasks to learn (default: all of the bundle's)")
     add_join_options(p)
     p.add_argument("--downsample", type=float, default=1.0, help="negative downsampling rate (default 1 = off)")

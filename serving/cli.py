@@ -46,9 +46,7 @@ def cmd_pin(args) -> int:
     from pathlib import Path
 
     from feedrank.cli import UsageError
-    from stacker.bundle import verify
-
-    from .model import PIN_FILE, pinned_bundle, write_pin
+    from stacker.bundle import PIN_FILE, pinned_bundle, verify, write_pin
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: not a directory of bundles")

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from stacker.bundle import candidate_bundles
+from stacker.bundle import served_bundle
 
 from .settings import ServingSettings
 
@@ -26,8 +26,7 @@ def _bundle_to_learn(settings: ServingSettings) -> Path | None:
     if settings.bundle is not None:
         return Path(settings.bundle)
     if settings.model_dir is not None:
-        found = candidate_bundles(Path(settings.model_dir))
-        return found[0] if found else None
+        return served_bundle(settings.model_dir)
     return None
 
 

@@ -7,54 +7,20 @@ models in one answer. A bundle that fails to load is refused and the old one kee
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stacker.bundle import BundleError, bundle_age, candidate_bundles, dated_bundles
+from stacker.bundle import (PIN_FILE, BundleError, bundle_age, candidate_bundles, dated_bundles, files_state,
+                            pinned_bundle)
 from stacker.ranker import StackedRanker
 
 from .errors import NotReady, RefusedBundle
 
 log = logging.getLogger(__name__)
-PIN_FILE = "PINNED"
 NO_MODEL_HINT = ("no model loaded: make a bundle with `feedrank train --simulate 200000 --out bundles/default` "
                  "and serve it with `feedrank serve --bundle bundles/default` (or --model-dir bundles)")
-
-
-def pinned_bundle(model_dir) -> Path | None:
-    """The bundle a model directory is pinned to: the directory in it named by its ``PINNED`` file (written
-    by ``feedrank pin``), which every server watching the directory serves, after a restart too, in place
-    of the newest; None without a pin. Raises :class:`BundleError` for a pin that names no directory in it."""
-    pin = Path(model_dir) / PIN_FILE
-    try:
-        name = pin.read_text().strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BundleError(f"{pin}: unreadable ({e})") from e
-    if not name or "/" in name or name in (".", ".."):
-        raise BundleError(f"{pin}: must hold the name of a bundle directory in {model_dir}, got {name!r}")
-    target = Path(model_dir) / name
-    if not target.is_dir():
-        raise BundleError(f"{pin}: names {name!r}, which is not a directory in {model_dir}")
-    return target
-
-
-def write_pin(model_dir, bundle: Path | None) -> None:
-    """Pin ``model_dir`` to ``bundle`` (a directory in it), atomically; None removes the pin."""
-    pin = Path(model_dir) / PIN_FILE
-    if bundle is None:
-        pin.unlink(missing_ok=True)
-        return
-    tmp = pin.with_name(f".{PIN_FILE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(Path(bundle).name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, pin)
 
 
 class LiveModel:
@@ -210,13 +176,7 @@ class LiveModel:
         return None
 
 
-def _files_state(path: Path) -> tuple:
-    """Every file under a bundle directory with its size and mtime (empty if the directory is gone)."""
-    try:
-        return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
-                            for p in Path(path).rglob("*") if (st := p.stat()) and p.is_file()))
-    except (OSError, ValueError):   # gone, or not a path the system takes
-        return ()
+_files_state = files_state
 
 
 def _warm_up(ranker: StackedRanker) -> None:

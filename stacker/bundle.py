@@ -271,6 +271,75 @@ def verify(directory) -> dict:
     return manifest
 
 
+PIN_FILE = "PINNED"
+
+
+def files_state(path: Path) -> tuple:
+    """Every file under a bundle directory with its size and mtime (empty if the directory is gone)."""
+    try:
+        return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
+                            for p in Path(path).rglob("*") if (st := p.stat()) and p.is_file()))
+    except (OSError, ValueError):   # gone, or not a path the system takes
+        return ()
+
+
+def pinned_bundle(model_dir) -> Path | None:
+    """The bundle a model directory is pinned to: the directory in it named by its ``PINNED`` file (written
+    by ``feedrank pin``), which every server watching the directory serves, after a restart too, in place
+    of the newest; None without a pin. Raises :class:`BundleError` for a pin that names no directory in it."""
+    pin = Path(model_dir) / PIN_FILE
+    try:
+        name = pin.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{pin}: unreadable ({e})") from e
+    if not name or "/" in name or name in (".", ".."):
+        raise BundleError(f"{pin}: must hold the name of a bundle directory in {model_dir}, got {name!r}")
+    target = Path(model_dir) / name
+    if not target.is_dir():
+        raise BundleError(f"{pin}: names {name!r}, which is not a directory in {model_dir}")
+    return target
+
+
+def write_pin(model_dir, bundle: Path | None) -> None:
+    """Pin ``model_dir`` to ``bundle`` (a directory in it), atomically; None removes the pin."""
+    pin = Path(model_dir) / PIN_FILE
+    if bundle is None:
+        pin.unlink(missing_ok=True)
+        return
+    tmp = pin.with_name(f".{PIN_FILE}.tmp")
+    with open(tmp, "w") as f:
+        f.write(Path(bundle).name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, pin)
+
+
+def served_bundle(model_dir, checked: dict | None = None) -> Path | None:
+    """The bundle servers watching ``model_dir`` serve once settled: its pin (:func:`pinned_bundle`; a bad
+    pin counts as none), else its newest bundle whose files check out (:func:`verify`; servers refuse the
+    others). ``checked`` caches each bundle's check by the state of its files, for a caller asking often."""
+    try:
+        pin = pinned_bundle(model_dir)
+    except BundleError:
+        pin = None
+    for p in [pin] if pin is not None else candidate_bundles(model_dir):
+        state = files_state(p)
+        ok = checked.get(p) if checked is not None else None
+        if ok is None or ok[0] != state:
+            try:
+                verify(p)
+                ok = (state, True)
+            except (BundleError, OSError):
+                ok = (state, False)
+            if checked is not None:
+                checked[p] = ok
+        if ok[1]:
+            return p
+    return None
+
+
 STALE_STAGING_S = 3600.0
 
 

@@ -170,3 +170,74 @@ def test_the_stream_is_trimmed_of_what_every_group_acknowledged(redis_url):
     assert len(left) <= 500 and id_to_offset(left[0][0]) <= got[600][0]   # nothing pending went
     again = RedisBus(redis_url).consume(count=1000, block_ms=10)  # the pending entries come back
     assert [r.event_id for _, r in again] == [f"e{i}" for i in range(600, 1000)]
+
+
+def test_a_learner_without_a_bundle_learns_the_one_the_servers_on_its_model_dir_serve(tmp_path, redis_url,
+                                                                                      tiny_bundle, other_bundle,
+                                                                                      tiny_records):
+    """`feedrank learn --redis URL --model-dir DIR` without --bundle (the scale-out learner): it learns the
+    bundle the servers on DIR serve, moves to a newer one when it arrives (the old one's checkpoints
+    archived), and back when DIR is pinned to the old one (resuming from them)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from feedsim.simulate import simulate
+    from online.workload import workload
+    from stacker.bundle import copy_bundle
+    from stacker.ranker import StackedRanker
+
+    root = Path(__file__).resolve().parents[1]
+    models, state = tmp_path / "models", tmp_path / "state"
+    models.mkdir()
+    copy_bundle(tiny_bundle, models / "a")
+    old, new = StackedRanker.load(tiny_bundle), StackedRanker.load(other_bundle)
+    proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "learn", "--redis", redis_url, "--model-dir",
+                             str(models), "--state", str(state), "--poll-s", "0.2", "--window-ms", str(WINDOW_MS),
+                             "--quiet"], cwd=root, stderr=open(tmp_path / "learn.err", "w"), text=True)
+
+    def status(bundle_id: str, learned_more_than: int = 0) -> dict:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "learn.err").read_text()
+            try:
+                st = json.loads((state / "status.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                st = {}
+            if st.get("bundle_id") == bundle_id and st["counters"]["learned_examples"] > learned_more_than:
+                return st
+            time.sleep(0.1)
+        raise AssertionError(f"the learner did not learn bundle {bundle_id} past {learned_more_than} examples:\n"
+                             + (tmp_path / "learn.err").read_text())
+
+    try:
+        RedisBus(redis_url).publish(tiny_records)
+        on_old = status(old.bundle_id)["counters"]["learned_examples"]
+        copy_bundle(other_bundle, models / "b")                 # a newer bundle: the servers move to it
+        moved_at = time.time() + 60
+        while not list((state / "archive").glob(f"{old.bundle_id}-*")) and time.time() < moved_at:
+            time.sleep(0.05)
+        later = simulate(3_000, seed=7)                          # served after the records above
+        shift = max(r.ts for r in tiny_records) + 60_000 - int(later["ts"].min())
+        later["ts"] += shift
+        later["created_at"] += shift
+        RedisBus(redis_url).publish(workload(later, new.spec, new.bundle_id, WINDOW_MS))
+        assert status(new.bundle_id)["counters"]["learned_examples"] > 0
+        assert list((state / "archive").glob(f"{old.bundle_id}-*"))    # the old bundle's checkpoints, kept
+        from feedrank.cli import main
+        assert main(["pin", str(models), "a"]) == 0               # a rollback: back to the old one
+        back = status(old.bundle_id, learned_more_than=on_old - 1)
+        assert back["counters"]["learned_examples"] >= on_old    # resumed from what it had learned
+        assert list((state / "archive").glob(f"{new.bundle_id}-*"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    said = (tmp_path / "learn.err").read_text()
+    assert "moved to b: checkpointing and learning it" in said and "moved to a: checkpointing" in said

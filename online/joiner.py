@@ -57,6 +57,7 @@ class _Open:
     viewed: bool
     labels: dict[str, int]
     emitted: set[str] = field(default_factory=set)
+    first: int = -1   # the smallest log offset it holds: an event logged before its served record, else ``offset``
 
 
 class Joiner:
@@ -81,6 +82,10 @@ class Joiner:
         self._deadlines: list[tuple[int, int, Key]] = []  # heap of (deadline, offset, key), lazy deletion
         self._orphans: OrderedDict[int, Engagement] = OrderedDict()  # offset -> event awaiting its served record
         self._orphans_by_key: dict[Key, list[int]] = {}
+        # (first offset, offset, key) of open impressions holding an event logged before their served record
+        # (the server logs served records in batches, events at once), lazy deletion: a replay must start
+        # at that event, not at the served record.
+        self._early: list[tuple[int, int, Key]] = []
         self._closed: OrderedDict[Key, int] = OrderedDict()  # recently closed key -> deadline
         self._seen: dict[str, int] = {}
         self._seen_order: deque[tuple[int, str]] = deque()
@@ -99,6 +104,11 @@ class Joiner:
         cands = [next(iter(self._orphans))] if self._orphans else []
         if self._open:
             cands.append(next(iter(self._open.values())).offset)
+        early = self._early
+        while early and ((imp := self._open.get(early[0][2])) is None or imp.offset != early[0][1]):
+            heapq.heappop(early)     # closed since
+        if early:
+            cands.append(early[0][0])
         return min(cands, default=None)
 
     def resume(self, learned_through: int, max_ts: int | None, stats: dict[str, int] | None = None) -> None:
@@ -131,11 +141,15 @@ class Joiner:
             self.stats.evicted += 1
             self._close(next(iter(self._open)), offset, out)
         imp = _Open(rec, offset, rec.ts + self.attribution_window_ms, self.returned_is_viewed,
-                    dict.fromkeys(self.tasks, 0))
+                    dict.fromkeys(self.tasks, 0), first=offset)
         self._open[key] = imp
         heapq.heappush(self._deadlines, (imp.deadline, offset, key))
-        for o in self._orphans_by_key.pop(key, ()):
+        early = self._orphans_by_key.pop(key, ())
+        for o in early:
             self._apply(imp, self._orphans.pop(o), offset, out)
+        if early:
+            imp.first = min(early)
+            heapq.heappush(self._early, (imp.first, offset, key))
         return self._end(out, offset)
 
     def add_event(self, ev: Engagement, offset: int) -> list[JoinedExample]:

@@ -432,3 +432,37 @@ def test_the_pipelined_learner_reads_a_new_log_at_its_path_from_its_start(tmp_pa
     b.close()
     assert out["learned_examples"] - before == _learned_fresh(tmp_path, tiny_bundle, second, "fresh") > 100
     assert out["log_rebased"] == 1
+
+
+def test_a_restart_keeps_the_events_logged_before_their_served_record(tmp_path, tiny_bundle, tiny_records):
+    """The server logs served records in batches and events at once, so a view often precedes its served
+    record in the log. A learner stopped anywhere and resumed learns exactly what an uninterrupted one
+    learns: the replay starts at such an event, not at the served record it waits for."""
+    from online.records import ServedRecord
+    delayed, held = [], []
+    for rec in tiny_records:                  # every served record written 40 records late
+        if isinstance(rec, ServedRecord):
+            held.append([rec, 40])
+        else:
+            delayed.append(rec)
+        for h in held:
+            h[1] -= 1
+        while held and held[0][1] <= 0:
+            delayed.append(held.pop(0)[0])
+    delayed.extend(r for r, _ in held)
+    path = _log(tmp_path / "log", delayed)
+    ref = OnlineLearner(tiny_bundle, tmp_path / "ref", attribution_window_ms=WINDOW_MS)
+    replay(ref, path, progress=False)
+    assert ref.joiner.stats.expired_unviewed < ref.joiner.stats.served // 2   # most views do join
+    state = tmp_path / "state"
+    for stop in (700, 1_900, 3_100, 4_300):   # stopped (a checkpoint), resumed, four times
+        b = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS)
+        replay(b, path, progress=False, chunk=100, stop_after=stop - b.replay_from)
+        b.close()
+    b = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS)
+    replay(b, path, progress=False)
+    assert b.joiner.stats == ref.joiner.stats
+    assert b.task_learned == ref.task_learned
+    assert b.counters["learned_examples"] == ref.counters["learned_examples"]
+    b.close()
+    ref.close()

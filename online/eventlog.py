@@ -161,6 +161,31 @@ def log_opens(path) -> list[tuple[int, int]]:
     return out
 
 
+WRITER_LOCK = ".writer.lock"
+
+
+class LogInUseError(RuntimeError):
+    """Another writer holds the log: two writers would give the same offsets to different records."""
+
+
+def _lock_writer(path: Path) -> int:
+    """Take the log's writer lock (``flock`` on ``<dir>/.writer.lock``, released when the process ends, even
+    by ``kill -9``); raise :class:`LogInUseError` naming the process holding it."""
+    import fcntl
+    fd = os.open(path / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LogInUseError(f"{path}: the event log is written by another process (pid {holder}); give each "
+                            "server its own --eventlog-dir (two writers would give the same offsets to different "
+                            "records)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _ensure_identity(path: Path, fsync: bool) -> str:
     found = log_identity(path)
     if found is not None:
@@ -196,23 +221,29 @@ class EventLog:
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.readonly = readonly
-        if not readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
-        self.log_id = log_identity(self.path) if readonly else _ensure_identity(self.path, fsync)
-        self._segments = self._scan()
-        self._fd = -1
+        self._lock_fd = self._fd = -1
         self._cut_to: int | None = None      # where to cut a record a failed append wrote in part
         self._unusable = ""                  # why appends stop until the log is reopened
         if readonly:
+            self.log_id = log_identity(self.path)
+            self._segments = self._scan()
             self.end_offset = 0
             for self.end_offset, _ in self.read():
                 self.end_offset += 1
             return
-        if not self._segments:
-            self._new_segment(0)
-        self.end_offset = self._recover_tail()
-        self._fd = os.open(self._seg_path(self._segments[-1]), os.O_WRONLY | os.O_APPEND)
-        self._record_open()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_writer(self.path)
+        try:
+            self.log_id = _ensure_identity(self.path, fsync)
+            self._segments = self._scan()
+            if not self._segments:
+                self._new_segment(0)
+            self.end_offset = self._recover_tail()
+            self._fd = os.open(self._seg_path(self._segments[-1]), os.O_WRONLY | os.O_APPEND)
+            self._record_open()
+        except BaseException:
+            self.close()
+            raise
 
     def _record_open(self) -> None:
         fd = os.open(self.path / OPENS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -422,6 +453,9 @@ class EventLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)   # releases the writer's lock
+            self._lock_fd = -1
 
     def __enter__(self) -> "EventLog":
         return self

@@ -321,3 +321,21 @@ def test_a_full_disk_loses_no_acknowledged_record_and_shifts_no_offset(tmp_path,
         # every batch was acknowledged in the end; some records of a refused attempt are there twice
         assert set(out["acked"].values()) == {f"e{10 * b + i}" for b in range(12) for i in range(per_batch)} \
             | {f"r{b}" for b in range(12)}
+
+
+def test_a_log_takes_one_writer_at_a_time(tmp_path):
+    """A second writer (another server given the same --eventlog-dir) is refused, naming the process that
+    writes the log: two writers would give the same offsets to different records."""
+    import os
+
+    from online.eventlog import LogInUseError
+    first = EventLog(tmp_path, fsync=False)
+    assert first.append([event(0)]) == [0]
+    with pytest.raises(LogInUseError, match=f"written by another process \\(pid {os.getpid()}\\); give each server "
+                                            "its own --eventlog-dir"):
+        EventLog(tmp_path, fsync=False)
+    assert [o for o, _ in EventLog(tmp_path, readonly=True).read()] == [0]     # readers are welcome
+    first.close()
+    second = EventLog(tmp_path, fsync=False)                                    # once it is closed
+    assert second.append([event(1)]) == [1]
+    second.close()

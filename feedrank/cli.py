@@ -379,6 +379,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
+        print(f"\nfeedrank {args.command}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError, BundleError) as e:
         if os.environ.get("FEEDRANK_DEBUG"):

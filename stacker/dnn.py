@@ -41,10 +41,16 @@ def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
                         random_state=config.seed, shuffle=True)
     # One task: a 1-d target (the same single logistic output; a column vector makes sklearn warn).
     target = Y.ravel() if Y.ndim == 2 and Y.shape[1] == 1 else Y
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("always", UserWarning)
         for epoch in range(config.epochs):
             mlp.fit(Xs, target)
+            # scikit-learn catches Ctrl-C inside an epoch, warns and returns the half-trained network: stop
+            # here as everywhere else instead of training on and writing a bundle from it.
+            if any("interrupted by user" in str(w.message) for w in caught):
+                raise KeyboardInterrupt
+            caught.clear()
             if progress:
                 progress(epoch + 1, config.epochs)
     return scaler, mlp, (X.min(axis=0), X.max(axis=0))

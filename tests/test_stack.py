@@ -843,3 +843,28 @@ def test_a_directory_of_bundles_skips_an_edited_one_saying_so_once(bundle_dir, t
     shutil.rmtree(good)
     with pytest.raises(bundles.BundleError, match="edited/manifest.json: checksum mismatch"):
         bundle_specs([models])                                        # export names why, not "no bundles"
+
+
+def test_ctrl_c_while_the_dnn_trains_stops_training(tmp_path):
+    """scikit-learn catches Ctrl-C within an epoch and returns the half-trained network; fit_mlp stops
+    instead, as every other step does, so no bundle is written from it."""
+    import os
+    import signal
+    import threading
+
+    import numpy as np
+    import pytest
+
+    from stacker.dnn import DNNConfig, fit_mlp
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200_000, 20)).astype(np.float32)
+    Y = (rng.random((200_000, 2)) < 0.1).astype(np.float32)
+    epochs = []
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_mlp(X, Y, DNNConfig(epochs=200, batch_size=64), progress=lambda i, n: epochs.append(i))
+    finally:
+        timer.cancel()
+    assert len(epochs) < 200

@@ -67,6 +67,9 @@ FRONT_COUNTERS = ("records", "other_bundle_examples", "bad_records", "future_rec
 # event time, and one far-future record would close every open window at once. The server refuses
 # anything over 5 s ahead; this catches producers that bypass it and replicas whose clocks are off.
 FUTURE_LIMIT_MS = 60_000
+# Records whose newest time is within this of the wall clock follow it (a server stamps them): a quiet source
+# then moves event time to the wall clock; otherwise by the wall time elapsed since the last record came.
+LIVE_CLOCK_MS = 3_600_000
 BACK_COUNTERS = ("learned_examples", "checkpoints", "updates")
 
 
@@ -223,6 +226,7 @@ class Featurizer:
         self.source_log: str | None = None  # the id of the event log whose offsets these are
         self._resumed_at: int | None = None  # when the checkpoint resumed from was written (ms)
         self._ingested = -1
+        self._arrival: tuple[int, int] | None = None   # (wall ms, newest record time) when records last came
         self._pending: list[JoinedExample] = []
         self._seen_rows = np.zeros(len(ranker.scorer.weights), bool)
 
@@ -289,6 +293,7 @@ class Featurizer:
         """Join records; ``emit`` a batch each time ``batch_size`` examples are pending (not at the end)."""
         joiner, pending, counters = self.joiner, self._pending, self.counters
         ingested, replay_from, n = self._ingested, self.replay_from, 0
+        ingested_before = ingested
         add_event, add_served = joiner.add_event, joiner.add_served
         future = int(time.time() * 1000) + FUTURE_LIMIT_MS
         try:
@@ -313,6 +318,8 @@ class Featurizer:
                         emit(self.cut())
         finally:
             counters["records"] += n
+            if self._ingested != ingested_before and joiner.max_ts is not None:
+                self._arrival = (int(time.time() * 1000), joiner.max_ts)
 
     def _skip(self, off: int, rec, future: int) -> None:
         """Count a record the learner cannot use, and say why (the first few of each kind, then every 1000th)."""
@@ -327,6 +334,20 @@ class Featurizer:
     def advance(self, watermark_ms: int) -> None:
         """Close windows by the clock when the source is idle (live mode); call :meth:`cut` after."""
         self._pending.extend(self.joiner.advance(watermark_ms))
+
+    def idle_watermark(self) -> int:
+        """Where a quiet source moves the watermark: to the wall clock (less the allowed lateness) when the
+        records' own times follow it, as a server stamps them; when they do not (traffic stamped with
+        simulated or past times, read live), to the newest record's time plus the wall time since it
+        arrived, so a pause does not make everything after it late."""
+        now = int(time.time() * 1000)
+        lateness = self.joiner.allowed_lateness_ms
+        if self._arrival is None:
+            return now - lateness
+        wall, ts = self._arrival
+        if abs(wall - ts) <= LIVE_CLOCK_MS:
+            return now - lateness
+        return ts + (now - wall) - lateness
 
     def flush(self) -> None:
         """End of a finite stream: close every open impression; call :meth:`cut` after."""
@@ -877,6 +898,9 @@ class OnlineLearner:
         self.front.ingest(records, self._learn_step)
         self._learn_step(self.front.cut())
         return self.counters["learned_examples"] - before
+
+    def idle_watermark(self) -> int:
+        return self.front.idle_watermark()
 
     def advance(self, watermark_ms: int) -> int:
         """Close windows by the clock when the source is idle (live mode); return examples learned."""

@@ -197,9 +197,9 @@ def _feed_replay(front, sender: _Sender, path, finish: bool = True, stop_after: 
 
 
 def _close_idle_windows(front):
-    """The source went quiet: move event time to the wall clock (less the allowed lateness) so the
+    """The source went quiet: move event time on by the clock (:meth:`Featurizer.idle_watermark`) so the
     windows that would have closed by now do; returns the batch they produced, or None."""
-    front.advance(int(time.time() * 1000) - front.joiner.allowed_lateness_ms)
+    front.advance(front.idle_watermark())
     return front.cut() if front.pending else None
 
 

@@ -85,8 +85,9 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
                should_stop: Callable[[], bool] = lambda: False) -> None:
     """Follow a live log forever (until ``should_stop()``): learn, publish, checkpoint as due.
 
-    When nothing arrives for ``idle_close_s``, event time is advanced by the wall clock so windows
-    still close on a quiet server (served records carry wall-clock timestamps).
+    When nothing arrives for ``idle_close_s``, event time is advanced by the clock so windows still close
+    on a quiet server: to the wall clock when the records' times follow it (a server stamps them), else
+    by the wall time elapsed since the last record (:meth:`~online.learner.Featurizer.idle_watermark`).
     """
     learner.attach_log(log_dir)
     tailer = LogTailer(log_dir, from_offset=learner.replay_from)
@@ -99,7 +100,7 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
             idle_since = time.monotonic()
             continue
         if idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
-            learner.advance(int(time.time() * 1000) - learner.joiner.allowed_lateness_ms)
+            learner.advance(learner.idle_watermark())
             idle_since = time.monotonic()
         learner.maybe_publish()
         learner.maybe_checkpoint()
@@ -127,7 +128,7 @@ def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int 
             if max_idle_polls is not None and idle_polls >= max_idle_polls:
                 break
             if idle_close_s is not None and time.monotonic() - idle_since > idle_close_s:
-                learner.advance(int(time.time() * 1000) - learner.joiner.allowed_lateness_ms)
+                learner.advance(learner.idle_watermark())
                 idle_since = time.monotonic()
             learner.maybe_publish()
             learner.maybe_checkpoint()

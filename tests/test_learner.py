@@ -466,3 +466,38 @@ def test_a_restart_keeps_the_events_logged_before_their_served_record(tmp_path, 
     assert b.counters["learned_examples"] == ref.counters["learned_examples"]
     b.close()
     ref.close()
+
+
+def test_a_pause_in_traffic_stamped_in_the_past_does_not_make_what_follows_late(tmp_path, tiny_bundle,
+                                                                                 tiny_records):
+    """A live log of records stamped with times far from the wall clock (a simulation or a backfill through
+    a live server) that goes quiet: event time moves on by the wall time elapsed, not to the wall clock,
+    so the records after the pause are learned as an uninterrupted replay learns them (they were all late)."""
+    import threading
+    import time
+
+    from online.eventlog import EventLog
+    from online.replay import follow_log
+    ref = OnlineLearner(tiny_bundle, tmp_path / "ref", attribution_window_ms=WINDOW_MS)
+    replay(ref, _log(tmp_path / "whole", tiny_records), progress=False)
+    ref.close()
+    live = tmp_path / "live"
+    writer = EventLog(live, fsync=False)
+    writer.append(tiny_records[:3_000])
+    learner = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    stop = threading.Event()
+    t = threading.Thread(target=follow_log, args=(learner, live),
+                         kwargs={"poll_s": 0.02, "idle_close_s": 0.3, "should_stop": stop.is_set})
+    t.start()
+    try:
+        time.sleep(1.5)                                   # quiet for longer than idle_close_s
+        writer.append(tiny_records[3_000:])
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        t.join(30)
+        writer.close()
+    learner.finish()
+    assert learner.joiner.stats.late <= ref.joiner.stats.late + 30
+    assert learner.counters["learned_examples"] >= 0.98 * ref.counters["learned_examples"]
+    learner.close()

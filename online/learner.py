@@ -778,6 +778,8 @@ class Trainer:
     def close(self) -> None:
         self.wait_checkpoint()
         self.learners.close()
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 def _die_with_parent(parent: int) -> None:

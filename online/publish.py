@@ -77,6 +77,33 @@ def read_update(path: Path) -> Update:
                       int(z["covered_offset"]), path)
 
 
+class PublisherInUseError(RuntimeError):
+    """Another learner publishes updates for the same bundle into the same directory."""
+
+
+def _lock_publisher(directory: Path, timeout_s: float) -> int:
+    """One publisher per bundle's update directory (``flock`` on ``.publisher.lock``, released when its
+    process ends): two learners writing the same sequence numbers would mix their weights on every server."""
+    import fcntl
+    fd = os.open(directory / ".publisher.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise PublisherInUseError(
+                    f"{directory}: another learner (pid {holder}) publishes this bundle's updates here; servers "
+                    "would mix the two learners' weights. Stop it, or publish elsewhere (--model-dir)") from None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class UpdatePublisher:
     """Writes deltas and periodic bases for one bundle; see the module docstring.
 
@@ -87,9 +114,11 @@ class UpdatePublisher:
     fsync : fsync each file before it is renamed into place.
     """
 
-    def __init__(self, model_dir, bundle_id: str, base_every: int = 200, keep_bases: int = 2, fsync: bool = False):
+    def __init__(self, model_dir, bundle_id: str, base_every: int = 200, keep_bases: int = 2, fsync: bool = False,
+                 lock_timeout_s: float = 10.0):
         self.dir = updates_dir(model_dir, bundle_id)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_publisher(self.dir, lock_timeout_s)
         self.bundle_id = bundle_id
         self.base_every = base_every
         self.keep_bases = keep_bases
@@ -98,6 +127,16 @@ class UpdatePublisher:
         # Never reuse a number a replica may already have applied (e.g. after a learner restart).
         self.seq = max(deltas[-1:] + bases[-1:] + [0])
         self.deltas_since_base = 0
+
+    def close(self) -> None:
+        """Release the directory to the next publisher."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+    def __del__(self):
+        if getattr(self, "_lock", -1) >= 0:
+            self.close()
 
     def _write(self, name: str, rows, values, seq: int, covered_offset: int, kind: str) -> Path:
         path = self.dir / name

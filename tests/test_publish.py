@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from online.learner import OnlineLearner
-from online.publish import UpdatePublisher, UpdateWatcher
+from online.publish import PublisherInUseError, UpdatePublisher, UpdateWatcher
 from online.replay import replay
 from online.reproduce import batch_from_records
 from online.records import ServedRecord
@@ -24,6 +25,10 @@ def test_watcher_follows_deltas_in_order_and_new_replicas_start_from_a_base(tmp_
     assert seen == [(s, "delta") for s in range(1, 8)]
     fresh = [(u.seq, u.kind) for u in UpdateWatcher(tmp_path, "b1").poll()]
     assert fresh == [(6, "base"), (7, "delta")]  # deltas <= 3 pruned, base 6 then delta 7
+    # One publisher per bundle's directory: a second learner publishing there is refused, naming the first.
+    with pytest.raises(PublisherInUseError, match=r"another learner \(pid \d+\) publishes this bundle's updates"):
+        UpdatePublisher(tmp_path, "b1", lock_timeout_s=0.1)
+    pub.close()
     # A learner restart publishes a base under a new number; followers jump to it.
     pub2 = UpdatePublisher(tmp_path, "b1")
     assert pub2.seq == 7

@@ -52,6 +52,7 @@ from stacker.vwtext import batch_text
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 CKPT_MODEL = "lr.model"
+CKPT_METRICS = "progressive.npz"   # the progressive metrics' state (ProgressiveMetrics.save)
 
 
 def vw_config(manifest: dict) -> VWConfig:
@@ -495,12 +496,14 @@ class Trainer:
         self.publisher = UpdatePublisher(model_dir, self.bundle_id, base_every=base_every) if model_dir else None
         self._need_base = False
         if resumed is not None:
-            self._resume(resumed[0])
+            self._resume(*resumed)
         self._last_publish = self._last_ckpt = self._last_leaves = time.monotonic()
         self._publish_cost = 0.0
         self._clean_audit()
 
-    def _resume(self, state: dict) -> None:
+    def _resume(self, state: dict, path: Path) -> None:
+        if (path / CKPT_METRICS).is_file():   # checkpoints before it had none: their metrics start afresh
+            self.metrics.load(path / CKPT_METRICS)
         self.replay_from = state["replay_from"]
         self.update_seq = state["update_seq"]
         self.counters.update(state["counters"])
@@ -718,7 +721,7 @@ class Trainer:
                 f.flush()
                 os.fsync(f.fileno())
         state["progressive"] = _jsonable(self.progressive(max_age_s=0.0))
-        files = {CKPT_MODEL: self.learners.save}
+        files = {CKPT_MODEL: self.learners.save, CKPT_METRICS: self.metrics.save}
         return write_checkpoint(self.ckpt_dir, state, files, keep=self.keep_checkpoints)
 
     def reap_checkpoint(self, block: bool = False) -> None:

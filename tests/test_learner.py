@@ -464,6 +464,12 @@ def test_a_restart_keeps_the_events_logged_before_their_served_record(tmp_path, 
     assert b.joiner.stats == ref.joiner.stats
     assert b.task_learned == ref.task_learned
     assert b.counters["learned_examples"] == ref.counters["learned_examples"]
+    # Progressive metrics go on across the restarts (the checkpoint holds them)
+    got, want = b.progressive(0.0), ref.progressive(0.0)
+    for task in ("click", "like"):
+        assert got[task]["overall"]["count"] == want[task]["overall"]["count"] > 0
+        assert got[task]["overall"]["ne"] == pytest.approx(want[task]["overall"]["ne"], rel=1e-4)
+        assert got[task]["recent"]["count"] == want[task]["recent"]["count"]
     b.close()
     ref.close()
 

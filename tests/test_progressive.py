@@ -82,3 +82,39 @@ def test_ne_is_undefined_while_only_one_outcome_has_been_seen():
     assert math.isnan(overall["ne"]) and overall["positives"] == 150 and overall["logloss"] > 0
     m.update("click", np.zeros(850), np.full(850, 0.1))
     assert 0 < m.get()["click"]["overall"]["ne"] < 2
+
+
+def test_overall_auc_from_score_bins_is_within_1e4_of_exact_and_memory_stays_flat():
+    rng = np.random.default_rng(4)
+    z = rng.normal(-3, 1.2, 400_000)                      # continuous scores, like a model's
+    p = 1 / (1 + np.exp(-z))
+    y = rng.random(z.size) < 1 / (1 + np.exp(-(z + rng.normal(0, 1, z.size))))
+    m = ProgressiveMetrics(("click",), recent=5_000)
+    for i in range(0, y.size, 10_000):
+        m.update("click", y[i:i + 10_000], p[i:i + 10_000])
+    got = m.get()["click"]
+    assert got["overall"]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-4)
+    assert got["overall"]["count"] == y.size and got["recent"]["count"] == 5_000
+    assert got["recent"]["auc"] == pytest.approx(roc_auc_score(y[-5_000:], p[-5_000:]), abs=1e-12)
+    t = m._t["click"]
+    assert t.y.size == t.p.size == 5_000                   # the recent ring, not every example
+
+
+def test_save_and_load_carry_every_figure_across_a_restart(tmp_path):
+    y, p = stream(5, 30_000)
+    m = ProgressiveMetrics(("click", "like"), recent=4_000)
+    for i in range(0, 20_000, 1_000):
+        m.update("click", y[i:i + 1_000], p[i:i + 1_000])
+    m.save(tmp_path / "m.npz")
+    again = ProgressiveMetrics(("click", "like"), recent=4_000)
+    again.load(tmp_path / "m.npz")
+    assert json_equal(again.get(), m.get())
+    for part in (m, again):                                # and both go on alike
+        part.update("click", y[20_000:], p[20_000:])
+    assert json_equal(again.get(), m.get())
+    assert again.get()["click"]["overall"]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def json_equal(a, b) -> bool:
+    import json
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

@@ -23,14 +23,19 @@ def _learner(args):
     return OnlineLearner(args.bundle, args.state, **_learner_kwargs(args))
 
 
-def _summary(out: dict, learner) -> int:
-    """One JSON line after a replay: what was read, learned, skipped, published and checkpointed; exit
-    code 2 when nothing was learned because every example was served by another bundle."""
-    print(json.dumps({k: out[k] for k in ("records", "learned_examples", "updates", "checkpoints")}
-                     | {k: out.get(k, 0) for k in ("other_bundle_examples", "bad_records", "future_records")}
-                     | {"seconds": round(out["seconds"], 2), "update_seq": learner.update_seq}))
-    if not out["learned_examples"] and out.get("other_bundle_examples"):
-        print(f"feedrank learn: learned nothing: all {out['other_bundle_examples']:,} examples were served by "
+SUMMED = ("learned_examples", "updates", "checkpoints", "other_bundle_examples", "bad_records", "future_records")
+
+
+def _summary(out: dict, learner, before: dict) -> int:
+    """One JSON line after a replay: what this run read, learned, skipped, published and checkpointed (a
+    resumed learner's counters hold its earlier runs too: ``total_learned_examples``); exit code 2 when
+    nothing was learned because every example was served by another bundle."""
+    run = {k: out.get(k, 0) - before.get(k, 0) for k in SUMMED}
+    print(json.dumps({"records": out["source_records"]} | run
+                     | {"total_learned_examples": out["learned_examples"], "seconds": round(out["seconds"], 2),
+                        "update_seq": learner.update_seq}))
+    if not run["learned_examples"] and run["other_bundle_examples"]:
+        print(f"feedrank learn: learned nothing: all {run['other_bundle_examples']:,} examples were served by "
               f"other bundles than {learner.bundle_id} (give the bundle that served the log)", file=sys.stderr)
         return 2
     return 0
@@ -43,8 +48,18 @@ def cmd_learn(args) -> int:
 
     def on_signal(signum, frame):
         stop["now"] = True
+    from feedrank.cli import UsageError
+    from online.eventlog import check_log_path
+    if (Path(args.state) / "manifest.json").is_file():
+        raise UsageError(f"--state {args.state}: is a bundle; give the learner a directory of its own")
+    if args.replay:
+        try:
+            check_log_path(args.replay, "--replay")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif args.log and (Path(args.log) / "manifest.json").is_file():
+        raise UsageError(f"--log {args.log}: is a bundle, not an event log (give the server's --eventlog-dir)")
     if args.bundle is None:
-        from feedrank.cli import UsageError
         if args.replay or not args.model_dir:
             raise UsageError("--bundle: the bundle the records were served with (only with --model-dir and --log "
                              "or --redis may it be left out, to learn the bundle the servers on --model-dir serve)")
@@ -57,8 +72,9 @@ def cmd_learn(args) -> int:
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
         try:
             if args.replay:
+                before = dict(learner.counters)
                 return _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                               stop_after=args.stop_after), learner)
+                                               stop_after=args.stop_after), learner, before)
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
             if args.redis:
@@ -72,8 +88,9 @@ def cmd_learn(args) -> int:
     learner = _learner(args)
     try:
         if args.replay:
+            before = dict(learner.counters)
             return _summary(replay.replay(learner, args.replay, progress=not args.quiet,
-                                          finish=not args.keep_open, stop_after=args.stop_after), learner)
+                                          finish=not args.keep_open, stop_after=args.stop_after), learner, before)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         if args.redis:

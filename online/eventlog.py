@@ -147,6 +147,26 @@ def log_end(path) -> int:
     return int(segs[-1].name[4:-4]) + max(lines - 1, 0)
 
 
+def check_log_path(path, flag: str = "") -> Path:
+    """``path`` as a recorded event log (a directory of segments, or one segment file), or a ValueError
+    saying what it is instead (missing, a bundle, a table, an empty directory)."""
+    path, name = Path(path), f"{flag} {path}".strip()
+    if not path.exists():
+        raise ValueError(f"{name}: no such event log")
+    if path.is_dir():
+        if any(path.glob("seg-*.log")):
+            return path
+        if (path / "manifest.json").is_file():
+            raise ValueError(f"{name}: is a bundle, not an event log (give the log's directory, the server's "
+                             "--eventlog-dir, and the bundle with --bundle)")
+        raise ValueError(f"{name}: not an event log (no seg-*.log segments in it)")
+    with open(path, "rb") as f:
+        if f.read(len(HEADER)) != HEADER:
+            raise ValueError(f"{name}: not an event-log segment (it does not start with {HEADER!r}); give the "
+                             "log's directory")
+    return path
+
+
 def log_opens(path) -> list[tuple[int, int]]:
     """``(time ms, offset)`` of every writable open of the log directory ``path``, oldest first."""
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from online.eventlog import CorruptLogError
+from online.eventlog import CorruptLogError, check_log_path
 from online.joiner import Joiner
 from online.records import DEFAULT_DWELL_THRESHOLD_MS, Malformed, ServedRecord
 from online.replay import count_records, read_records
@@ -121,11 +121,7 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
         raise ValueError(f"{out}: unknown table format {Path(out).suffix!r} (use .parquet or .jsonl)")
     if Path(out).is_dir():
         raise ValueError(f"{out}: is a directory; give the table's file name (.parquet or .jsonl)")
-    log = Path(log)
-    if not log.exists():
-        raise ValueError(f"{log}: no such event log")
-    if log.is_dir() and not any(log.glob("seg-*.log")):
-        raise ValueError(f"{log}: not an event log (no seg-*.log segments in it)")
+    log = check_log_path(log)
     tasks = schema.TASKS
     joiner = Joiner(tasks, window_ms, allowed_lateness_ms=lateness_ms, max_open=1 << 62,
                     returned_is_viewed=returned_is_viewed, dwell_threshold_ms=dwell_threshold_ms)

@@ -428,7 +428,7 @@ class PipelinedLearner:
         records = self.trainer.front_state.get("source_records", 0) if self.trainer.front_state else 0
         return {"records": records, "seconds": time.perf_counter() - t0, "trainer_wait_s": self.wait_s,
                 "trainer_s": dict(self.trainer.timings),
-                **self.counters}
+                **self.counters, "source_records": records}
 
     def follow(self, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
                should_stop: Callable[[], bool] = lambda: False) -> None:

@@ -78,7 +78,7 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
         learner.finish()
     else:
         learner.checkpoint()
-    return {"records": n, "seconds": time.perf_counter() - t0, **learner.counters}
+    return {"records": n, "seconds": time.perf_counter() - t0, **learner.counters, "source_records": n}
 
 
 def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,

@@ -325,7 +325,31 @@ def test_learn_takes_paths_relative_to_where_it_runs(tmp_path, tiny_bundle, tiny
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["learned_examples"] > 1000
+    assert summary["learned_examples"] > 1000 and summary["records"] == len(tiny_records)
+    # Run again on the same state: nothing new to read or learn, and the summary says so (this run's
+    # figures; the state's total beside them)
+    again = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle", "bundle",
+                            "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["records"] == 0 and second["learned_examples"] == 0
+    assert second["total_learned_examples"] == summary["learned_examples"]
+
+
+def test_learn_refuses_what_is_not_an_event_log_or_a_state_directory(capsys, tmp_path, tiny_bundle):
+    base = ["learn", "--bundle", str(tiny_bundle), "--state", str(tmp_path / "state")]
+    err = _fails(capsys, [*base, "--replay", str(tmp_path / "runs" / "eventlog")])
+    assert err.strip().endswith("eventlog: no such event log")
+    err = _fails(capsys, [*base, "--replay", str(tiny_bundle)])
+    assert "is a bundle, not an event log" in err
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    err = _fails(capsys, [*base, "--replay", str(tmp_path / "t.parquet")])
+    assert "t.parquet: not an event-log segment" in err
+    err = _fails(capsys, ["learn", "--bundle", str(tiny_bundle), "--state", str(tiny_bundle), "--log", "x"])
+    assert "is a bundle; give the learner a directory of its own" in err
+    assert not (tiny_bundle / "checkpoints").exists()
 
 
 def test_learn_says_so_when_the_log_was_served_by_another_bundle(tmp_path, other_bundle, tiny_records):

@@ -189,6 +189,9 @@ def cmd_export(args) -> int:
           f"attribution window at the end of the log, {left}")
     print(f"  events: {out['duplicate_events']:,} duplicates, {out['late_events']:,} late, "
           f"{out['unmatched_events']:,} unmatched; {out['duplicate_served']:,} duplicate served records")
+    if out.get("malformed_records"):
+        print(f"  skipped: {out['malformed_records']:,} log records holding no well-formed record (damaged, or not "
+              "a served record or event)")
     return 0
 
 

@@ -171,6 +171,19 @@ def test_export_command(served, tiny_bundle, other_bundle, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown table format '.csv'" in bad.stderr
 
+    import shutil
+    damaged = tmp_path / "damaged"
+    shutil.copytree(log, damaged)
+    seg = sorted(damaged.glob("seg-*.log"))[0]
+    data = bytearray(seg.read_bytes())
+    data[data.index(b"\n", 5_000) + 20] ^= 0x01                  # one record's payload, mid-log
+    seg.write_bytes(bytes(data))
+    run = subprocess.run([sys.executable, "-m", "feedrank.cli", "export", "--log", str(damaged), "--bundle",
+                          str(both), "--out", str(tmp_path / "d.jsonl"), "--window-ms", str(WINDOW_MS),
+                          "--include-open", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "skipped: 1 log records holding no well-formed record" in run.stdout
+
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_a_long_export_is_written_in_chunks_with_the_same_rows(served, tiny_bundle, tmp_path, suffix):

@@ -34,6 +34,10 @@ def _summary(out: dict, learner, before: dict) -> int:
     print(json.dumps({"records": out["source_records"]} | run
                      | {"total_learned_examples": out["learned_examples"], "seconds": round(out["seconds"], 2),
                         "update_seq": learner.update_seq}))
+    if out.get("interrupted"):
+        print("feedrank learn: interrupted; what it learned is checkpointed: the same command goes on from there",
+              file=sys.stderr)
+        return 130
     if not run["learned_examples"] and run["other_bundle_examples"]:
         print(f"feedrank learn: learned nothing: all {run['other_bundle_examples']:,} examples were served by "
               f"other bundles than {learner.bundle_id} (give the bundle that served the log)", file=sys.stderr)
@@ -71,12 +75,13 @@ def cmd_learn(args) -> int:
         from online.pipeline import PipelinedLearner
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
         try:
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
             if args.replay:
                 before = dict(learner.counters)
                 return _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                               stop_after=args.stop_after), learner, before)
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
+                                               stop_after=args.stop_after, should_stop=lambda: stop["now"]),
+                                learner, before)
             if args.redis:
                 learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
                                      should_stop=lambda: stop["now"])
@@ -87,12 +92,13 @@ def cmd_learn(args) -> int:
             learner.close()
     learner = _learner(args)
     try:
-        if args.replay:
-            before = dict(learner.counters)
-            return _summary(replay.replay(learner, args.replay, progress=not args.quiet,
-                                          finish=not args.keep_open, stop_after=args.stop_after), learner, before)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if args.replay:
+            before = dict(learner.counters)
+            return _summary(replay.replay(learner, args.replay, progress=not args.quiet, finish=not args.keep_open,
+                                          stop_after=args.stop_after, should_stop=lambda: stop["now"]),
+                            learner, before)
         if args.redis:
             from online.bus import RedisBus
             bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)

@@ -786,10 +786,13 @@ class Trainer:
 
 
 def _die_with_parent(parent: int) -> None:
-    """In a forked checkpoint writer: die (SIGKILL) with the learner, as a synchronous writer would."""
+    """In a forked checkpoint writer: die (SIGKILL) with the learner, as a synchronous writer would; leave
+    Ctrl-C and SIGTERM sent to the whole process group to the learner, which waits for this write."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import ctypes
-        import signal
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:  # pragma: no cover (non-Linux)
         return

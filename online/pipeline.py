@@ -406,9 +406,11 @@ class PipelinedLearner:
         return False
 
     def replay(self, path, finish: bool = True, stop_after: int | None = None, chunk: int = 20_000,
-               progress: bool = False) -> dict:
+               progress: bool = False, should_stop: Callable[[], bool] = lambda: False) -> dict:
         """Learn from a recorded log from :attr:`replay_from` to its end (then close every window unless
-        ``finish=False``); publish and checkpoint. Returns counters and ``seconds``."""
+        ``finish=False``); publish and checkpoint. Returns counters and ``seconds``. When ``should_stop()``
+        (Ctrl-C), stop reading and checkpoint what was learned (``interrupted`` in the result): the next
+        replay goes on from there."""
         from tqdm import tqdm
         bar = tqdm(unit="rec", desc="learn --replay", disable=not progress, dynamic_ncols=True, mininterval=0.5)
         last = {"records": self.counters["records"]}
@@ -419,16 +421,22 @@ class PipelinedLearner:
             last["records"] = r
             bar.set_postfix(learned=self.counters["learned_examples"], seq=self.trainer.update_seq, refresh=False)
         t0 = time.perf_counter()
+        first = self.counters["records"]
         self._start("replay", path=str(path), finish=finish, stop_after=stop_after, chunk=chunk)
-        self._run(lambda: False, on_batch)
+        done = self._run(should_stop, on_batch)
+        if not done:
+            self._stop_feeder()   # interrupted: the checkpoint below covers exactly what was learned
         self.trainer._progressive_cache = None
         self.trainer.publish()
         self.trainer.checkpoint()
         bar.close()
-        records = self.trainer.front_state.get("source_records", 0) if self.trainer.front_state else 0
+        if done:
+            records = self.trainer.front_state.get("source_records", 0) if self.trainer.front_state else 0
+        else:
+            records = self.counters["records"] - first
         return {"records": records, "seconds": time.perf_counter() - t0, "trainer_wait_s": self.wait_s,
                 "trainer_s": dict(self.trainer.timings),
-                **self.counters, "source_records": records}
+                **self.counters, "source_records": records, "interrupted": not done}
 
     def follow(self, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
                should_stop: Callable[[], bool] = lambda: False) -> None:

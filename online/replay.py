@@ -49,8 +49,10 @@ def count_records(path) -> int:
 
 
 def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = True,
-           chunk: int = 20_000, stop_after: int | None = None) -> dict:
-    """Learn from a recorded log from ``learner.replay_from`` to its end; then close every window."""
+           chunk: int = 20_000, stop_after: int | None = None,
+           should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Learn from a recorded log from ``learner.replay_from`` to its end; then close every window. When
+    ``should_stop()`` (Ctrl-C), stop and checkpoint what was learned (``interrupted`` in the result)."""
     from tqdm import tqdm
     total = count_records(path)
     learner.source_end_offset = total
@@ -62,7 +64,11 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
     it = read_records(path, start)
     t0 = time.perf_counter()
     n = 0
+    interrupted = False
     while True:
+        if should_stop():
+            finish, interrupted = False, True
+            break
         batch = list(itertools.islice(it, chunk))
         if not batch:
             break
@@ -78,7 +84,8 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
         learner.finish()
     else:
         learner.checkpoint()
-    return {"records": n, "seconds": time.perf_counter() - t0, **learner.counters, "source_records": n}
+    return {"records": n, "seconds": time.perf_counter() - t0, **learner.counters, "source_records": n,
+            "interrupted": interrupted}
 
 
 def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,

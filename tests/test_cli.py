@@ -392,6 +392,52 @@ def test_sigterm_to_the_learner_s_process_group_stops_it_cleanly(tmp_path, tiny_
     assert json.loads(status.read_text())["learned_through"] == len(tiny_records) - 1
 
 
+def test_ctrl_c_during_a_replay_keeps_what_was_learned_and_the_same_command_goes_on(tmp_path, tiny_bundle):
+    """Ctrl-C (SIGINT to the process group) mid-replay: the learner checkpoints what it learned and exits 130
+    saying so, with no traceback from its helper processes; run again, it learns the rest, and in all it
+    learns what one uninterrupted replay learns."""
+    import signal
+    import time
+
+    from feedsim.simulate import simulate
+    from online.eventlog import EventLog
+    from online.workload import workload
+    from stacker.ranker import StackedRanker
+    ranker = StackedRanker.load(tiny_bundle)
+    records = workload(simulate(60_000, seed=9), ranker.spec, ranker.bundle_id, WINDOW_MS)
+    with EventLog(tmp_path / "log", fsync=False) as log:
+        log.append(records)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle", str(tiny_bundle),
+            "--window-ms", str(WINDOW_MS), "--quiet", "--checkpoint-every-s", "1000"]
+    whole = subprocess.run(argv + ["--state", "whole"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    total = json.loads(whole.stdout.strip().splitlines()[-1])["learned_examples"]
+    proc = subprocess.Popen(argv + ["--state", "state"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = tmp_path / "state" / "status.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(status.read_text())["counters"]["learned_examples"] > 0:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; what it learned is checkpointed" in err and "Traceback" not in err
+    first = json.loads(out.strip().splitlines()[-1])
+    assert 0 < first["learned_examples"] < total
+    again = subprocess.run(argv + ["--state", "state"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["total_learned_examples"] == first["learned_examples"] + second["learned_examples"] == total
+
+
 def test_demo_reuses_its_bundle_only_when_trained_with_the_same_settings(tmp_path, capsys):
     """`feedrank demo` keeps its bundle between runs, but retrains it when the impressions, the trees
     or the training defaults differ from those it was trained with."""

@@ -363,6 +363,9 @@ def _varying_within_requests(parts: list[pd.DataFrame], columns) -> dict[str, in
 MIN_SLICE_ROWS = 200   # below this a slice cannot fit the trees, the network and the LR's biases
 
 
+FEW_OUTCOMES = 30   # a task with fewer positives (or negatives) in the LR's slice is warned about
+
+
 def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, ...], list[str]]:
     """The tasks that can be learned from these slices, and warnings about the rest and about what will be
     learned poorly; refuses slices too small, or without a task that has both outcomes.
@@ -385,6 +388,11 @@ def check_training_slices(parts: list[pd.DataFrame], tasks) -> tuple[tuple[str, 
                             f"{int(parts[0][col].sum()):,} positives among the extractors' {len(parts[0]):,})")
         else:
             kept.append(task)
+            if min(positives, rows - positives) < FEW_OUTCOMES:
+                fewer = "positives" if positives < rows - positives else "negatives"
+                warnings.append(f"{col}: only {min(positives, rows - positives):,} {fewer} among the LR's "
+                                f"{rows:,} training rows: {task} is learned from almost nothing, and its "
+                                "offline figures are mostly noise")
     if not kept:
         raise ValueError(f"no task has both outcomes in the LR's {len(parts[1]):,} training rows: "
                          + "; ".join(warnings))

@@ -189,20 +189,13 @@ class LogInUseError(RuntimeError):
 
 
 def _lock_writer(path: Path) -> int:
-    """Take the log's writer lock (``flock`` on ``<dir>/.writer.lock``, released when the process ends, even
-    by ``kill -9``); raise :class:`LogInUseError` naming the process holding it."""
-    import fcntl
-    fd = os.open(path / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    """Take the log's writer lock; raise :class:`LogInUseError` naming the process holding it."""
+    from online.locks import hold_lock
+    fd, holder = hold_lock(path / WRITER_LOCK)
+    if fd < 0:
         raise LogInUseError(f"{path}: the event log is written by another process (pid {holder}); give each "
                             "server its own --eventlog-dir (two writers would give the same offsets to different "
-                            "records)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                            "records)")
     return fd
 
 

@@ -46,21 +46,14 @@ class FeederDied(RuntimeError):
 
 
 def lock_state_dir(state_dir: Path, timeout_s: float) -> int:
-    """An exclusive ``flock`` on ``<state_dir>/.learner.lock`` (released when the process dies): one
-    learner per state directory, and a restarted one waits for a dying one to finish its checkpoint."""
-    import fcntl
+    """An exclusive lock on ``<state_dir>/.learner.lock``: one learner per state directory, and a restarted
+    one waits for a dying one to finish its checkpoint."""
+    from online.locks import hold_lock
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / ".learner.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise RuntimeError(f"{state_dir}: another learner holds .learner.lock") from None
-            time.sleep(0.05)
+    fd, holder = hold_lock(state_dir / ".learner.lock", timeout_s)
+    if fd < 0:
+        raise RuntimeError(f"{state_dir}: another learner (pid {holder}) holds .learner.lock")
+    return fd
 
 
 # -- feeder side ---------------------------------------------------------------------------------------

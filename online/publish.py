@@ -82,25 +82,14 @@ class PublisherInUseError(RuntimeError):
 
 
 def _lock_publisher(directory: Path, timeout_s: float) -> int:
-    """One publisher per bundle's update directory (``flock`` on ``.publisher.lock``, released when its
-    process ends): two learners writing the same sequence numbers would mix their weights on every server."""
-    import fcntl
-    fd = os.open(directory / ".publisher.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise PublisherInUseError(
-                    f"{directory}: another learner (pid {holder}) publishes this bundle's updates here; servers "
-                    "would mix the two learners' weights. Stop it, or publish elsewhere (--model-dir)") from None
-            time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    """One publisher per bundle's update directory: two learners writing the same sequence numbers would mix
+    their weights on every server."""
+    from online.locks import hold_lock
+    fd, holder = hold_lock(directory / ".publisher.lock", timeout_s)
+    if fd < 0:
+        raise PublisherInUseError(f"{directory}: another learner (pid {holder}) publishes this bundle's updates "
+                                  "here; servers would mix the two learners' weights. Stop it, or publish "
+                                  "elsewhere (--model-dir)")
     return fd
 
 

@@ -321,21 +321,19 @@ def test_learn_takes_paths_relative_to_where_it_runs(tmp_path, tiny_bundle, tiny
     with EventLog(tmp_path / "log", fsync=False) as log:
         log.append(tiny_records)
     shutil.copytree(tiny_bundle, tmp_path / "bundle")
-    done = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle", "bundle",
-                           "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def learn() -> dict:
+        done = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle",
+                               "bundle", "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    summary = learn()
     assert summary["learned_examples"] > 1000 and summary["records"] == len(tiny_records)
     # Run again on the same state: nothing new to read or learn, and the summary says so (this run's
     # figures; the state's total beside them)
-    again = subprocess.run([sys.executable, "-m", "feedrank.cli", "learn", "--replay", "log", "--bundle", "bundle",
-                            "--state", "state", "--window-ms", str(WINDOW_MS), "--quiet"],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert again.returncode == 0, again.stderr[-2000:]
-    second = json.loads(again.stdout.strip().splitlines()[-1])
+    second = learn()
     assert second["records"] == 0 and second["learned_examples"] == 0
     assert second["total_learned_examples"] == summary["learned_examples"]
 

@@ -35,4 +35,4 @@ def write_snapshot(ranker: StackedRanker, out_root: Path) -> Path:
                                  "version": ranker.version})
     bundles.finalize(tmp, manifest)
     os.replace(tmp, dst)
-    return dst
+    return dst.resolve()   # the caller is not in the server's working directory

@@ -488,6 +488,7 @@ def test_snapshot_writes_a_loadable_bundle(live):
     from stacker.ranker import StackedRanker
     rs, _, admin, _ = live
     resp = admin.Snapshot(pb.SnapshotRequest(), metadata=AUTH)
+    assert Path(resp.path).is_absolute()                  # the caller is not in the server's directory
     snap = StackedRanker.load(resp.path)
     assert snap.manifest["snapshot_of"]["bundle_id"] == rs.model.current().bundle_id
 

@@ -488,9 +488,18 @@ def test_snapshot_writes_a_loadable_bundle(live):
     from stacker.ranker import StackedRanker
     rs, _, admin, _ = live
     resp = admin.Snapshot(pb.SnapshotRequest(), metadata=AUTH)
-    assert Path(resp.path).is_absolute()                  # the caller is not in the server's directory
     snap = StackedRanker.load(resp.path)
     assert snap.manifest["snapshot_of"]["bundle_id"] == rs.model.current().bundle_id
+
+
+def test_a_snapshot_under_a_relative_directory_is_answered_with_its_absolute_path(tiny_bundle, tmp_path,
+                                                                                  monkeypatch):
+    from serving.snapshot import write_snapshot
+    from stacker.ranker import StackedRanker
+    monkeypatch.chdir(tmp_path)                           # the server's working directory, not the caller's
+    path = write_snapshot(StackedRanker.load(tiny_bundle), Path("runs/snapshots"))
+    assert path.is_absolute() and path.parent == tmp_path / "runs" / "snapshots"
+    assert StackedRanker.load(path).manifest["snapshot_of"]["bundle_id"]
 
 
 def test_info(live, tiny_bundle):

@@ -237,6 +237,9 @@ class Featurizer:
         self.replay_from = state["replay_from"]
         self.source_log = state.get("source_log")
         self._resumed_at = state.get("written_at")
+        if self._resumed_at is not None and state["joiner"].get("max_ts") is not None:
+            # A quiet source after the restart moves event time on from where the checkpoint left it.
+            self._arrival = (int(self._resumed_at), int(state["joiner"]["max_ts"]))
         self.counters.update({k: v for k, v in state["counters"].items() if k in FRONT_COUNTERS})
         j = state["joiner"]
         self.joiner.resume(self.learned_through, j["max_ts"], j["stats"])

@@ -152,6 +152,7 @@ class ProgressiveMetrics:
         self._t = {t: _Task(recent) for t in self.tasks}
         self._detectors = {t: drift.ADWIN() for t in self.tasks}
         self.drift = {t: {"detections": 0, "last_at": None, "in_last_update": False} for t in self.tasks}
+        self.not_finite = dict.fromkeys(self.tasks, 0)   # predictions left out for not being numbers
 
     def update(self, task: str, y_true: np.ndarray, p: np.ndarray) -> None:
         """Record a batch of labels and the probabilities the model gave before learning them."""
@@ -159,6 +160,10 @@ class ProgressiveMetrics:
         p = np.asarray(p, dtype=np.float64).ravel()
         if y.shape != p.shape:
             raise ValueError(f"y_true and p differ in length for task {task!r}: {y.size} vs {p.size}")
+        finite = np.isfinite(p)
+        if not finite.all():   # one NaN would spoil the running sums for good: counted, left out
+            self.not_finite[task] += int((~finite).sum())
+            y, p = y[finite], p[finite]
         t = self._t[task]
         start = t.count
         pc = np.clip(p, _EPS, 1 - _EPS)
@@ -181,7 +186,7 @@ class ProgressiveMetrics:
             base = self.base_rates.get(name, t.positives / t.count if t.count else None)
             y, p = t.recent()
             out[name] = {"overall": _overall(t, base), "recent": summarize(y, p, base),
-                         "drift": dict(self.drift[name])}
+                         "drift": dict(self.drift[name]), "not_finite": self.not_finite[name]}
         return out
 
     def save(self, path) -> None:

@@ -318,13 +318,14 @@ def write_pin(model_dir, bundle: Path | None) -> None:
 
 def served_bundle(model_dir, checked: dict | None = None) -> Path | None:
     """The bundle servers watching ``model_dir`` serve once settled: its pin (:func:`pinned_bundle`; a bad
-    pin counts as none), else its newest bundle whose files check out (:func:`verify`; servers refuse the
-    others). ``checked`` caches each bundle's check by the state of its files, for a caller asking often."""
+    pin, or a pinned bundle that does not check out, counts as none), else its newest bundle whose files
+    check out (:func:`verify`; servers refuse the others). ``checked`` caches each bundle's check by the state of its files, for a caller asking often."""
     try:
         pin = pinned_bundle(model_dir)
     except BundleError:
         pin = None
-    for p in [pin] if pin is not None else candidate_bundles(model_dir):
+    # A pinned bundle that does not check out is passed over, as a starting server passes it over.
+    for p in ([pin] if pin is not None else []) + candidate_bundles(model_dir):
         state = files_state(p)
         ok = checked.get(p) if checked is not None else None
         if ok is None or ok[0] != state:

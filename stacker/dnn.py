@@ -41,18 +41,22 @@ def fit_mlp(X: np.ndarray, Y: np.ndarray, config: DNNConfig, progress=None):
                         random_state=config.seed, shuffle=True)
     # One task: a 1-d target (the same single logistic output; a column vector makes sklearn warn).
     target = Y.ravel() if Y.ndim == 2 and Y.shape[1] == 1 else Y
+    others = []
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)    # (the later filter is matched first)
         for epoch in range(config.epochs):
             mlp.fit(Xs, target)
             # scikit-learn catches Ctrl-C inside an epoch, warns and returns the half-trained network: stop
             # here as everywhere else instead of training on and writing a bundle from it.
             if any("interrupted by user" in str(w.message) for w in caught):
                 raise KeyboardInterrupt
+            others += caught
             caught.clear()
             if progress:
                 progress(epoch + 1, config.epochs)
+    for w in others:                     # every other warning goes on to the caller
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return scaler, mlp, (X.min(axis=0), X.max(axis=0))
 
 

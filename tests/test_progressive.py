@@ -118,3 +118,15 @@ def test_save_and_load_carry_every_figure_across_a_restart(tmp_path):
 def json_equal(a, b) -> bool:
     import json
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def test_a_prediction_that_is_not_a_number_is_counted_and_left_out():
+    y, p = stream(6, 1_000)
+    bad = p.copy()
+    bad[10] = np.nan
+    m = ProgressiveMetrics(("click",))
+    m.update("click", y, bad)
+    got = m.get()["click"]
+    assert got["not_finite"] == 1 and got["overall"]["count"] == 999
+    keep = np.arange(1_000) != 10
+    assert got["overall"]["ne"] == pytest.approx(log_loss(y[keep], p[keep]) / entropy(y[keep].mean()), rel=1e-9)

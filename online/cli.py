@@ -74,6 +74,7 @@ def cmd_learn(args) -> int:
         # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
         from online.pipeline import PipelinedLearner
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
+        again = False
         try:
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
@@ -86,11 +87,13 @@ def cmd_learn(args) -> int:
                 learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
                                      should_stop=lambda: stop["now"])
             else:
-                learner.follow(args.log, should_stop=lambda: stop["now"])
-            return 0
+                again = learner.follow(args.log, should_stop=lambda: stop["now"]) and not stop["now"]
         finally:
             learner.close()
+        # The log was replaced or reopened: a new learner attaches to it (and re-bases if records were lost)
+        return cmd_learn(args) if again else 0
     learner = _learner(args)
+    again = False
     try:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -104,10 +107,10 @@ def cmd_learn(args) -> int:
             bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
             replay.follow_redis(learner, bus, should_stop=lambda: stop["now"])
         else:
-            replay.follow_log(learner, args.log, should_stop=lambda: stop["now"])
-        return 0
+            again = replay.follow_log(learner, args.log, should_stop=lambda: stop["now"]) and not stop["now"]
     finally:
         learner.close()
+    return cmd_learn(args) if again else 0
 
 
 def _follow_model_dir(args, stopping, check_s: float = 1.0) -> int:

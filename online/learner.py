@@ -225,6 +225,7 @@ class Featurizer:
         self.learned_through = -1
         self.replay_from = 0
         self.source_log: str | None = None  # the id of the event log whose offsets these are
+        self.opens_known: list[list[int]] | None = None   # its writer's opens (time, offset) already checked
         self._resumed_at: int | None = None  # when the checkpoint resumed from was written (ms)
         self._ingested = -1
         self._arrival: tuple[int, int] | None = None   # (wall ms, newest record time) when records last came
@@ -236,6 +237,7 @@ class Featurizer:
         self.learned_through = state["learned_through"]
         self.replay_from = state["replay_from"]
         self.source_log = state.get("source_log")
+        self.opens_known = state.get("opens_known")
         self._resumed_at = state.get("written_at")
         if self._resumed_at is not None and state["joiner"].get("max_ts") is not None:
             # A quiet source after the restart moves event time on from where the checkpoint left it.
@@ -255,11 +257,18 @@ class Featurizer:
         learned, and the records from that offset on are new. Either way, reading from the checkpoint's
         offsets would skip every new record until the log grew past them."""
         from online.eventlog import log_end, log_identity, log_opens
-        found, said = log_identity(path), None
-        # Where this log stopped holding what was learned: its end now, or where a writer reopened it
-        # after the checkpoint was written (a normal reopen starts past everything learned).
-        lost_from = min([log_end(path)] + [at for t, at in log_opens(path) if t >= self._resumed_at],
-                        default=None) if self._resumed_at is not None else None
+        found, opens, said = log_identity(path), log_opens(path), None
+        if found is None and not any(Path(path).glob("seg-*.log")):
+            return None   # no log there yet (the server creates it): judged once it is (log_changed)
+        # Where this log stopped holding what was learned: its end now, or where a writer reopened it since
+        # the checkpoint (a normal reopen starts past everything learned). The checkpoint lists the opens it
+        # knew of (a copy restored from before some of them lacks those); one from before that list, by time.
+        if self.opens_known is not None:
+            known = {tuple(o) for o in self.opens_known}
+            later = [o for o in opens if o not in known]
+        else:
+            later = [o for o in opens if self._resumed_at is not None and o[0] >= self._resumed_at]
+        lost_from = min([log_end(path)] + [at for _, at in later]) if self.learned_through >= 0 else None
         if self.source_log is not None and found is not None and found != self.source_log:
             said = (f"{path} is another event log than the one this learner's checkpoint counted offsets in "
                     f"(log id {found}, not {self.source_log}): the learned weights are kept and the log is "
@@ -277,14 +286,26 @@ class Featurizer:
             log.warning(said)
             self.counters["log_rebased"] += 1
         self.source_log = found if found is not None else self.source_log
+        self.opens_known = [list(o) for o in opens]
         return said
+
+    def log_changed(self, path) -> bool:
+        """Whether the log at ``path`` is no longer the one :meth:`attach_log` checked: another log put there,
+        or the same one reopened by its writer. Then stop reading it, checkpoint, and attach again (a new
+        learner), which re-bases if records were lost. Cheap: two small files read per call."""
+        from online.eventlog import log_identity, log_opens
+        found = log_identity(path)
+        if found is not None and found != self.source_log:
+            return True
+        known = {tuple(o) for o in self.opens_known or ()}
+        return any(o not in known for o in log_opens(path))
 
     def state(self) -> dict:
         js = self.joiner.state()
         oldest = js["oldest_open_offset"]
         return {"learned_through": self.learned_through,
                 "replay_from": self.learned_through + 1 if oldest is None else oldest,
-                "source_log": self.source_log,
+                "source_log": self.source_log, "opens_known": self.opens_known,
                 "joiner": {"max_ts": js["max_ts"], "stats": js["stats"], "open": js["open"]},
                 "counters": {k: self.counters[k] for k in FRONT_COUNTERS}}
 
@@ -685,7 +706,7 @@ class Trainer:
         self.counters["checkpoints"] += 1
         state = {"state_version": STATE_VERSION, "bundle_id": self.bundle_id, "tasks": list(self.tasks),
                  "learned_through": fs["learned_through"], "replay_from": fs["replay_from"],
-                 "source_log": fs.get("source_log"),
+                 "source_log": fs.get("source_log"), "opens_known": fs.get("opens_known"),
                  "joiner": dict(fs["joiner"]),
                  "update_seq": self.update_seq, "counters": dict(self.counters),
                  "task_learned": dict(self.task_learned), "weighted": self.weighted,

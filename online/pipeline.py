@@ -41,6 +41,9 @@ _SOCK_BUF = 8 << 20
 _GC_EVERY_S = 60.0
 
 
+LOG_CHANGED = "log_changed"   # _run's result when the followed log was replaced or reopened
+
+
 class FeederDied(RuntimeError):
     """The feeder process exited or failed before its source ended."""
 
@@ -205,6 +208,9 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
     gc_at = time.monotonic() + _GC_EVERY_S
     while True:
         gc_at = _maybe_collect(gc_at)
+        if front.log_changed(log_dir):   # another log there, or this one reopened: attach again
+            sender.send(("log_changed", str(log_dir)))
+            return
         recs = tailer.poll_batch(max_records)
         if recs:
             front.ingest(recs, sender.send)
@@ -364,8 +370,9 @@ class PipelinedLearner:
         self.conn.send({"kind": kind, "args": args})
 
     def _run(self, should_stop: Callable[[], bool], on_batch: Callable | None = None,
-             on_tick: Callable | None = None) -> bool:
-        """Learn batches until the source ends (True) or ``should_stop()`` (False)."""
+             on_tick: Callable | None = None) -> bool | str:
+        """Learn batches until the source ends (True), ``should_stop()`` (False), or the followed log is
+        replaced or reopened (:data:`LOG_CHANGED`)."""
         from online.learner import LearnBatch
         tr = self.trainer
         while not should_stop():
@@ -383,6 +390,10 @@ class PipelinedLearner:
                 except FeederDied:
                     tr.checkpoint()  # consistent: the state of the last batch learned
                     raise
+                if isinstance(msg, tuple) and msg[0] == "log_changed":
+                    log.warning("%s: the event log was replaced or reopened; checkpointing to attach to it again",
+                                msg[1])
+                    return LOG_CHANGED
                 if not isinstance(msg, LearnBatch):
                     raise FeederDied(f"unexpected message from the feeder: {msg!r}")
                 tr.learn(msg)
@@ -432,16 +443,18 @@ class PipelinedLearner:
                 **self.counters, "source_records": records, "interrupted": not done}
 
     def follow(self, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
-               should_stop: Callable[[], bool] = lambda: False) -> None:
+               should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Follow a live log until ``should_stop()``: learn, publish within ``publish_every_s`` of learning,
-        checkpoint as due; a final checkpoint on stop."""
+        checkpoint as due; a final checkpoint on stop. Returns True when it stopped because the log was
+        replaced or reopened: close this learner and follow with a new one, which attaches to it again."""
         self._start("follow", log_dir=str(log_dir), poll_s=poll_s, idle_close_s=idle_close_s)
         try:
-            self._run(should_stop)
+            ended = self._run(should_stop)
         finally:
             self._stop_feeder()  # stop reading first: the checkpoint then covers exactly what was learned
         self.trainer.publish()
         self.trainer.checkpoint()
+        return ended == LOG_CHANGED
 
     def follow_redis(self, url: str, stream: str = "feedrank:records", group: str = "learner",
                      consumer: str = "learner-0", idle_close_s: float | None = 5.0,

@@ -89,9 +89,11 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
 
 
 def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close_s: float | None = 5.0,
-               should_stop: Callable[[], bool] = lambda: False) -> None:
+               should_stop: Callable[[], bool] = lambda: False) -> bool:
     """Follow a live log forever (until ``should_stop()``): learn, publish, checkpoint as due.
 
+    Returns True when it stopped because the log was replaced or reopened (close the learner and follow
+    with a new one, which attaches to it again), False on ``should_stop()``.
     When nothing arrives for ``idle_close_s``, event time is advanced by the clock so windows still close
     on a quiet server: to the wall clock when the records' times follow it (a server stamps them), else
     by the wall time elapsed since the last record (:meth:`~online.learner.Featurizer.idle_watermark`).
@@ -100,6 +102,10 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
     tailer = LogTailer(log_dir, from_offset=learner.replay_from)
     idle_since = time.monotonic()
     while not should_stop():
+        if learner.front.log_changed(log_dir):   # another log there, or this one reopened
+            log.warning("%s: the event log was replaced or reopened; checkpointing to attach to it again", log_dir)
+            learner.checkpoint()
+            return True
         batch = list(tailer.poll(max_records=20_000))
         learner.source_end_offset = tailer.end_offset
         if batch:
@@ -113,6 +119,7 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
         learner.maybe_checkpoint()
         time.sleep(poll_s)
     learner.checkpoint()
+    return False
 
 
 def follow_redis(learner: OnlineLearner, bus, count: int = 5_000, block_ms: int = 100,

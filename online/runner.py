@@ -65,23 +65,25 @@ def run_follow(log_dir, bundle_dir, state_dir, model_dir, attribution_window_ms:
 
     from online.pipeline import PipelinedLearner
     os.makedirs(log_dir, exist_ok=True)  # the server may not have written its first segment yet
-    t0 = time.monotonic()
-    learner = PipelinedLearner(bundle_dir, state_dir, tasks=tasks, attribution_window_ms=attribution_window_ms,
-                               downsample_rate=downsample_rate, returned_is_viewed=returned_is_viewed,
-                               checkpoint_every_s=checkpoint_every_s, publish_every_s=publish_every_s,
-                               model_dir=model_dir, allowed_lateness_ms=allowed_lateness_ms,
-                               archive_foreign=archive_foreign)
-    log.info("online learner following %s from offset %d (bundle %s, started in %.1f s)", log_dir,
-             learner.replay_from, learner.bundle_id, time.monotonic() - t0)
-    try:
-        if ready_event is not None:
-            ready_event.set()
-        learner.follow(log_dir, poll_s=poll_s, idle_close_s=idle_close_s, should_stop=should_stop)
-        log.info("online learner stopped: learned %d examples, update_seq %d",
-                 learner.counters["learned_examples"], learner.update_seq)
-    finally:
-        learner.close()
-    return 0
+    while True:   # once more after the log is replaced or reopened: a new learner attaches to it again
+        t0 = time.monotonic()
+        learner = PipelinedLearner(bundle_dir, state_dir, tasks=tasks, attribution_window_ms=attribution_window_ms,
+                                   downsample_rate=downsample_rate, returned_is_viewed=returned_is_viewed,
+                                   checkpoint_every_s=checkpoint_every_s, publish_every_s=publish_every_s,
+                                   model_dir=model_dir, allowed_lateness_ms=allowed_lateness_ms,
+                                   archive_foreign=archive_foreign)
+        log.info("online learner following %s from offset %d (bundle %s, started in %.1f s)", log_dir,
+                 learner.replay_from, learner.bundle_id, time.monotonic() - t0)
+        try:
+            if ready_event is not None:
+                ready_event.set()
+            again = learner.follow(log_dir, poll_s=poll_s, idle_close_s=idle_close_s, should_stop=should_stop)
+            log.info("online learner stopped: learned %d examples, update_seq %d",
+                     learner.counters["learned_examples"], learner.update_seq)
+        finally:
+            learner.close()
+        if not again or should_stop():
+            return 0
 
 
 def run_follow_redis(bus_url: str, bundle_dir, state_dir, model_dir, attribution_window_ms: int,

@@ -507,3 +507,104 @@ def test_a_pause_in_traffic_stamped_in_the_past_does_not_make_what_follows_late(
     assert learner.joiner.stats.late <= ref.joiner.stats.late + 30
     assert learner.counters["learned_examples"] >= 0.98 * ref.counters["learned_examples"]
     learner.close()
+
+
+def test_a_running_follower_whose_log_is_replaced_learns_the_new_log_once(tmp_path, tiny_bundle, tiny_records):
+    """The server's log is deleted and a new one started while the learner follows it: the learner notices,
+    checkpoints, attaches again and learns the new log from its start; restarted later, it learns nothing
+    twice (it went on reading the new log at the old offsets, under the old log's id)."""
+    import json
+    import shutil
+    import threading
+    import time
+
+    from online.runner import run_follow
+    first, second = tiny_records[:4_000], tiny_records[4_000:]
+    want_first = _learned_fresh(tmp_path, tiny_bundle, first, "ref1")
+    want_second = _learned_fresh(tmp_path, tiny_bundle, second, "ref2")
+    path, state = _log(tmp_path / "log", first), tmp_path / "state"
+
+    def learned() -> int:
+        try:
+            return json.loads((state / "status.json").read_text())["counters"]["learned_examples"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    def follow_until(n: int) -> None:
+        stop = threading.Event()
+        t = threading.Thread(target=run_follow, kwargs=dict(
+            log_dir=path, bundle_dir=tiny_bundle, state_dir=state, model_dir=None, attribution_window_ms=WINDOW_MS,
+            allowed_lateness_ms=100, idle_close_s=0.2, stop_event=stop))
+        t.start()
+        try:
+            deadline = time.time() + 60
+            while learned() < n and time.time() < deadline:
+                time.sleep(0.05)
+            if n == want_first:
+                shutil.rmtree(path)                      # the server's log is replaced under the learner
+                _log(path, second)
+                deadline = time.time() + 60
+                while learned() < n + want_second and time.time() < deadline:
+                    time.sleep(0.05)
+            time.sleep(1.0)                              # and nothing more comes
+        finally:
+            stop.set()
+            t.join(60)
+
+    follow_until(want_first)
+    assert learned() == want_first + want_second
+    follow_until(want_first + want_second)               # restarted: nothing learned twice
+    assert learned() == want_first + want_second
+
+
+def test_a_log_directory_not_there_yet_is_not_taken_for_a_log_that_lost_its_records(tmp_path, tiny_bundle,
+                                                                                    tiny_records, caplog):
+    """Resumed on an empty log directory (a volume mounted late, a server not started yet), the learner does
+    not re-base: when the same log comes back, nothing is learned twice."""
+    import os
+    path = _log(tmp_path / "log", tiny_records)
+    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(a, path, progress=False)
+    learned = a.counters["learned_examples"]
+    a.close()
+    os.rename(path, tmp_path / "away")
+    path.mkdir()
+    b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    assert b.attach_log(path) is None and b.counters["log_rebased"] == 0
+    assert not b.front.log_changed(path)
+    path.rmdir()
+    os.rename(tmp_path / "away", path)                 # the same log is back
+    replay(b, path, progress=False)
+    assert b.counters["learned_examples"] == learned and b.counters["log_rebased"] == 0
+    assert "lost records" not in caplog.text
+    b.close()
+
+
+def test_a_learner_attached_to_its_restored_log_before_the_server_reopens_it_rebases_once(tmp_path, tiny_bundle,
+                                                                                        tiny_records):
+    """The other order: the learner looks first (the copy's end tells it), then the server reopens the copy
+    and appends; the reopen is not taken for a second loss."""
+    import shutil
+
+    from online.eventlog import EventLog
+    one, two, three = tiny_records[:2_000], tiny_records[2_000:4_000], tiny_records[4_000:6_000]
+    path = _log(tmp_path / "log", one)
+    shutil.copytree(path, tmp_path / "backup")
+    with EventLog(path, fsync=False) as log:
+        log.append(two)
+    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    replay(a, path, progress=False)
+    before = a.counters["learned_examples"]
+    a.close()
+    shutil.rmtree(path)
+    shutil.copytree(tmp_path / "backup", path)
+    b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    assert "(2000 records are no longer in the log" in b.attach_log(path)
+    with EventLog(path, fsync=False) as log:                 # the server reopens it and appends
+        assert log.append(three)[0] == 2_000
+    assert b.front.log_changed(path)                         # a follower attaches again:
+    assert b.attach_log(path) is None                         # the reopen lost nothing more
+    replay(b, path, progress=False)
+    assert b.counters["log_rebased"] == 1
+    assert b.counters["learned_examples"] - before == _learned_fresh(tmp_path, tiny_bundle, three, "fresh")
+    b.close()

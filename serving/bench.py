@@ -307,8 +307,10 @@ def _bench_setup(args, bundle: Path, setup: str, levels, runs: list, samples: di
             status = Path(server.tmp) / "learner" / "status.json"
             if status.is_file():
                 st = json.loads(status.read_text())
+                rate = st.get("events_per_s")
                 print(f"   learner: lag {st.get('lag')}, update seq {st.get('update_seq')}, "
-                      f"events/s {st.get('events_per_s')}")
+                      f"learning {rate:,.0f} examples/s" if isinstance(rate, (int, float)) else
+                      f"   learner: lag {st.get('lag')}, update seq {st.get('update_seq')}")
     finally:
         if feeder:
             pace.set()

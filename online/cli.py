@@ -46,7 +46,6 @@ def _summary(out: dict, learner, before: dict) -> int:
 
 
 def cmd_learn(args) -> int:
-    from online import replay
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = {"now": False}
 
@@ -70,47 +69,45 @@ def cmd_learn(args) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         return _follow_model_dir(args, lambda: stop["now"], args.poll_s)
+    while True:   # once more when the followed log is replaced or reopened: a new learner attaches to it
+        code = _learn_once(args, stop, on_signal)
+        if code is not True:
+            return code
+        if stop["now"]:
+            return 0
+
+
+def _learn_once(args, stop: dict, on_signal) -> int | bool:
+    """One learner on ``--bundle``: an exit code, or True when the log it followed was replaced or reopened."""
+    from online import replay
     if not args.single_process:
         # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
         from online.pipeline import PipelinedLearner
         learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
-        again = False
-        try:
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
-            if args.replay:
-                before = dict(learner.counters)
-                return _summary(learner.replay(args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                               stop_after=args.stop_after, should_stop=lambda: stop["now"]),
-                                learner, before)
-            if args.redis:
-                learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
-                                     should_stop=lambda: stop["now"])
-            else:
-                again = learner.follow(args.log, should_stop=lambda: stop["now"]) and not stop["now"]
-        finally:
-            learner.close()
-        # The log was replaced or reopened: a new learner attaches to it (and re-bases if records were lost)
-        return cmd_learn(args) if again else 0
-    learner = _learner(args)
-    again = False
+    else:
+        learner = _learner(args)
     try:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         if args.replay:
             before = dict(learner.counters)
-            return _summary(replay.replay(learner, args.replay, progress=not args.quiet, finish=not args.keep_open,
-                                          stop_after=args.stop_after, should_stop=lambda: stop["now"]),
-                            learner, before)
-        if args.redis:
+            run = learner.replay if not args.single_process else (lambda path, **kw: replay.replay(learner, path, **kw))
+            return _summary(run(args.replay, progress=not args.quiet, finish=not args.keep_open,
+                                stop_after=args.stop_after, should_stop=lambda: stop["now"]), learner, before)
+        if args.redis and not args.single_process:
+            learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
+                                 should_stop=lambda: stop["now"])
+        elif args.redis:
             from online.bus import RedisBus
             bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
             replay.follow_redis(learner, bus, should_stop=lambda: stop["now"])
+        elif not args.single_process:
+            return learner.follow(args.log, should_stop=lambda: stop["now"]) or 0
         else:
-            again = replay.follow_log(learner, args.log, should_stop=lambda: stop["now"]) and not stop["now"]
+            return replay.follow_log(learner, args.log, should_stop=lambda: stop["now"]) or 0
+        return 0
     finally:
         learner.close()
-    return cmd_learn(args) if again else 0
 
 
 def _follow_model_dir(args, stopping, check_s: float = 1.0) -> int:

@@ -174,9 +174,9 @@ def log_opens(path) -> list[tuple[int, int]]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n")[:-1]:          # a last line without its newline is torn: skipped
         parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():  # a torn last line is skipped
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
             out.append((int(parts[0]), int(parts[1])))
     return out
 
@@ -259,9 +259,12 @@ class EventLog:
             raise
 
     def _record_open(self) -> None:
-        fd = os.open(self.path / OPENS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path / OPENS_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, b"%d %d\n" % (time.time_ns() // 1_000_000, self.end_offset))
+            size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"   # a crash mid-line: end it first
+            # (" torn" makes the broken line three words, which log_opens never reads as an open)
+            os.write(fd, b"%s%d %d\n" % (b" torn\n" if torn else b"", time.time_ns() // 1_000_000, self.end_offset))
             if self.fsync:
                 os.fsync(fd)
         finally:

@@ -226,6 +226,7 @@ class Featurizer:
         self.replay_from = 0
         self.source_log: str | None = None  # the id of the event log whose offsets these are
         self.opens_known: list[list[int]] | None = None   # its writer's opens (time, offset) already checked
+        self._log_stamp: list | None = None  # the log-id and opens files as log_changed last found them
         self._resumed_at: int | None = None  # when the checkpoint resumed from was written (ms)
         self._ingested = -1
         self._arrival: tuple[int, int] | None = None   # (wall ms, newest record time) when records last came
@@ -293,12 +294,22 @@ class Featurizer:
         """Whether the log at ``path`` is no longer the one :meth:`attach_log` checked: another log put there,
         or the same one reopened by its writer. Then stop reading it, checkpoint, and attach again (a new
         learner), which re-bases if records were lost. Cheap: two small files read per call."""
-        from online.eventlog import log_identity, log_opens
+        from online.eventlog import LOG_ID_FILE, OPENS_FILE, log_identity, log_opens
+        stamp = []
+        for name in (LOG_ID_FILE, OPENS_FILE):
+            try:
+                st = os.stat(Path(path) / name)
+                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamp.append(None)
+        if stamp == self._log_stamp:
+            return False                  # neither file changed since the last look (the usual case)
         found = log_identity(path)
-        if found is not None and found != self.source_log:
-            return True
         known = {tuple(o) for o in self.opens_known or ()}
-        return any(o not in known for o in log_opens(path))
+        changed = (found is not None and found != self.source_log) or any(o not in known for o in log_opens(path))
+        if not changed:
+            self._log_stamp = stamp
+        return changed
 
     def state(self) -> dict:
         js = self.joiner.state()

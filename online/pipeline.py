@@ -212,6 +212,11 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
             sender.send(("log_changed", str(log_dir)))
             return
         recs = tailer.poll_batch(max_records)
+        if recs and front.log_changed(log_dir):
+            # Reopened (or replaced) between the check and the read: these records may be the new writer's,
+            # which the checkpoint must not count as learned. Attach again first.
+            sender.send(("log_changed", str(log_dir)))
+            return
         if recs:
             front.ingest(recs, sender.send)
             batch = front.cut()

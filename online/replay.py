@@ -102,11 +102,12 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
     tailer = LogTailer(log_dir, from_offset=learner.replay_from)
     idle_since = time.monotonic()
     while not should_stop():
-        if learner.front.log_changed(log_dir):   # another log there, or this one reopened
+        changed = learner.front.log_changed(log_dir)   # another log there, or this one reopened
+        batch = [] if changed else list(tailer.poll(max_records=20_000))
+        if changed or (batch and learner.front.log_changed(log_dir)):   # (also between the check and the read)
             log.warning("%s: the event log was replaced or reopened; checkpointing to attach to it again", log_dir)
             learner.checkpoint()
             return True
-        batch = list(tailer.poll(max_records=20_000))
         learner.source_end_offset = tailer.end_offset
         if batch:
             learner.process(batch)

@@ -339,3 +339,17 @@ def test_a_log_takes_one_writer_at_a_time(tmp_path):
     second = EventLog(tmp_path, fsync=False)                                    # once it is closed
     assert second.append([event(1)]) == [1]
     second.close()
+
+
+def test_a_torn_line_in_opens_neither_hides_the_next_open_nor_counts_as_one(tmp_path):
+    """A crash while an open was being recorded leaves part of a line: the next writer ends it first, so its
+    own open reads back, and the torn part is not taken for an open."""
+    from online.eventlog import OPENS_FILE, log_opens
+    EventLog(tmp_path, fsync=False).close()
+    with open(tmp_path / OPENS_FILE, "ab") as f:
+        f.write(b"1796485099011 12")                 # torn: no newline
+    assert len(log_opens(tmp_path)) == 1             # only the whole line
+    writer = EventLog(tmp_path, fsync=False)
+    writer.close()
+    opens = log_opens(tmp_path)
+    assert len(opens) == 2 and opens[-1][1] == 0 and all(at != 12 for _, at in opens)

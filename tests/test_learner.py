@@ -608,3 +608,52 @@ def test_a_learner_attached_to_its_restored_log_before_the_server_reopens_it_reb
     assert b.counters["log_rebased"] == 1
     assert b.counters["learned_examples"] - before == _learned_fresh(tmp_path, tiny_bundle, three, "fresh")
     b.close()
+
+
+def test_a_reopen_between_the_check_and_the_read_is_caught_and_nothing_is_learned_twice(tmp_path, tiny_bundle,
+                                                                                       tiny_records, monkeypatch):
+    """The server reopens its log and appends just after the follower checked it and before it reads: the
+    follower re-checks after reading, drops what it read and attaches again, so the restart is not taken
+    for a loss and nothing is learned twice."""
+    import threading
+    import time
+
+    from online.eventlog import EventLog
+    from online.learner import Featurizer
+    from online.replay import follow_log
+    path, state = _log(tmp_path / "log", tiny_records[:3_000]), tmp_path / "state"
+    original, calls = Featurizer.log_changed, {"n": 0}
+
+    def racing(self, where):
+        changed = original(self, where)
+        calls["n"] += 1
+        if calls["n"] == 3:                       # checked; now the server restarts and appends
+            with EventLog(path, fsync=False) as log:
+                log.append(tiny_records[3_000:3_060])
+        return changed
+    monkeypatch.setattr(Featurizer, "log_changed", racing)
+    stop, restarts = threading.Event(), []
+
+    def follower():
+        while not stop.is_set():
+            learner = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS)
+            try:
+                again = follow_log(learner, path, poll_s=0.02, idle_close_s=None, should_stop=stop.is_set)
+            finally:
+                learner.close()
+            restarts.append(again)
+            if not again:
+                return
+    t = threading.Thread(target=follower)
+    t.start()
+    time.sleep(2.0)
+    stop.set()
+    t.join(60)
+    assert restarts[:1] == [True]                   # it noticed and attached again
+    with EventLog(path, fsync=False) as log:        # the rest arrives; one last learner finishes the log
+        log.append(tiny_records[3_060:])
+    b = OnlineLearner(tiny_bundle, state, attribution_window_ms=WINDOW_MS)
+    replay(b, path, progress=False)
+    assert b.counters["log_rebased"] == 0
+    assert b.counters["learned_examples"] == _learned_fresh(tmp_path, tiny_bundle, tiny_records, "ref")
+    b.close()

@@ -388,23 +388,31 @@ def test_a_learner_resumed_on_another_log_at_its_path_reads_that_log_from_its_st
     c.close()
 
 
-def test_a_learner_resumed_on_its_log_restored_from_an_older_copy_learns_what_is_appended(tmp_path, tiny_bundle,
-                                                                                       tiny_records, caplog):
+def _restored_copy(tmp_path, bundle, records):
+    """A learner learns a log of 4,000 records, which is then restored from a copy taken at 2,000 (the same
+    log id); returns the log, the examples learned, and 2,000 more records to append."""
     import shutil
 
     from online.eventlog import EventLog
-    one, two, three = tiny_records[:2_000], tiny_records[2_000:4_000], tiny_records[4_000:6_000]
+    one, two, three = records[:2_000], records[2_000:4_000], records[4_000:6_000]
     path = _log(tmp_path / "log", one)
     shutil.copytree(path, tmp_path / "backup")
     with EventLog(path, fsync=False) as log:
         log.append(two)
-    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
+    a = OnlineLearner(bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
     replay(a, path, progress=False)
     before = a.counters["learned_examples"]
     assert a.learned_through == 3_999
     a.close()
     shutil.rmtree(path)
-    shutil.copytree(tmp_path / "backup", path)   # the same log (same id), 2,000 records shorter
+    shutil.copytree(tmp_path / "backup", path)
+    return path, before, three
+
+
+def test_a_learner_resumed_on_its_log_restored_from_an_older_copy_learns_what_is_appended(tmp_path, tiny_bundle,
+                                                                                       tiny_records, caplog):
+    from online.eventlog import EventLog
+    path, before, three = _restored_copy(tmp_path, tiny_bundle, tiny_records)
     with EventLog(path, fsync=False) as log:
         assert log.append(three)[0] == 2_000
     b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
@@ -584,20 +592,8 @@ def test_a_learner_attached_to_its_restored_log_before_the_server_reopens_it_reb
                                                                                         tiny_records):
     """The other order: the learner looks first (the copy's end tells it), then the server reopens the copy
     and appends; the reopen is not taken for a second loss."""
-    import shutil
-
     from online.eventlog import EventLog
-    one, two, three = tiny_records[:2_000], tiny_records[2_000:4_000], tiny_records[4_000:6_000]
-    path = _log(tmp_path / "log", one)
-    shutil.copytree(path, tmp_path / "backup")
-    with EventLog(path, fsync=False) as log:
-        log.append(two)
-    a = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
-    replay(a, path, progress=False)
-    before = a.counters["learned_examples"]
-    a.close()
-    shutil.rmtree(path)
-    shutil.copytree(tmp_path / "backup", path)
+    path, before, three = _restored_copy(tmp_path, tiny_bundle, tiny_records)
     b = OnlineLearner(tiny_bundle, tmp_path / "state", attribution_window_ms=WINDOW_MS)
     assert "(2000 records are no longer in the log" in b.attach_log(path)
     with EventLog(path, fsync=False) as log:                 # the server reopens it and appends

@@ -415,6 +415,33 @@ class EventLog:
         log.warning("%s: cut a record an append wrote in part (offset %d)", self.path, self.end_offset)
         self._cut_to = None
 
+    def prune(self, max_age_s: float, keep_from: int | None = None, now: float | None = None) -> list[int]:
+        """Delete whole segments last written more than ``max_age_s`` ago, oldest first, never the one being
+        written nor one holding offset ``keep_from`` or later (what a learner still has to read); returns
+        the first offsets of those deleted. Offsets do not move: readers start at the oldest segment left."""
+        if self.readonly:
+            raise PermissionError(f"{self.path}: event log opened read-only")
+        now = time.time() if now is None else now
+        gone = []
+        for base, nxt in zip(self._segments[:-1], self._segments[1:]):
+            if keep_from is not None and nxt > keep_from:
+                break
+            p = self._seg_path(base)
+            try:
+                if now - p.stat().st_mtime <= max_age_s:
+                    break         # segments are written in order: the rest are younger
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            gone.append(base)
+        if gone:
+            self._segments = self._segments[len(gone):]
+            if self.fsync:
+                _fsync_dir(self.path)
+            log.info("%s: deleted %d segments older than %.0f h (offsets %d to %d)", self.path, len(gone),
+                     max_age_s / 3600, gone[0], self._segments[0] - 1)
+        return gone
+
     def read(self, from_offset: int = 0) -> Iterator[tuple[int, Record]]:
         """Yield ``(offset, record)`` from ``from_offset`` up to the end as of this call."""
         if self.readonly:

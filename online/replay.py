@@ -39,13 +39,14 @@ def read_records(path, from_offset: int = 0, block: int = 20_000) -> Iterator[tu
 
 
 def count_records(path) -> int:
+    """The log's end offset (its segments' records, and those its retention deleted before them)."""
     path = Path(path)
-    files = sorted(path.glob("seg-*.log")) if path.is_dir() else [path]
-    n = 0
-    for p in files:
-        with open(p, "rb") as f:
-            n += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b"")) - 1
-    return n
+    if path.is_dir():
+        from online.eventlog import log_end
+        return log_end(path)
+    with open(path, "rb") as f:
+        n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b"")) - 1
+    return (int(path.name[4:-4]) if path.name.startswith("seg-") else 0) + n
 
 
 def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = True,

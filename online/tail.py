@@ -88,9 +88,17 @@ class LogTailer:
             self._pos, self._off = len(HEADER), self._base
         while len(out) < max_records:
             p = self.path / f"seg-{self._base:020d}.log"
-            with open(p, "rb") as f:
-                f.seek(self._pos)
-                data = f.read(_CHUNK)
+            try:
+                with open(p, "rb") as f:
+                    f.seek(self._pos)
+                    data = f.read(_CHUNK)
+            except FileNotFoundError:   # deleted by the log's retention under this reader: go on from what is left
+                later = [b for b in self._segments() if b > self._base]
+                if not later:
+                    return out
+                self._base, self._pos, self._off = later[0], len(HEADER), later[0]
+                self.next_offset = max(self.next_offset, later[0])
+                continue
             lines = data.split(b"\n")
             complete = lines[:-1]  # the last piece has no newline yet
             skip = min(max(self.next_offset - self._off, 0), len(complete))

@@ -27,7 +27,7 @@ from .metrics import LearnerStatusCollector, ServingMetrics, SinkCollector
 from .model import NO_MODEL_HINT, BundleWatcher, LiveModel, UpdateFollower
 from .servicer import AdminServicer, RankerServicer, add_to_server
 from .settings import ServingSettings
-from .sink import BusEventLog, EventLogSink, SharedEventLog
+from .sink import BusEventLog, EventLogSink, LogPruner, SharedEventLog, learner_needs
 from .snapshot import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class RankingServer:
     event_log: SharedEventLog | None = None
     sink: EventLogSink | None = None
     watcher: BundleWatcher | None = None
+    pruner: LogPruner | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
@@ -60,6 +61,8 @@ class RankingServer:
         self.set_serving(False)
         if self.watcher:
             self.watcher.stop()
+        if self.pruner:
+            self.pruner.stop()
         self.server.stop(self.settings.grace_s if grace is None else grace).wait()
         if self.sink:
             self.sink.close()
@@ -142,6 +145,9 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
     else:
         port = server.add_insecure_port(address)
     rs = RankingServer(settings, server, port, model, handler, health_svc, metrics, event_log, sink)
+    if event_log is not None and settings.eventlog_retention_h > 0:
+        rs.pruner = LogPruner(event_log, settings.eventlog_retention_h, lambda: learner_needs(settings))
+        rs.pruner.start()
     holder["server"] = rs
     rs.set_serving(False)
     server.start()

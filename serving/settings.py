@@ -55,6 +55,7 @@ class ServingSettings(BaseSettings):
     idempotency_cache: int = Field(2048, ge=0, description="recent responses kept by request id (LRU)")
     eventlog_dir: Path | None = Field(Path("runs/eventlog"), description="local event log (served records + events); off (None) = none")
     eventlog_fsync: bool = Field(True, description="fsync every event-log batch")
+    eventlog_retention_h: float = Field(168.0, ge=0, description="delete event-log segments last written longer ago than this, never one the embedded learner still has to read (0 = keep everything)")
     served_batch: int = Field(1024, ge=1, description="served records per event-log append")
     served_flush_ms: float = Field(50.0, ge=0, description="longest a served record waits before being appended")
     served_queue: int = Field(200_000, ge=1, description="served records buffered before new ones are dropped (counted)")

@@ -81,6 +81,48 @@ class SharedEventLog:
             self.log.close()
 
 
+class LogPruner(threading.Thread):
+    """Deletes the event log's segments older than the retention every ``every_s`` (and once at start),
+    keeping every record ``needed()`` says a learner still has to read (an offset; None: no learner reads
+    this log)."""
+
+    def __init__(self, log_: SharedEventLog, retention_h: float, needed, every_s: float = 600.0):
+        super().__init__(name="eventlog-pruner", daemon=True)
+        self.log, self.max_age_s, self.needed, self.every_s = log_, retention_h * 3600.0, needed, every_s
+        self.stopped = threading.Event()
+
+    def prune_now(self) -> list[int]:
+        keep_from = self.needed()
+        with self.log._lock:
+            return self.log.log.prune(self.max_age_s, keep_from)
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.prune_now()
+            except Exception:   # a pruner must never stop serving: log and try again later
+                log.exception("event-log retention")
+            if self.stopped.wait(self.every_s):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def learner_needs(settings) -> int | None:
+    """The first local-log offset the embedded learner still has to read: its checkpoint's ``replay_from``,
+    0 before its first checkpoint (or when the checkpoint cannot be read); None when no learner reads the
+    local log (none runs here, or it reads the Redis stream)."""
+    from online.checkpoint import load_latest
+    if settings.bus_url or not settings.learner or settings.eventlog_dir is None or settings.workers > 1:
+        return None
+    try:
+        latest = load_latest(Path(settings.learner_state_dir) / "checkpoints")
+    except Exception:
+        return 0
+    return int(latest[0]["replay_from"]) if latest else 0
+
+
 class BusEventLog(SharedEventLog):
     """Scale-out: every record goes to the Redis stream the learner reads and to the local log (events
     to the stream first, served records to the local log first; see :meth:`append`).

@@ -353,3 +353,62 @@ def test_a_torn_line_in_opens_neither_hides_the_next_open_nor_counts_as_one(tmp_
     writer.close()
     opens = log_opens(tmp_path)
     assert len(opens) == 2 and opens[-1][1] == 0 and all(at != 12 for _, at in opens)
+
+
+def test_retention_deletes_old_segments_but_never_what_a_learner_still_needs(tmp_path):
+    """prune() deletes whole segments last written before the retention, oldest first, never the current
+    one nor one holding a record a learner has still to read; offsets do not move, and readers, a writer
+    reopening the log and a tailer start at the oldest segment left."""
+    import time
+
+    from online.eventlog import log_end
+    from online.replay import count_records, read_records
+    from online.tail import LogTailer
+    log = EventLog(tmp_path, fsync=False, segment_bytes=300)
+    for i in range(40):
+        log.append([event(i)])
+    segs = segment_files(tmp_path)
+    assert len(segs) > 6
+    old = time.time() - 10 * 3600
+    for name in segs[:5]:                                    # the first five were last written 10 h ago
+        os.utime(tmp_path / name, (old, old))
+    bases = [int(n[4:-4]) for n in segs]
+    assert log.prune(3600, keep_from=bases[3]) == bases[:3]  # the learner still needs the fourth's records
+    assert log.prune(3600) == bases[3:5]                      # then up to the first young segment
+    assert segment_files(tmp_path) == segs[5:]
+    assert log.append([event(40)]) == [40]                   # offsets go on
+    log.close()
+    again = EventLog(tmp_path, fsync=False)
+    assert again.end_offset == 41 and log_end(tmp_path) == 41 == count_records(tmp_path)
+    assert [o for o, _ in again.read()] == list(range(bases[5], 41))
+    again.close()
+    assert [o for o, _ in read_records(tmp_path, 0)] == list(range(bases[5], 41))
+    assert [o for o, _ in LogTailer(tmp_path, 0).poll_batch()] == list(range(bases[5], 41))
+
+
+def test_the_server_prunes_its_log_but_keeps_what_its_learner_has_still_to_read(tmp_path):
+    import time
+
+    from online.checkpoint import write_checkpoint
+    from serving.settings import load_settings
+    from serving.sink import LogPruner, SharedEventLog, learner_needs
+    settings = load_settings(eventlog_dir=tmp_path / "log", learner_state_dir=tmp_path / "learner",
+                             eventlog_retention_h=1)
+    assert learner_needs(settings) == 0                  # the learner has no checkpoint yet: keep everything
+    shared = SharedEventLog(tmp_path / "log", fsync=False)
+    shared.log.segment_bytes = 300
+    for i in range(40):
+        shared.append([event(i)])
+    segs = segment_files(tmp_path / "log")
+    old = time.time() - 2 * 3600
+    for name in segs:
+        os.utime(tmp_path / "log" / name, (old, old))
+    bases = [int(n[4:-4]) for n in segs]
+    pruner = LogPruner(shared, settings.eventlog_retention_h, lambda: learner_needs(settings))
+    assert pruner.prune_now() == []
+    write_checkpoint(tmp_path / "learner" / "checkpoints", {"replay_from": bases[4]}, {})
+    assert learner_needs(settings) == bases[4]
+    assert pruner.prune_now() == bases[:4]               # up to the segment holding what it still needs
+    assert learner_needs(load_settings(eventlog_dir=tmp_path / "log", learner=False)) is None
+    assert learner_needs(load_settings(eventlog_dir=tmp_path / "log", bus_url="redis://127.0.0.1:1/0")) is None
+    shared.close()

@@ -167,6 +167,12 @@ def check_log_path(path, flag: str = "") -> Path:
     return path
 
 
+def log_start(path) -> int:
+    """The first offset the log directory ``path`` still holds (its retention deletes old segments)."""
+    segs = sorted(Path(path).glob("seg-*.log"))
+    return int(segs[0].name[4:-4]) if segs else 0
+
+
 def log_opens(path) -> list[tuple[int, int]]:
     """``(time ms, offset)`` of every writable open of the log directory ``path``, oldest first."""
     try:
@@ -421,6 +427,8 @@ class EventLog:
         the first offsets of those deleted. Offsets do not move: readers start at the oldest segment left."""
         if self.readonly:
             raise PermissionError(f"{self.path}: event log opened read-only")
+        if self._fd < 0:
+            return []                    # closed: another writer may own the directory by now
         now = time.time() if now is None else now
         gone = []
         for base, nxt in zip(self._segments[:-1], self._segments[1:]):

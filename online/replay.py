@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from online.eventlog import HEADER, Record, segment_records
+from online.eventlog import HEADER, Record, log_start, segment_records
 from online.learner import OnlineLearner
 from online.tail import LogTailer
 
@@ -60,7 +60,8 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
     if Path(path).is_dir():
         learner.attach_log(path)
     start = learner.replay_from
-    bar = tqdm(total=max(total - start, 0), unit="rec", desc="learn --replay", disable=not progress,
+    first = log_start(path) if Path(path).is_dir() else 0
+    bar = tqdm(total=max(total - max(start, first), 0), unit="rec", desc="learn --replay", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     it = read_records(path, start)
     t0 = time.perf_counter()

@@ -125,7 +125,11 @@ class LogTailer:
             if len(data) == _CHUNK and consumed:
                 continue  # more of this segment beyond the read window
             later = [b for b in self._segments() if b > self._base]
-            if consumed == len(complete) and not lines[-1] and later and os.path.getsize(p) == self._pos:
+            try:
+                whole = os.path.getsize(p) == self._pos
+            except FileNotFoundError:      # deleted by the retention meanwhile: what it held has been read
+                whole = True
+            if consumed == len(complete) and not lines[-1] and later and whole:
                 self._base, self._pos, self._off = later[0], len(HEADER), later[0]
                 continue
             return out

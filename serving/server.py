@@ -63,6 +63,7 @@ class RankingServer:
             self.watcher.stop()
         if self.pruner:
             self.pruner.stop()
+            self.pruner.join(30)   # before the log closes: then no other writer's segments are touched
         self.server.stop(self.settings.grace_s if grace is None else grace).wait()
         if self.sink:
             self.sink.close()

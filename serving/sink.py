@@ -116,11 +116,17 @@ def learner_needs(settings) -> int | None:
     from online.checkpoint import load_latest
     if settings.bus_url or not settings.learner or settings.eventlog_dir is None or settings.workers > 1:
         return None
+    from online.eventlog import log_identity
     try:
         latest = load_latest(Path(settings.learner_state_dir) / "checkpoints")
     except Exception:
         return 0
-    return int(latest[0]["replay_from"]) if latest else 0
+    if not latest:
+        return 0
+    counted_in = latest[0].get("source_log")
+    if counted_in is not None and counted_in != log_identity(settings.eventlog_dir):
+        return 0   # its offsets count in another log: this one it will read from its start
+    return int(latest[0]["replay_from"])
 
 
 class BusEventLog(SharedEventLog):

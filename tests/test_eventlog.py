@@ -378,6 +378,7 @@ def test_retention_deletes_old_segments_but_never_what_a_learner_still_needs(tmp
     assert segment_files(tmp_path) == segs[5:]
     assert log.append([event(40)]) == [40]                   # offsets go on
     log.close()
+    assert log.prune(0) == []                                 # closed: another writer may own it now
     again = EventLog(tmp_path, fsync=False)
     assert again.end_offset == 41 and log_end(tmp_path) == 41 == count_records(tmp_path)
     assert [o for o, _ in again.read()] == list(range(bases[5], 41))
@@ -409,6 +410,8 @@ def test_the_server_prunes_its_log_but_keeps_what_its_learner_has_still_to_read(
     write_checkpoint(tmp_path / "learner" / "checkpoints", {"replay_from": bases[4]}, {})
     assert learner_needs(settings) == bases[4]
     assert pruner.prune_now() == bases[:4]               # up to the segment holding what it still needs
+    write_checkpoint(tmp_path / "learner" / "checkpoints", {"replay_from": 10 ** 6, "source_log": "another"}, {})
+    assert learner_needs(settings) == 0                  # offsets of another log: this one is read from 0
     assert learner_needs(load_settings(eventlog_dir=tmp_path / "log", learner=False)) is None
     assert learner_needs(load_settings(eventlog_dir=tmp_path / "log", bus_url="redis://127.0.0.1:1/0")) is None
     shared.close()

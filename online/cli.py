@@ -18,9 +18,32 @@ def _learner_kwargs(args) -> dict:
                 allowed_lateness_ms=args.lateness_ms, audit=args.audit)
 
 
-def _learner(args):
-    from online.learner import OnlineLearner
-    return OnlineLearner(args.bundle, args.state, **_learner_kwargs(args))
+def _new_learner(args, bundle, **extra):
+    """The learner ``args`` ask for on ``bundle``: featurizing in a child process (default), or in this one."""
+    if args.single_process:
+        from online.learner import OnlineLearner
+        return OnlineLearner(bundle, args.state, **_learner_kwargs(args), **extra)
+    # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
+    from online.pipeline import PipelinedLearner
+    return PipelinedLearner(bundle, args.state, **_learner_kwargs(args), **extra)
+
+
+def _follow(args, learner, should_stop) -> bool:
+    """Follow ``--redis`` or ``--log`` until ``should_stop()``; True when the followed log was replaced or
+    reopened (a new learner attaches to it)."""
+    from online import replay
+    if args.redis and args.single_process:
+        from online.bus import RedisBus
+        bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
+        replay.follow_redis(learner, bus, should_stop=should_stop)
+        return False
+    if args.redis:
+        learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
+                             should_stop=should_stop)
+        return False
+    if args.single_process:
+        return replay.follow_log(learner, args.log, should_stop=should_stop)
+    return learner.follow(args.log, should_stop=should_stop)
 
 
 SUMMED = ("learned_examples", "updates", "checkpoints", "other_bundle_examples", "bad_records", "future_records")
@@ -80,12 +103,7 @@ def cmd_learn(args) -> int:
 def _learn_once(args, stop: dict, on_signal) -> int | bool:
     """One learner on ``--bundle``: an exit code, or True when the log it followed was replaced or reopened."""
     from online import replay
-    if not args.single_process:
-        # Two processes: this one trains/publishes/checkpoints, a child reads, joins and featurizes.
-        from online.pipeline import PipelinedLearner
-        learner = PipelinedLearner(args.bundle, args.state, **_learner_kwargs(args))
-    else:
-        learner = _learner(args)
+    learner = _new_learner(args, args.bundle)
     try:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -94,18 +112,7 @@ def _learn_once(args, stop: dict, on_signal) -> int | bool:
             run = learner.replay if not args.single_process else (lambda path, **kw: replay.replay(learner, path, **kw))
             return _summary(run(args.replay, progress=not args.quiet, finish=not args.keep_open,
                                 stop_after=args.stop_after, should_stop=lambda: stop["now"]), learner, before)
-        if args.redis and not args.single_process:
-            learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
-                                 should_stop=lambda: stop["now"])
-        elif args.redis:
-            from online.bus import RedisBus
-            bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
-            replay.follow_redis(learner, bus, should_stop=lambda: stop["now"])
-        elif not args.single_process:
-            return learner.follow(args.log, should_stop=lambda: stop["now"]) or 0
-        else:
-            return replay.follow_log(learner, args.log, should_stop=lambda: stop["now"]) or 0
-        return 0
+        return _follow(args, learner, lambda: stop["now"]) or 0
     finally:
         learner.close()
 
@@ -144,28 +151,11 @@ def _follow_model_dir(args, stopping, check_s: float = 1.0) -> int:
                 log.info("the servers on %s moved to %s: checkpointing and learning it", args.model_dir, now.name)
                 return True
             return False
-        kwargs = dict(_learner_kwargs(args), archive_foreign=True)
-        if args.single_process:
-            from online import replay
-            from online.learner import OnlineLearner
-            learner = OnlineLearner(bundle, args.state, **kwargs)
-        else:
-            from online.pipeline import PipelinedLearner
-            learner = PipelinedLearner(bundle, args.state, **kwargs)
+        learner = _new_learner(args, bundle, archive_foreign=True)
         log.info("learning bundle %s (%s), the one the servers on %s serve", learner.bundle_id, bundle,
                  args.model_dir)
         try:
-            if args.redis and args.single_process:
-                from online.bus import RedisBus
-                bus = RedisBus(args.redis, stream=args.stream, group=args.group, consumer=args.consumer)
-                replay.follow_redis(learner, bus, should_stop=should_stop)
-            elif args.redis:
-                learner.follow_redis(args.redis, stream=args.stream, group=args.group, consumer=args.consumer,
-                                     should_stop=should_stop)
-            elif args.single_process:
-                replay.follow_log(learner, args.log, should_stop=should_stop)
-            else:
-                learner.follow(args.log, should_stop=should_stop)
+            _follow(args, learner, should_stop)   # a log replaced or reopened: the next turn attaches to it
         finally:
             learner.close()
     return 0

@@ -136,15 +136,23 @@ def log_identity(path) -> str | None:
     return text or None
 
 
+def segment_bases(path) -> list[int]:
+    """The first offsets of the segments in the log directory ``path``, in order."""
+    return sorted(int(p.name[4:-4]) for p in Path(path).glob("seg-*.log"))
+
+
+def segment_end(p: Path, base: int) -> int:
+    """The offset after the last complete record of the segment file ``p`` whose first record is ``base``."""
+    with open(p, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b""))
+    return base + max(lines - 1, 0)
+
+
 def log_end(path) -> int:
     """The offset the log directory ``path`` will give its next record: the last segment's first offset
     plus its complete lines (0 for a directory without segments). Reads only the last segment."""
-    segs = sorted(Path(path).glob("seg-*.log"))
-    if not segs:
-        return 0
-    with open(segs[-1], "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b""))
-    return int(segs[-1].name[4:-4]) + max(lines - 1, 0)
+    bases = segment_bases(path)
+    return segment_end(Path(path) / f"seg-{bases[-1]:020d}.log", bases[-1]) if bases else 0
 
 
 def check_log_path(path, flag: str = "") -> Path:
@@ -154,7 +162,7 @@ def check_log_path(path, flag: str = "") -> Path:
     if not path.exists():
         raise ValueError(f"{name}: no such event log")
     if path.is_dir():
-        if any(path.glob("seg-*.log")):
+        if segment_bases(path):
             return path
         if (path / "manifest.json").is_file():
             raise ValueError(f"{name}: is a bundle, not an event log (give the log's directory, the server's "
@@ -169,8 +177,8 @@ def check_log_path(path, flag: str = "") -> Path:
 
 def log_start(path) -> int:
     """The first offset the log directory ``path`` still holds (its retention deletes old segments)."""
-    segs = sorted(Path(path).glob("seg-*.log"))
-    return int(segs[0].name[4:-4]) if segs else 0
+    bases = segment_bases(path)
+    return bases[0] if bases else 0
 
 
 def log_opens(path) -> list[tuple[int, int]]:
@@ -277,7 +285,7 @@ class EventLog:
             os.close(fd)
 
     def _scan(self) -> list[int]:
-        return sorted(int(p.name[4:-4]) for p in self.path.glob("seg-*.log"))
+        return segment_bases(self.path)
 
     def _seg_path(self, base: int) -> Path:
         return self.path / f"seg-{base:020d}.log"

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from online.eventlog import CorruptLogError, check_log_path, log_start
+from online.eventlog import CorruptLogError, check_log_path
 from online.joiner import Joiner
 from online.records import DEFAULT_DWELL_THRESHOLD_MS, Malformed, ServedRecord
-from online.replay import count_records, read_records
+from online.replay import read_records, records_left
 from stacker import schema
 from stacker.bundle import MANIFEST, BundleError, candidate_bundles, read_manifest
 from stacker.dataset import TableWriter
@@ -131,8 +131,7 @@ def export_table(log, bundles, out, window_ms: int = 300_000, lateness_ms: int =
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = TableWriter(out, name=f"{out if name is None else name} (exported from {log})")
-    first = log_start(log) if log.is_dir() else 0
-    bar = tqdm(total=count_records(log) - first, unit="rec", desc="export", disable=not progress)
+    bar = tqdm(total=records_left(log), unit="rec", desc="export", disable=not progress)
 
     def flush() -> None:
         chunk = rows.take()

@@ -257,9 +257,9 @@ class Featurizer:
         learned (restored from an older copy, truncated), lost records: what was learned of them stays
         learned, and the records from that offset on are new. Either way, reading from the checkpoint's
         offsets would skip every new record until the log grew past them."""
-        from online.eventlog import log_end, log_identity, log_opens
+        from online.eventlog import log_end, log_identity, log_opens, segment_bases
         found, opens, said = log_identity(path), log_opens(path), None
-        if found is None and not any(Path(path).glob("seg-*.log")):
+        if found is None and not segment_bases(path):
             return None   # no log there yet (the server creates it): judged once it is (log_changed)
         # Where this log stopped holding what was learned: its end now, or where a writer reopened it since
         # the checkpoint (a normal reopen starts past everything learned). The checkpoint lists the opens it
@@ -292,8 +292,9 @@ class Featurizer:
 
     def log_changed(self, path) -> bool:
         """Whether the log at ``path`` is no longer the one :meth:`attach_log` checked: another log put there,
-        or the same one reopened by its writer. Then stop reading it, checkpoint, and attach again (a new
-        learner), which re-bases if records were lost. Cheap: two small files read per call."""
+        or the same one reopened by its writer. Then drop what was just read from it, checkpoint, and attach
+        again (a new learner), which re-bases if records were lost. Cheap: two ``stat`` calls, and the two
+        small files read only when one of them changed."""
         from online.eventlog import LOG_ID_FILE, OPENS_FILE, log_identity, log_opens
         stamp = []
         for name in (LOG_ID_FILE, OPENS_FILE):

@@ -208,13 +208,10 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
     gc_at = time.monotonic() + _GC_EVERY_S
     while True:
         gc_at = _maybe_collect(gc_at)
-        if front.log_changed(log_dir):   # another log there, or this one reopened: attach again
-            sender.send(("log_changed", str(log_dir)))
-            return
         recs = tailer.poll_batch(max_records)
-        if recs and front.log_changed(log_dir):
-            # Reopened (or replaced) between the check and the read: these records may be the new writer's,
-            # which the checkpoint must not count as learned. Attach again first.
+        if front.log_changed(log_dir):
+            # Another log there, or this one reopened, before or during the read: what was read may be the
+            # new writer's, which the checkpoint must not count as learned. Drop it and attach again.
             sender.send(("log_changed", str(log_dir)))
             return
         if recs:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from online.eventlog import HEADER, Record, log_start, segment_records
+from online.eventlog import HEADER, Record, log_end, log_start, segment_end, segment_records
 from online.learner import OnlineLearner
 from online.tail import LogTailer
 
@@ -42,11 +42,15 @@ def count_records(path) -> int:
     """The log's end offset (its segments' records, and those its retention deleted before them)."""
     path = Path(path)
     if path.is_dir():
-        from online.eventlog import log_end
         return log_end(path)
-    with open(path, "rb") as f:
-        n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b"")) - 1
-    return (int(path.name[4:-4]) if path.name.startswith("seg-") else 0) + n
+    return segment_end(path, int(path.name[4:-4]) if path.name.startswith("seg-") else 0)
+
+
+def records_left(path, start: int = 0) -> int:
+    """How many records a read of the log ``path`` from offset ``start`` goes through (for progress bars:
+    the retention may have deleted the first ones)."""
+    first = log_start(path) if Path(path).is_dir() else 0
+    return max(count_records(path) - max(start, first), 0)
 
 
 def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = True,
@@ -60,8 +64,7 @@ def replay(learner: OnlineLearner, path, progress: bool = True, finish: bool = T
     if Path(path).is_dir():
         learner.attach_log(path)
     start = learner.replay_from
-    first = log_start(path) if Path(path).is_dir() else 0
-    bar = tqdm(total=max(total - max(start, first), 0), unit="rec", desc="learn --replay", disable=not progress,
+    bar = tqdm(total=records_left(path, start), unit="rec", desc="learn --replay", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     it = read_records(path, start)
     t0 = time.perf_counter()
@@ -104,9 +107,8 @@ def follow_log(learner: OnlineLearner, log_dir, poll_s: float = 0.05, idle_close
     tailer = LogTailer(log_dir, from_offset=learner.replay_from)
     idle_since = time.monotonic()
     while not should_stop():
-        changed = learner.front.log_changed(log_dir)   # another log there, or this one reopened
-        batch = [] if changed else list(tailer.poll(max_records=20_000))
-        if changed or (batch and learner.front.log_changed(log_dir)):   # (also between the check and the read)
+        batch = list(tailer.poll(max_records=20_000))
+        if learner.front.log_changed(log_dir):   # another log there, or this one reopened: drop what was read
             log.warning("%s: the event log was replaced or reopened; checkpointing to attach to it again", log_dir)
             learner.checkpoint()
             return True

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from online.eventlog import HEADER, CorruptLogError, Record
+from online.eventlog import HEADER, CorruptLogError, Record, segment_bases
 from online.records import DAMAGED, Malformed, record_from_row
 
 _CHUNK = 8 << 20
@@ -71,7 +71,7 @@ class LogTailer:
         self._off = 0                  # offset of the record at _pos
 
     def _segments(self) -> list[int]:
-        return sorted(int(p.name[4:-4]) for p in self.path.glob("seg-*.log"))
+        return segment_bases(self.path)
 
     def poll(self, max_records: int = 100_000) -> Iterator[tuple[int, Record]]:
         yield from self.poll_batch(max_records)

@@ -42,7 +42,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_pin(args) -> int:
-    """Show, set or remove a model directory's pin (serving.model.pinned_bundle)."""
+    """Show, set or remove a model directory's pin (stacker.bundle.pinned_bundle)."""
     from pathlib import Path
 
     from feedrank.cli import UsageError

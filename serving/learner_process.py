@@ -30,12 +30,14 @@ def _bundle_to_learn(settings: ServingSettings) -> Path | None:
     return None
 
 
-def wants_learner(settings: ServingSettings) -> bool:
+def wants_learner(settings: ServingSettings, say: bool = True) -> bool:
+    """Whether the server runs the embedded learner (``say``: log why not, when workers are the reason)."""
     if not settings.learner or settings.eventlog_dir is None:
         return False
     if settings.workers > 1:
-        log.warning("online learner: not started with workers=%d (each worker writes its own log); "
-                    "run `feedrank learn` against the Redis bus instead", settings.workers)
+        if say:
+            log.warning("online learner: not started with workers=%d (each worker writes its own log); "
+                        "run `feedrank learn` against the Redis bus instead", settings.workers)
         return False
     return True
 

@@ -63,7 +63,7 @@ class LiveModel:
         path = Path(path)
         with self._load_lock:
             t0 = time.perf_counter()
-            before = _files_state(path)  # as the load found them: a copy still under way differs later
+            before = files_state(path)  # as the load found them: a copy still under way differs later
             try:
                 ranker = StackedRanker.load(path, threads=self.xgb_threads)
                 _warm_up(ranker)
@@ -118,7 +118,7 @@ class LiveModel:
                 live = Path(path).resolve()
                 # As they are now: one still being copied in, or refused and then mended, changes its files
                 # and is loaded when it does.
-                self.seen_at_reload = {rp: _files_state(p) for p in present if (rp := p.resolve()) != live}
+                self.seen_at_reload = {rp: files_state(p) for p in present if (rp := p.resolve()) != live}
         return ranker
 
     def load_newest(self, model_dir: Path) -> StackedRanker | None:
@@ -126,6 +126,11 @@ class LiveModel:
         (``newest_live``: one a Reload rolled back from is not loaded again) and not refused."""
         with self._scan_lock:
             return self._load_newest(model_dir)
+
+    def _still_refused(self, path: Path) -> bool:
+        """Refused before, and its files unchanged since (a bundle is tried again once they change)."""
+        rp = path.resolve()
+        return rp in self.refused and self.refused[rp][0] == files_state(path)
 
     def _read_pin(self, model_dir: Path) -> Path | None:
         """The directory's pin; a bad one is logged (once) and counts as none."""
@@ -149,7 +154,7 @@ class LiveModel:
             rp = pin.resolve()
             if rp == live:
                 return None
-            if not (rp in self.refused and self.refused[rp][0] == _files_state(pin)):
+            if not self._still_refused(pin):
                 try:
                     return self.load(pin)
                 except RefusedBundle:
@@ -165,18 +170,15 @@ class LiveModel:
             rp = p.resolve()
             if rp == live or (self.newest_live is not None and age <= self.newest_live):
                 return None
-            if rp in self.seen_at_reload and self.seen_at_reload[rp] == _files_state(p):
+            if rp in self.seen_at_reload and self.seen_at_reload[rp] == files_state(p):
                 continue
-            if rp in self.refused and self.refused[rp][0] == _files_state(p):
+            if self._still_refused(p):
                 continue
             try:
                 return self.load(p)
             except RefusedBundle:
                 continue
         return None
-
-
-_files_state = files_state
 
 
 def _warm_up(ranker: StackedRanker) -> None:

@@ -114,9 +114,11 @@ def learner_needs(settings) -> int | None:
     0 before its first checkpoint (or when the checkpoint cannot be read); None when no learner reads the
     local log (none runs here, or it reads the Redis stream)."""
     from online.checkpoint import load_latest
-    if settings.bus_url or not settings.learner or settings.eventlog_dir is None or settings.workers > 1:
-        return None
     from online.eventlog import log_identity
+
+    from .learner_process import wants_learner
+    if settings.bus_url or not wants_learner(settings, say=False):
+        return None
     try:
         latest = load_latest(Path(settings.learner_state_dir) / "checkpoints")
     except Exception:

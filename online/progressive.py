@@ -51,19 +51,26 @@ def entropy(rate: float) -> float:
 
 def summarize(y: np.ndarray, p: np.ndarray, base_rate: float | None = None) -> dict[str, float]:
     """NE, logloss, AUC, calibration, count and positives of one slice."""
-    n = int(y.size)
-    if n == 0:
+    if not y.size:
+        return _figures(0, 0, 0.0, 0.0, float("nan"), base_rate)
+    pc = np.clip(p, _EPS, 1 - _EPS)
+    loss = float(-np.sum(np.where(y, np.log(pc), np.log1p(-pc))))
+    return _figures(int(y.size), int(y.sum()), loss, float(p.sum()), roc_auc(y, p), base_rate)
+
+
+def _figures(count: int, positives: int, loss: float, predicted: float, auc: float,
+             base_rate: float | None) -> dict[str, float]:
+    """The reported figures from a slice's sums (its summed logloss and predictions) and AUC."""
+    if count == 0:
         return {"count": 0, "positives": 0, "logloss": float("nan"), "ne": float("nan"),
                 "auc": float("nan"), "calibration": float("nan")}
-    pc = np.clip(p, _EPS, 1 - _EPS)
-    logloss = float(-np.mean(np.where(y, np.log(pc), np.log1p(-pc))))
-    pos = int(y.sum())
-    rate = pos / n if base_rate is None else base_rate
+    logloss = loss / count
+    rate = positives / count if base_rate is None else base_rate
     # NE needs a base rate strictly between 0 and 1: while only one outcome has been seen (early
     # positives are learned before the negatives' windows close) it is not defined yet.
     ne = logloss / entropy(rate) if 0 < rate < 1 else float("nan")
-    return {"count": n, "positives": pos, "logloss": logloss, "ne": ne,
-            "auc": roc_auc(y, p), "calibration": float(p.sum() / pos) if pos else float("nan")}
+    return {"count": count, "positives": positives, "logloss": logloss, "ne": ne, "auc": auc,
+            "calibration": predicted / positives if positives else float("nan")}
 
 
 AUC_BINS, LOGIT_SPAN = 16_384, 16.0
@@ -125,14 +132,7 @@ class _Task:
 
 
 def _overall(t: _Task, base_rate: float | None) -> dict[str, float]:
-    if t.count == 0:
-        return summarize(np.zeros(0, bool), np.zeros(0))
-    logloss = t.loss / t.count
-    rate = t.positives / t.count if base_rate is None else base_rate
-    ne = logloss / entropy(rate) if 0 < rate < 1 else float("nan")
-    return {"count": t.count, "positives": t.positives, "logloss": logloss, "ne": ne,
-            "auc": binned_auc(t.pos, t.neg),
-            "calibration": t.predicted / t.positives if t.positives else float("nan")}
+    return _figures(t.count, t.positives, t.loss, t.predicted, binned_auc(t.pos, t.neg), base_rate)
 
 
 class ProgressiveMetrics:

@@ -133,7 +133,8 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
     ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events)
     admin_svc = AdminServicer(model, token, metrics, lambda r: write_snapshot(r, settings.snapshot_dir))
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads), options=options,
+                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     add_to_server(ranker_svc, "Ranker", server)
     add_to_server(admin_svc, "Admin", server)
     health_svc = health.HealthServicer(experimental_non_blocking=True)

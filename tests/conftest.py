@@ -47,7 +47,8 @@ def serving_server(tmp_path):
         overrides.setdefault("eventlog_dir", tmp_path / "eventlog")
         overrides.setdefault("snapshot_dir", tmp_path / "snapshots")
         overrides.setdefault("eventlog_fsync", False)
-        settings = load_settings(port=0, host="127.0.0.1", threads=4, grace_s=0.5, **overrides)
+        overrides.setdefault("threads", 4)
+        settings = load_settings(port=0, host="127.0.0.1", grace_s=0.5, **overrides)
         rs = build(settings)
         started.append(rs)
         return rs

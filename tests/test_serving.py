@@ -598,6 +598,27 @@ def test_deadline_is_respected(live, feeds):
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_calls_past_the_concurrency_limit_are_refused_at_once_and_the_server_goes_on(serving_server, tiny_bundle):
+    rs = serving_server(bundle=tiny_bundle, threads=1, max_concurrent_rpcs=2)
+    big = feed_requests(1, min_candidates=1000, max_candidates=1000, seed=5)[0]
+    with grpc.insecure_channel(f"127.0.0.1:{rs.port}") as channel:
+        stub = pb_grpc.RankerStub(channel)
+        stub.Rank(rank_request(big, request_id=""))                  # connected and warm
+        calls = [stub.Rank.future(rank_request(big, request_id="")) for _ in range(40)]
+        codes = []
+        for call in calls:
+            try:
+                codes.append(grpc.StatusCode.OK if call.result().posts else None)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "concurrent rpc limit" in e.details().lower()
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert codes.count(grpc.StatusCode.OK) >= 2
+        assert len(stub.Rank(rank_request(big, request_id="")).posts) > 0
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
     from serving.settings import load_settings
     cfg = tmp_path / "serve.toml"

@@ -62,8 +62,13 @@ class ServerProcess:
                "--admin-token", TOKEN, *learner, *extra]
         env = dict(os.environ, FEEDRANK_XGB_THREADS=str(xgb_threads))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{self.tmp}/server.log", "wb"))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
-                                             options=[("grpc.max_receive_message_length", 64 << 20)])
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=options)
+        # The kernel spreads connections over the workers, and gRPC Python shares one connection among a
+        # process's channels: with several workers the load goes out over connections of their own.
+        self.load_channels = [self.channel] if workers == 1 else [
+            grpc.insecure_channel(f"127.0.0.1:{self.port}", options=[*options, ("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(4 * workers)]
         self.wait_serving()
 
     def wait_serving(self, timeout: float = 120.0) -> None:
@@ -111,7 +116,8 @@ class ServerProcess:
         return total / 1024.0
 
     def stop(self) -> None:
-        self.channel.close()
+        for channel in {self.channel, *self.load_channels}:
+            channel.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
@@ -202,16 +208,18 @@ class EventFeeder(threading.Thread):
         return self.sent
 
 
-def run_load(channel, payloads: list[bytes], concurrency: int, total: int,
+def run_load(channels, payloads: list[bytes], concurrency: int, total: int,
              stop: threading.Event | None = None, on_response=None, rate: float | None = None) -> dict:
-    """Send ``total`` requests (or until ``stop``) from ``concurrency`` threads; latencies in ms."""
-    rank = channel.unary_unary("/feedrank.v1.Ranker/Rank", request_serializer=None,
-                               response_deserializer=pb.RankResponse.FromString)
+    """Send ``total`` requests (or until ``stop``) from ``concurrency`` threads, thread i over
+    ``channels[i % len(channels)]`` (or the one channel given); latencies in ms."""
+    channels = channels if isinstance(channels, (list, tuple)) else [channels]
+    ranks = [c.unary_unary("/feedrank.v1.Ranker/Rank", request_serializer=None,
+                           response_deserializer=pb.RankResponse.FromString) for c in channels]
     client, server, stages, errors = [], [], [], []
     counter = iter(range(10**12))
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(rank) -> None:
         while True:
             with lock:
                 i = next(counter)
@@ -233,7 +241,7 @@ def run_load(channel, payloads: list[bytes], concurrency: int, total: int,
             server.append(resp.server_ms)
             stages.append(dict(resp.stage_ms))
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(ranks[i % len(ranks)],)) for i in range(concurrency)]
     start = t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -272,20 +280,20 @@ def _bench_setup(args, bundle: Path, setup: str, levels, runs: list, samples: di
     server = ServerProcess(bundle, args.workers, args.threads, setup, args.xgb_threads)
     feeder = None
     try:
-        run_load(server.channel, payloads, 2, 40)  # warm-up
+        run_load(server.load_channels, payloads, 2, 40)  # warm-up
         if learning:
             feeder = EventFeeder(server.channel, rate=args.events_per_s)
             feeder.start()
             # keep served posts flowing to the feeder between measured runs
             pace = threading.Event()
-            keep = threading.Thread(target=run_load, daemon=True, args=(server.channel, payloads, 1, 0, pace),
+            keep = threading.Thread(target=run_load, daemon=True, args=(server.load_channels, payloads, 1, 0, pace),
                                     kwargs=dict(on_response=feeder.on_response, rate=10.0))
             keep.start()
             time.sleep(3.0)  # the learner starts, follows the log and begins publishing
         for c in levels:
             cpu0 = server.cpu_seconds()
             sent0 = feeder.sent if feeder else 0
-            r = run_load(server.channel, payloads, c, max(args.requests, 25 * c),
+            r = run_load(server.load_channels, payloads, c, max(args.requests, 25 * c),
                          on_response=feeder.on_response if feeder else None)
             cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / max(len(r["client"]), 1)
             events_per_s = ((feeder.sent - sent0) / r["wall"]) if feeder else 0.0
@@ -348,13 +356,13 @@ def bench_swap(args) -> int:
     server = ServerProcess(bundle, 1, args.threads, xgb_threads=args.xgb_threads)
     admin = pb_grpc.AdminStub(server.channel)
     meta = (("authorization", f"Bearer {TOKEN}"),)
-    run_load(server.channel, payloads, 2, 40)  # warm-up
+    run_load(server.load_channels, payloads, 2, 40)  # warm-up
     steady_stop = threading.Event()
     threading.Timer(args.steady_s, steady_stop.set).start()
-    steady = run_load(server.channel, payloads, 4, 0, steady_stop)
+    steady = run_load(server.load_channels, payloads, 4, 0, steady_stop)
     stop = threading.Event()
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(run_load(server.channel, payloads, 4, 0, stop)))
+    load = threading.Thread(target=lambda: result.update(run_load(server.load_channels, payloads, 4, 0, stop)))
     load.start()
     swaps = refused = 0
     try:

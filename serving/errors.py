@@ -38,12 +38,30 @@ class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(ServingError):
+    """The client went away before the answer was ready."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Overloaded(ServingError):
+    """The call waited longer for a handler thread than the server lets a call queue."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class PermissionDenied(ServingError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotConfigured(ServingError):
+    """The server is not set up for this call; retrying will not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class RefusedBundle(ServingError):

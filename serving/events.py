@@ -39,13 +39,18 @@ class EventIngest:
         self.max_string_len = max_string_len
         self.max_future_ms = max_future_ms
         self.clock = clock
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, int] = OrderedDict()      # event id -> what it reported (a hash)
         self._lock = threading.Lock()
-        for event_id in self.log.log.recent_event_ids(self.window):
-            self._remember(event_id)
+        for ev in self.log.log.recent_events(self.window):
+            self._remember(ev)
 
-    def _remember(self, event_id: str) -> None:
-        self._seen[event_id] = None
+    @staticmethod
+    def _what(ev: Engagement) -> int:
+        """What an event reports, its time aside: a retry may stamp another time, or leave it to the server."""
+        return hash((ev.request_id, ev.post_id, ev.kind, ev.dwell_ms))
+
+    def _remember(self, ev: Engagement) -> None:
+        self._seen[ev.event_id] = self._what(ev)
         if len(self._seen) > self.window:
             self._seen.popitem(last=False)
 
@@ -54,7 +59,7 @@ class EventIngest:
         accepted: list[tuple[int, Engagement]] = []
         now_ms = int(self.clock() * 1000)
         with self._lock:  # one batch at a time, so two concurrent copies of an event cannot both pass
-            batch_ids: set[str] = set()
+            batch_ids: dict[str, int] = {}
             for i, d in enumerate(events):
                 eid = d.get("event_id") or ""
                 try:
@@ -74,10 +79,16 @@ class EventIngest:
                 except ValueError as e:
                     results[i] = EventResult(eid, REJECTED, str(e))
                     continue
-                if ev.event_id in self._seen or ev.event_id in batch_ids:
+                earlier = self._seen.get(ev.event_id, batch_ids.get(ev.event_id))
+                if earlier is not None and earlier != self._what(ev):
+                    results[i] = EventResult(eid, REJECTED, f"event.event_id: {eid!r} was already used for another "
+                                                            f"event (another request, post, kind or dwell); give "
+                                                            f"every event an id of its own")
+                    continue
+                if earlier is not None:
                     results[i] = EventResult(eid, DUPLICATE, "event id already accepted")
                     continue
-                batch_ids.add(ev.event_id)
+                batch_ids[ev.event_id] = self._what(ev)
                 accepted.append((i, ev))
             if accepted:
                 try:
@@ -90,6 +101,6 @@ class EventIngest:
                     raise NotReady(f"LogEvents: the event log could not take the batch ({type(e).__name__}: "
                                    f"{e}); no event of it was acknowledged{also}, retry {when}") from e
                 for (i, ev), offset in zip(accepted, offsets):
-                    self._remember(ev.event_id)
+                    self._remember(ev)
                     results[i] = EventResult(ev.event_id, ACCEPTED, log_offset=offset)
         return results  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from stacker.dataset import implausible_ms, not_a_time, unit_hint
 from stacker.features import CandidateBatch
 from stacker.ranker import StackedRanker
 
-from .errors import DeadlineExceeded, InvalidInput, TooLarge
+from .errors import Cancelled, DeadlineExceeded, InvalidInput, TooLarge
 from .explain import contributions
 from .model import LiveModel
 from .rerank import RerankPolicy, rerank
@@ -246,7 +246,11 @@ class RankingHandler:
         return batch, ignored
 
     # -- ranking -----------------------------------------------------------------------------
-    def rank(self, r: RankInput, remaining: Remaining = lambda: None) -> RankResult:
+    def rank(self, r: RankInput, remaining: Remaining = lambda: None,
+             alive: Callable[[], bool] = lambda: True) -> RankResult:
+        """Rank ``r``. ``remaining`` gives the seconds left of the client's deadline (None: no deadline),
+        ``alive`` whether the client still waits: an answer it can no longer receive is neither logged
+        as served nor kept for retries."""
         t_start = time.perf_counter()
         if r.request_id:
             hit = self._cached(r.request_id, r.fingerprint)
@@ -291,6 +295,11 @@ class RankingHandler:
                             [r.post_ids[i] for i in order], scores, ev[order], probs[order], explained,
                             ignored, int((~keep).sum()), timings, covered_offset,
                             out_of_range(ranker, f.dense))
+        left = remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("deadline: passed before the answer was ready (nothing logged as served)")
+        if not alive():
+            raise Cancelled("cancelled by the client before the answer was ready (nothing logged as served)")
         self.sink.submit(ServedBatch(result.request_id, r.user_id, ts, ranker.bundle_id, update_seq,
                                      r.device, r.surface, user, result.post_ids,
                                      [r.author_ids[i] for i in order],

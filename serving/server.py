@@ -25,7 +25,7 @@ from .events import EventIngest
 from .handler import RankingHandler
 from .metrics import LearnerStatusCollector, ServingMetrics, SinkCollector
 from .model import NO_MODEL_HINT, BundleWatcher, LiveModel, UpdateFollower
-from .servicer import AdminServicer, RankerServicer, add_to_server
+from .servicer import AdminServicer, QueueLimit, RankerServicer, add_to_server
 from .settings import ServingSettings
 from .sink import BusEventLog, EventLogSink, LogPruner, SharedEventLog, learner_needs
 from .snapshot import write_snapshot
@@ -133,8 +133,9 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
     ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events)
     admin_svc = AdminServicer(model, token, metrics, lambda r: write_snapshot(r, settings.snapshot_dir))
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)]
+    interceptors = [QueueLimit(settings.max_queue_ms / 1000, metrics)] if settings.max_queue_ms else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads), options=options,
-                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
+                         interceptors=interceptors, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     add_to_server(ranker_svc, "Ranker", server)
     add_to_server(admin_svc, "Admin", server)
     health_svc = health.HealthServicer(experimental_non_blocking=True)

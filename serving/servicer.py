@@ -14,7 +14,7 @@ from feedrank.v1 import ranking_pb2 as pb
 from feedrank.v1 import ranking_pb2_grpc as pb_grpc
 
 from . import convert
-from .errors import InvalidInput, NotReady, PermissionDenied, ServingError, TooLarge, Unauthenticated
+from .errors import InvalidInput, NotConfigured, Overloaded, PermissionDenied, ServingError, TooLarge, Unauthenticated
 from .events import EventIngest
 from .handler import RankingHandler
 from .metrics import ServingMetrics
@@ -53,6 +53,35 @@ def add_to_server(servicer, service_name: str, server: grpc.Server) -> None:
             getattr(servicer, method.name), request_deserializer=lenient(request_cls),
             response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+class QueueLimit(grpc.ServerInterceptor):
+    """Refuses a call to one of ``methods`` that waited longer than ``max_queue_s`` for a handler thread,
+    before any work: its arrival is stamped on gRPC's polling thread (interceptors run there, before the
+    call is queued for the thread pool) and the wait measured when a thread takes it up. Other calls
+    (LogEvents, health checks, admin) are never refused for it: they queue behind calls that now leave
+    the queue at once."""
+
+    def __init__(self, max_queue_s: float, metrics: ServingMetrics, methods=("/feedrank.v1.Ranker/Rank",)):
+        self.max_queue_s, self.metrics, self.methods = max_queue_s, metrics, frozenset(methods)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self.methods or handler.unary_unary is None:
+            return handler
+        arrived, inner = time.monotonic(), handler.unary_unary
+        name = method.rsplit("/", 1)[-1]
+
+        def behavior(request, context):
+            waited = time.monotonic() - arrived
+            if waited > self.max_queue_s:
+                self.metrics.errors.labels(name, Overloaded.code.name).inc()
+                context.abort(Overloaded.code, f"overloaded: this call waited {waited * 1000:.0f} ms for a handler "
+                                               f"thread, limit {self.max_queue_s * 1000:.0f} ms (max_queue_ms); "
+                                               f"nothing was ranked: retry with backoff or on another replica")
+            return inner(request, context)
+        return handler._replace(unary_unary=behavior)
 
 
 def mapped(method: str):
@@ -102,7 +131,7 @@ class RankerServicer(pb_grpc.RankerServicer):
         self.metrics.candidates.observe(len(request.candidates.post_ids))
         plain = convert.rank_input(request)
         t1 = time.perf_counter()
-        result = self.handler.rank(plain, context.time_remaining)
+        result = self.handler.rank(plain, context.time_remaining, context.is_active)
         for name, n in result.out_of_range.items():
             self.metrics.out_of_range.labels(name).inc(n)
         t2 = time.perf_counter()
@@ -133,7 +162,8 @@ class RankerServicer(pb_grpc.RankerServicer):
     @mapped("LogEvents")
     def LogEvents(self, request: pb.LogEventsRequest, context) -> pb.LogEventsResponse:
         if self.ingest is None:
-            raise NotReady("LogEvents: no event log configured (set eventlog_dir)")
+            raise NotConfigured("LogEvents: this server runs without an event log (eventlog_dir off), so it takes "
+                                "no events; send them to a server with one")
         if len(request.events) > self.max_events:
             raise TooLarge("events", f"{len(request.events)} events, limit {self.max_events} per call")
         results = self.ingest.log_events(convert.event_dicts(request))

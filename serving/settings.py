@@ -23,9 +23,11 @@ class ServingSettings(BaseSettings):
     # More handler threads only add GIL contention: on 2 cores, 4 served ~190 Rank/s at concurrency 16,
     # 8 served ~146.
     threads: int = Field(4, ge=1, description="gRPC handler threads per process")
-    # Past the limit a call is refused at once (RESOURCE_EXHAUSTED) instead of queueing behind the others:
-    # at ~190 Rank/s per process, 64 in flight is about a third of a second of queue.
-    max_concurrent_rpcs: int = Field(64, ge=0, description="calls in flight (running and queued) per process before new ones get RESOURCE_EXHAUSTED (0 = unbounded)")
+    # A Rank that waited longer than this for a handler thread is refused (RESOURCE_EXHAUSTED) before any work,
+    # so an overloaded process sheds Rank calls in well under a feed's deadline while LogEvents, health checks
+    # and admin calls still get through (they are never shed).
+    max_queue_ms: float = Field(100.0, ge=0, description="longest a Rank call may wait for a handler thread before it is refused with RESOURCE_EXHAUSTED (0 = no limit)")
+    max_concurrent_rpcs: int = Field(1000, ge=0, description="last-resort cap: calls in flight (running and queued) per process past which gRPC refuses every call, health checks and LogEvents included (0 = unbounded)")
     xgb_threads: int = Field(1, ge=1, description="XGBoost threads per leaf prediction")
     bundle: Path | None = Field(None, description="bundle directory to serve")
     model_dir: Path | None = Field(None, description="directory of bundles: serve the newest valid one, poll for new")
@@ -115,6 +117,7 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Serving
     from pydantic_settings import JsonConfigSettingsSource, TomlConfigSettingsSource, YamlConfigSettingsSource
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_environment()
     _FILE_SOURCES.clear()
     if config_file is not None:
         path = Path(config_file)
@@ -129,3 +132,23 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Serving
         return ServingSettings(**overrides)
     finally:
         _FILE_SOURCES.clear()
+
+
+# FEEDRANK_* variables that are not settings: the CLI's traceback switch and the tests' own.
+_OTHER_VARIABLES = ("FEEDRANK_DEBUG", "FEEDRANK_TEST_")
+
+
+def _check_environment() -> None:
+    """A misspelt ``FEEDRANK_*`` variable is refused, as a misspelt key in the settings file is, rather
+    than silently leaving the default in force."""
+    import difflib
+    import os
+
+    known = {f"FEEDRANK_{name.upper()}" for name in ServingSettings.model_fields}
+    for var in sorted(os.environ):
+        if var.upper().startswith("FEEDRANK_") and var.upper() not in known \
+                and not var.upper().startswith(_OTHER_VARIABLES):
+            close = difflib.get_close_matches(var.upper(), sorted(known), n=1)
+            raise ValueError(f"environment variable {var} is not a setting"
+                             + (f" (did you mean {close[0]}?)" if close else "")
+                             + "; the settings are the fields of serving.settings.ServingSettings, as FEEDRANK_<FIELD>")

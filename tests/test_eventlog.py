@@ -75,18 +75,18 @@ def test_segments_roll_at_size_limit_and_read_across(tmp_path):
     assert EventLog(tmp_path, segment_bytes=2_000).end_offset == 100
 
 
-def test_recent_event_ids_skip_served_records_across_segments(tmp_path):
+def test_recent_events_skip_served_records_across_segments(tmp_path):
     log = EventLog(tmp_path, segment_bytes=2_000, fsync=False)
     for b in range(6):
         log.append([event(b * 2), *(served(b * 100 + i) for i in range(10)), event(b * 2 + 1)])
     assert len(segment_files(tmp_path)) == 3                    # four events in each
-    assert log.recent_event_ids(3) == ["e9", "e10", "e11"]
-    assert log.recent_event_ids(6) == [f"e{i}" for i in range(6, 12)]
-    assert log.recent_event_ids(100) == [f"e{i}" for i in range(12)]
-    assert log.recent_event_ids(0) == []
+    assert [e.event_id for e in log.recent_events(3)] == ["e9", "e10", "e11"]
+    assert [e.event_id for e in log.recent_events(6)] == [f"e{i}" for i in range(6, 12)]
+    assert [e.event_id for e in log.recent_events(100)] == [f"e{i}" for i in range(12)]
+    assert [e.event_id for e in log.recent_events(0)] == []
     log.close()
     reader = EventLog(tmp_path, readonly=True)
-    assert reader.recent_event_ids(5) == [f"e{i}" for i in range(7, 12)]
+    assert [e.event_id for e in reader.recent_events(5)] == [f"e{i}" for i in range(7, 12)]
 
 
 def test_a_damaged_record_is_read_as_malformed_in_its_place_and_nothing_after_it_is_lost(tmp_path):
@@ -111,7 +111,7 @@ def test_a_damaged_record_is_read_as_malformed_in_its_place_and_nothing_after_it
     writer = EventLog(tmp_path, segment_bytes=500)   # reopening keeps every record after the damaged one
     assert writer.end_offset == 12 and writer.append([event(12)]) == [12]
     assert [o for o, _ in writer.read()] == list(range(13))
-    assert writer.recent_event_ids(100)[-1] == "e12"
+    assert [e.event_id for e in writer.recent_events(100)][-1] == "e12"
 
 
 def test_a_damaged_last_line_of_the_last_segment_is_a_torn_tail_the_writer_cuts(tmp_path):

@@ -207,11 +207,14 @@ def test_unknown_features_ignored_or_rejected(serving_server, tiny_bundle, feeds
     copy = _mutated(feeds[0], with_a_copy)
     assert list(stub.Rank(copy).ignored_feature_names) == [copy.candidates.feature_names[0]]
     assert len(stub.Rank(_mutated(feeds[0], with_unknown_age)).posts) > 0
-    rejecting = serving_server(bundle=tiny_bundle, unknown_features="reject", eventlog_dir=None)
+    rejecting = serving_server(bundle=tiny_bundle, unknown_features="reject", eventlog_dir="off")
     stub = pb_grpc.RankerStub(grpc.insecure_channel(f"127.0.0.1:{rejecting.port}"))
     err = _error(stub.Rank, _mutated(feeds[0], with_extra))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("user.feature_names: unknown feature 'user.shoe_size'")
+    err = _error(stub.LogEvents, pb.LogEventsRequest(events=[pb.Event(event_id="e1", request_id="r1", post_id="p1",
+                                                                      kind=pb.EVENT_KIND_CLICK)]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "without an event log" in err.details()
 
 
 def test_missing_features_take_manifest_defaults(live, feeds):
@@ -576,6 +579,23 @@ def test_duplicates_are_recognised_after_a_restart_past_any_number_of_served_rec
     assert restarted == ["accepted", "accepted", "duplicate", "duplicate", "duplicate"]
 
 
+def test_an_event_id_reused_for_another_event_is_refused_not_taken_for_a_duplicate(tmp_path):
+    from serving.events import EventIngest
+    from serving.sink import SharedEventLog
+    click = {"event_id": "e1", "request_id": "r", "post_id": "p", "kind": "click", "ts": 1_700_000_000_000}
+    log = SharedEventLog(tmp_path / "log", fsync=False)
+    ingest = EventIngest(log)
+    first = ingest.log_events([click, {**click, "kind": "like"}, {**click, "event_id": "e2", "post_id": "q"},
+                               {**click, "event_id": "e2", "post_id": "p"}])
+    assert [r.status for r in first] == ["accepted", "rejected", "accepted", "rejected"]
+    assert first[1].reason.startswith("event.event_id: 'e1' was already used for another event")
+    log.close()
+    log = SharedEventLog(tmp_path / "log", fsync=False)
+    again = EventIngest(log).log_events([{**click, "ts": 0}, {**click, "kind": "like"}])
+    log.close()
+    assert [r.status for r in again] == ["duplicate", "rejected"]      # a retry may restamp its time
+
+
 def test_served_records_reach_the_event_log(live, feeds, tmp_path):
     from online.eventlog import EventLog
     from online.records import ServedRecord
@@ -592,14 +612,69 @@ def test_served_records_reach_the_event_log(live, feeds, tmp_path):
     assert records[0].bundle_id == resp.model_version.bundle_id and records[0].device == feeds[0].device
 
 
+def test_an_answer_the_client_can_no_longer_receive_is_neither_logged_nor_kept_for_retries(live, feeds, tmp_path):
+    from online.eventlog import EventLog
+    from online.records import ServedRecord
+    from serving import convert
+    from serving.errors import Cancelled, DeadlineExceeded
+    rs, stub, _, _ = live
+    left = iter([1.0, 1.0, 0.0])                       # time enough for every stage, none left at the end
+    with pytest.raises(DeadlineExceeded, match="passed before the answer was ready"):
+        rs.handler.rank(convert.rank_input(rank_request(feeds[0], request_id="late-1")), lambda: next(left))
+    with pytest.raises(Cancelled, match="cancelled by the client"):
+        rs.handler.rank(convert.rank_input(rank_request(feeds[1], request_id="gone-1")), alive=lambda: False)
+    retried = stub.Rank(rank_request(feeds[0], request_id="late-1", limit=7))
+    rs.sink.flush()
+    served = [r.request_id for _, r in EventLog(tmp_path / "eventlog", readonly=True).read()
+              if isinstance(r, ServedRecord)]
+    assert served == ["late-1"] * 7 and len(retried.posts) == 7
+
+
 def test_deadline_is_respected(live, feeds):
     _, stub, _, _ = live
     err = _error(stub.Rank, rank_request(feeds[0], request_id=""), timeout=0.001)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_calls_past_the_concurrency_limit_are_refused_at_once_and_the_server_goes_on(serving_server, tiny_bundle):
-    rs = serving_server(bundle=tiny_bundle, threads=1, max_concurrent_rpcs=2)
+def test_ranks_that_queue_too_long_are_shed_while_events_and_health_checks_get_through(serving_server, tiny_bundle,
+                                                                                        feeds):
+    import threading
+    rs = serving_server(bundle=tiny_bundle, threads=1, max_queue_ms=20)
+    big = feed_requests(1, min_candidates=1000, max_candidates=1000, seed=5)[0]
+    with grpc.insecure_channel(f"127.0.0.1:{rs.port}") as channel:
+        stub = pb_grpc.RankerStub(channel)
+        served = stub.Rank(rank_request(feeds[0], request_id="seen-1"))
+        calls = [stub.Rank.future(rank_request(big, request_id="")) for _ in range(60)]
+        side = {"events": [], "health": []}
+
+        def alongside():
+            for i in range(5):
+                ev = pb.Event(event_id=f"v{i}", request_id="seen-1", post_id=served.posts[i].post_id,
+                              kind=pb.EVENT_KIND_VIEW)
+                side["events"] += [r.status for r in stub.LogEvents(pb.LogEventsRequest(events=[ev])).results]
+                side["health"].append(_health(channel))
+        t = threading.Thread(target=alongside)
+        t.start()
+        codes, refusals = [], []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                refusals.append(e.details())
+        t.join()
+        assert grpc.StatusCode.OK in codes and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert refusals and all(d.startswith("overloaded: this call waited") and "max_queue_ms" in d for d in refusals)
+        assert side["events"] == [pb.EventResult.STATUS_ACCEPTED] * 5
+        assert side["health"] == [health_pb2.HealthCheckResponse.SERVING] * 5
+        shed = rs.metrics.errors.labels("Rank", "RESOURCE_EXHAUSTED")._value.get()
+        assert shed == len(refusals)
+        assert len(stub.Rank(rank_request(big, request_id="")).posts) > 0
+
+
+def test_calls_past_the_concurrency_cap_are_refused_at_once_and_the_server_goes_on(serving_server, tiny_bundle):
+    rs = serving_server(bundle=tiny_bundle, threads=1, max_concurrent_rpcs=2, max_queue_ms=0)
     big = feed_requests(1, min_candidates=1000, max_candidates=1000, seed=5)[0]
     with grpc.insecure_channel(f"127.0.0.1:{rs.port}") as channel:
         stub = pb_grpc.RankerStub(channel)
@@ -617,6 +692,17 @@ def test_calls_past_the_concurrency_limit_are_refused_at_once_and_the_server_goe
         assert codes.count(grpc.StatusCode.OK) >= 2
         assert len(stub.Rank(rank_request(big, request_id="")).posts) > 0
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_misspelt_settings_variable_is_refused_naming_the_setting_meant(monkeypatch):
+    from serving.settings import load_settings
+    monkeypatch.setenv("FEEDRANK_DEFAULT_LIMT", "3")
+    with pytest.raises(ValueError, match="FEEDRANK_DEFAULT_LIMT is not a setting \\(did you mean FEEDRANK_DEFAULT_LIMIT"):
+        load_settings()
+    monkeypatch.delenv("FEEDRANK_DEFAULT_LIMT")
+    monkeypatch.setenv("FEEDRANK_DEFAULT_LIMIT", "3")
+    monkeypatch.setenv("FEEDRANK_DEBUG", "1")
+    assert load_settings().default_limit == 3
 
 
 def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):

@@ -81,6 +81,7 @@ def rank_response(r: RankResult) -> pb.RankResponse:
             post.contributions.extend(pb.Contribution(name=n, value=v) for n, v in contribs)
     return pb.RankResponse(request_id=r.request_id, model_version=model_version(r.bundle_id, r.update_seq, r.covered_offset),
                            tasks=list(r.tasks), posts=posts, ignored_feature_names=r.ignored_feature_names,
+                           defaulted_feature_names=r.defaulted_feature_names,
                            dropped_seen=r.dropped_seen)
 
 

@@ -73,6 +73,8 @@ class RankResult:
     covered_offset: int = -1               # event-log offset the applied online updates cover
     # Dense input -> candidates whose value lay outside the DNN's training range (clipped to it).
     out_of_range: dict[str, int] = field(default_factory=dict)
+    # The bundle's features the request did not send (their defaults were used).
+    defaulted_feature_names: list[str] = field(default_factory=list)
 
     @property
     def version(self) -> str:
@@ -294,7 +296,7 @@ class RankingHandler:
         result = RankResult(r.request_id or uuid.uuid4().hex, ranker.bundle_id, update_seq, ranker.tasks,
                             [r.post_ids[i] for i in order], scores, ev[order], probs[order], explained,
                             ignored, int((~keep).sum()), timings, covered_offset,
-                            out_of_range(ranker, f.dense))
+                            out_of_range(ranker, f.dense), self._defaulted(r, spec))
         left = remaining()
         if left is not None and left <= 0:
             raise DeadlineExceeded("deadline: passed before the answer was ready (nothing logged as served)")
@@ -308,6 +310,11 @@ class RankingHandler:
         if r.request_id:
             self._remember(result, r.fingerprint)
         return result
+
+    @staticmethod
+    def _defaulted(r: RankInput, spec) -> list[str]:
+        sent = {*r.user_feature_names, *r.candidate_feature_names}
+        return [n for n in (*spec.user_features, *spec.post_features) if n not in sent]
 
     @staticmethod
     def _check_deadline(remaining: Remaining, stage: str, need_s: float = 0.002) -> None:

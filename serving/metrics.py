@@ -21,6 +21,10 @@ class ServingMetrics:
             "Ranked candidates whose dense input lay outside the range the bundle's DNN was trained on "
             "(clipped to it); against feedrank_rank_candidates_sum, the share of traffic the bundle never saw",
             ["feature"], registry=self.registry)
+        self.defaulted = Counter(
+            "feedrank_rank_features_defaulted_total",
+            "Rank requests that did not send this feature of the bundle (its default was used)",
+            ["feature"], registry=self.registry)
         self.events = Counter("feedrank_events_total", "LogEvents results", ["status"], registry=self.registry)
         self.model = Info("feedrank_model", "The model version being served", registry=self.registry)
         self.swaps = Counter("feedrank_model_swaps_total", "Bundles made live", registry=self.registry)

@@ -134,6 +134,8 @@ class RankerServicer(pb_grpc.RankerServicer):
         result = self.handler.rank(plain, context.time_remaining, context.is_active)
         for name, n in result.out_of_range.items():
             self.metrics.out_of_range.labels(name).inc(n)
+        for name in result.defaulted_feature_names:
+            self.metrics.defaulted.labels(name).inc()
         t2 = time.perf_counter()
         response = convert.rank_response(result)
         t3 = time.perf_counter()

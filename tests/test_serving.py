@@ -217,14 +217,21 @@ def test_unknown_features_ignored_or_rejected(serving_server, tiny_bundle, feeds
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "without an event log" in err.details()
 
 
-def test_missing_features_take_manifest_defaults(live, feeds):
-    _, stub, _, _ = live
+def test_missing_features_take_manifest_defaults_and_are_named_and_counted(live, feeds):
+    rs, stub, _, _ = live
+    spec = rs.model.current().spec
+    full = stub.Rank(rank_request(feeds[0], request_id=""))
+    assert list(full.defaulted_feature_names) == []
     req = rank_request(feeds[0], request_id="")
     req.user.ClearField("feature_names")
     req.user.ClearField("feature_values")
     req.candidates.ClearField("feature_names")
     req.candidates.ClearField("features")
-    assert len(stub.Rank(req).posts) == 50
+    resp = stub.Rank(req)
+    assert len(resp.posts) == 50
+    assert list(resp.defaulted_feature_names) == [*spec.user_features, *spec.post_features]
+    name = spec.post_features[0]
+    assert rs.metrics.defaulted.labels(name)._value.get() == 1
 
 
 def test_unavailable_until_a_model_is_loaded_then_serving(serving_server, tiny_bundle, feeds):

@@ -138,7 +138,7 @@ class RankedPost(_message.Message):
     def __init__(self, post_id: _Optional[str] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., ev: _Optional[float] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("request_id", "model_version", "tasks", "posts", "ignored_feature_names", "dropped_seen", "server_ms", "stage_ms")
+    __slots__ = ("request_id", "model_version", "tasks", "posts", "ignored_feature_names", "dropped_seen", "server_ms", "stage_ms", "defaulted_feature_names")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class RankResponse(_message.Message):
     DROPPED_SEEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTED_FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_version: ModelVersion
     tasks: _containers.RepeatedScalarFieldContainer[str]
@@ -162,7 +163,8 @@ class RankResponse(_message.Message):
     dropped_seen: int
     server_ms: float
     stage_ms: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., posts: _Optional[_Iterable[_Union[RankedPost, _Mapping]]] = ..., ignored_feature_names: _Optional[_Iterable[str]] = ..., dropped_seen: _Optional[int] = ..., server_ms: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    defaulted_feature_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., posts: _Optional[_Iterable[_Union[RankedPost, _Mapping]]] = ..., ignored_feature_names: _Optional[_Iterable[str]] = ..., dropped_seen: _Optional[int] = ..., server_ms: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., defaulted_feature_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,8 @@ def _load_initial(rs: RankingServer) -> None:
 
 
 def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
-    """Run until SIGTERM/SIGINT: health NOT_SERVING, drain for ``grace_s``, stop."""
+    """Run until SIGTERM/SIGINT: health NOT_SERVING, keep answering for ``drain_delay_s``, drain in-flight
+    calls for ``grace_s``, stop."""
     rs = build(settings, worker, learner=learner)
     if settings.bundle is not None and not rs.model.ready:  # the one bundle named cannot be served
         rs.stop(0)
@@ -210,5 +212,9 @@ def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
     # wait in the main thread; Python runs the handler at the next wake-up.
     while not done.wait(0.2):
         pass
+    if settings.drain_delay_s:
+        rs.set_serving(False)
+        log.info("NOT_SERVING: still answering for %.1fs while balancers take this process out", settings.drain_delay_s)
+        time.sleep(settings.drain_delay_s)
     rs.stop()
     return 0

@@ -72,6 +72,7 @@ class ServingSettings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key")
     metrics_port: int | None = Field(None, description="Prometheus HTTP port (worker i uses port + i); None = off")
     control_dir: Path | None = Field(None, description="set by `--workers N`: where a Reload is broadcast to sibling workers")
+    drain_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, seconds to keep serving while health says NOT_SERVING, so balancers stop sending first (then grace_s)")
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = Field("INFO", description="Python logging level")
 

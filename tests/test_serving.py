@@ -808,6 +808,7 @@ def test_info_returns_online_metrics_when_the_learner_publishes_them(serving_ser
 
 
 def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
+    import os
     import signal
     import socket
     import subprocess
@@ -818,7 +819,7 @@ def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
     proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--bundle", str(tiny_bundle),
                              "--port", str(port), "--eventlog-dir", str(tmp_path / "log"),
                              "--learner-state-dir", str(tmp_path / "learner")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "FEEDRANK_DRAIN_DELAY_S": "1.5"})
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -827,8 +828,14 @@ def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
             time.sleep(0.05)
         assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[0])).posts) == 50
         proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        while _health(channel) != health_pb2.HealthCheckResponse.NOT_SERVING and time.time() < deadline:
+            time.sleep(0.02)
+        # the drain delay: balancers see NOT_SERVING while calls already on their way are still answered
+        assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[1])).posts) == 50
         assert proc.wait(timeout=20) == 0
-        assert "draining" in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "still answering for 1.5s" in err and "draining" in err
     finally:
         channel.close()
         if proc.poll() is None:

@@ -33,8 +33,10 @@ class EventIngest:
     impression's attribution window early."""
 
     def __init__(self, log: SharedEventLog, dedup_window: int = 1_000_000, max_string_len: int = 256,
-                 max_future_ms: int = 5_000, clock: Callable[[], float] = time.time):
+                 max_future_ms: int = 5_000, clock: Callable[[], float] = time.time,
+                 returned: Callable[[str], list[str] | None] = lambda request_id: None):
         self.log = log
+        self.returned = returned
         self.window = dedup_window
         self.max_string_len = max_string_len
         self.max_future_ms = max_future_ms
@@ -53,6 +55,15 @@ class EventIngest:
         self._seen[ev.event_id] = self._what(ev)
         if len(self._seen) > self.window:
             self._seen.popitem(last=False)
+
+    def _warning(self, ev: Engagement) -> str:
+        """What is wrong with an accepted event that this process can tell: a post its request did not
+        return is logged, but never joins an impression."""
+        posts = self.returned(ev.request_id)
+        if posts is None or ev.post_id in posts:
+            return ""
+        return (f"accepted, but post {ev.post_id!r} is not among the {len(posts)} posts request "
+                f"{ev.request_id!r} returned: it will not be learned")
 
     def log_events(self, events: list[dict]) -> list[EventResult]:
         results: list[EventResult | None] = [None] * len(events)
@@ -102,5 +113,5 @@ class EventIngest:
                                    f"{e}); no event of it was acknowledged{also}, retry {when}") from e
                 for (i, ev), offset in zip(accepted, offsets):
                     self._remember(ev)
-                    results[i] = EventResult(ev.event_id, ACCEPTED, log_offset=offset)
+                    results[i] = EventResult(ev.event_id, ACCEPTED, self._warning(ev), offset)
         return results  # type: ignore[return-value]

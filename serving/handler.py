@@ -147,6 +147,13 @@ class RankingHandler:
                                              f"for a new request)")
         return hit[1]
 
+    def returned(self, request_id: str) -> list[str] | None:
+        """The posts this process returned for ``request_id``, while it keeps the answer for retries
+        (None: not known here)."""
+        with self._recent_lock:
+            hit = self._recent.get(request_id)
+        return None if hit is None else hit[1].post_ids
+
     def _remember(self, result: RankResult, fingerprint: bytes) -> None:
         with self._recent_lock:
             self._recent[result.request_id] = (fingerprint, result)

@@ -128,8 +128,10 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
             else SharedEventLog(path, fsync=settings.eventlog_fsync)
         sink = EventLogSink(event_log, settings.served_batch, settings.served_flush_ms, settings.served_queue)
         metrics.registry.register(SinkCollector(sink))
-        ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len, settings.max_future_ms)
     handler = RankingHandler(model, settings, sink)
+    if event_log is not None:
+        ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len, settings.max_future_ms,
+                             returned=handler.returned)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events)
     admin_svc = AdminServicer(model, token, metrics, lambda r: write_snapshot(r, settings.snapshot_dir))

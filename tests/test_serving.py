@@ -603,6 +603,22 @@ def test_an_event_id_reused_for_another_event_is_refused_not_taken_for_a_duplica
     assert [r.status for r in again] == ["duplicate", "rejected"]      # a retry may restamp its time
 
 
+def test_an_event_for_a_post_its_request_did_not_return_is_accepted_with_a_warning(live, feeds):
+    _, stub, _, _ = live
+    resp = stub.Rank(rank_request(feeds[0], request_id="warn-1", limit=5))
+    returned = [p.post_id for p in resp.posts]
+    skipped = next(p for p in feeds[0].post_ids if p not in returned)
+    E = pb.Event
+    results = stub.LogEvents(pb.LogEventsRequest(events=[
+        E(event_id="w1", request_id="warn-1", post_id=returned[0], kind=pb.EVENT_KIND_CLICK),
+        E(event_id="w2", request_id="warn-1", post_id=skipped, kind=pb.EVENT_KIND_CLICK),
+        E(event_id="w3", request_id="not-known-here", post_id=skipped, kind=pb.EVENT_KIND_CLICK)])).results
+    assert [r.status for r in results] == [pb.EventResult.STATUS_ACCEPTED] * 3
+    assert results[0].reason == "" and results[2].reason == ""
+    assert results[1].reason == (f"accepted, but post {skipped!r} is not among the 5 posts request 'warn-1' "
+                                 f"returned: it will not be learned")
+
+
 def test_served_records_reach_the_event_log(live, feeds, tmp_path):
     from online.eventlog import EventLog
     from online.records import ServedRecord

@@ -12,12 +12,15 @@ from stacker.schema import MEDIA_TYPES, TASKS, label_column, true_column
 from .simulate import get_world, simulate
 from .world import COMPONENTS, DEFAULT_WORLD, WorldConfig
 
+TOPIC_AS_SEEN = "post topic seen via features"
 # Gauss-Hermite nodes per component: averaged over (blind oracles), learned alone, learned jointly.
 MARGINAL_NODES, LEARNED_NODES, JOINT_NODES = 12, 31, 11
 
 
-def _marginal_click(world, comps: dict, media, position, held, nodes: int = MARGINAL_NODES, tick=None) -> np.ndarray:
-    """P(click) averaged over the ``held`` components, the others known exactly."""
+def _marginal_click(world, comps: dict, media, position, held, nodes: int = MARGINAL_NODES, tick=None,
+                    topics: "TopicAsSeen | None" = None) -> np.ndarray:
+    """P(click) averaged over the ``held`` components, the others known exactly (with ``topics``,
+    each post's topic as its features show it)."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     w = w / w.sum()
     k = TASKS.index("click")
@@ -27,7 +30,11 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = MARG
         c = dict(comps)
         for name, i in zip(held, idx):
             c[name] = np.full(len(media), comps[name].mean() + comps[name].std() * x[i])
-        out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position, tasks=[k])[:, 0]
+        if topics is None:
+            out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position, tasks=[k])[:, 0]
+        for s, drawn in enumerate(topics.comps if topics is not None else ()):
+            out += np.prod([w[i] for i in idx]) * topics.weights[:, s] \
+                * world.probabilities({**c, **drawn}, media, position, tasks=[k])[:, 0]
         if tick:
             tick()
     return out
@@ -57,14 +64,60 @@ def _posterior(log_prior: np.ndarray, loglik: np.ndarray, groups, requests) -> n
     return post / post.sum(axis=1, keepdims=True)
 
 
-def _grid_loglik(world, comps: dict, media, position, labels: np.ndarray, values: dict):
+class TopicAsSeen:
+    """Each post's topic as its features show it: the posterior given the author's topic mix (the
+    post's Dirichlet prior) and the noisy content embedding, as ``samples`` draws from the prior
+    weighted by the embedding's likelihood (importance sampling). ``comps[s]`` holds the click-logit
+    components that depend on the topic (interest, drift, the non-linear threshold) for draw ``s``,
+    per row; ``weights[:, s]`` is that draw's posterior weight for the row's post."""
+
+    def __init__(self, world, df: pd.DataFrame, samples: int = 32, seed: int = 7):
+        c = world.config
+        u = df["user_id"].str[1:].astype(np.int64).to_numpy()
+        p = df["post_id"].str[1:].astype(np.int64).to_numpy()
+        ts = df["ts"].to_numpy()
+        posts, row_post = np.unique(p, return_inverse=True)
+        P = world.posts
+        alpha = world.author_mix[P["author"][posts]] * c.post_topic_concentration + 0.05
+        emb = P["emb"][posts].astype(np.float64)
+        rng = np.random.default_rng(seed)
+        now, stale = world.interest_at(u, ts), world.batch_interest(u, ts)
+        hour_media = world.hour_media[P["media"][p], ((ts // 3_600_000) % 24).astype(np.int64)]
+        log_w = np.empty((len(posts), samples))
+        self.comps = []
+        for s in range(samples):
+            g = rng.gamma(alpha)
+            topic = g / g.sum(axis=1, keepdims=True)
+            log_w[:, s] = -0.5 * ((emb - c.emb_scale * topic @ world.emb_proj) ** 2).sum(axis=1) / c.emb_noise ** 2
+            m_stale = np.einsum("nk,nk->n", stale, topic[row_post])
+            m_now = np.einsum("nk,nk->n", now, topic[row_post])
+            self.comps.append({"interest": c.interest_weight * m_stale,
+                               "drift": c.interest_weight * (m_now - m_stale),
+                               "nonlinear": hour_media + c.threshold_gain * np.maximum(m_now - c.threshold, 0.0)})
+        w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        self.weights = w[row_post]
+        self.effective_samples = float(np.median(1.0 / (w ** 2).sum(axis=1)))
+
+
+def _grid_loglik(world, comps: dict, media, position, labels: np.ndarray, values: dict,
+                 topics: TopicAsSeen | None = None):
     """Log-likelihood of every row's labels (all tasks) and its P(click), with the components named
-    in ``values`` set to the given constants."""
+    in ``values`` set to the given constants; with ``topics``, averaged over each post's topic as
+    its features show it."""
     c = dict(comps)
     for name, v in values.items():
         c[name] = np.full(len(media), v)
-    p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)          # [N, T]
-    return np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1), p[:, TASKS.index("click")]
+    k = TASKS.index("click")
+    if topics is None:
+        p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)          # [N, T]
+        return np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1), p[:, k]
+    lik, click = np.zeros(len(media)), np.zeros(len(media))
+    for s, drawn in enumerate(topics.comps):
+        p = np.clip(world.probabilities({**c, **drawn}, media, position), 1e-12, 1 - 1e-12)
+        lik += topics.weights[:, s] * np.exp(np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1))
+        click += topics.weights[:, s] * p[:, k]
+    return np.log(np.maximum(lik, 1e-300)), click
 
 
 def _learned_click(world, comps: dict, media, position, labels: np.ndarray, groups: np.ndarray,
@@ -84,7 +137,8 @@ def _learned_click(world, comps: dict, media, position, labels: np.ndarray, grou
 
 
 def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndarray, pairs, posts,
-                            requests, nodes: int = JOINT_NODES, tick=None) -> np.ndarray:
+                            requests, nodes: int = JOINT_NODES, tick=None,
+                            topics: TopicAsSeen | None = None) -> np.ndarray:
     """P(click) of an oracle that knows every component but the tie and post quality, and learns both
     from history: each post's quality from its impressions in earlier requests (with the ties averaged
     over their prior), then each pair's tie from the pair's earlier impressions, each of them weighed
@@ -99,7 +153,8 @@ def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndar
     for i in range(nodes):
         for j in range(nodes):
             loglik[:, i, j], click[:, i, j] = _grid_loglik(world, comps, media, position, labels,
-                                                           {"post": grid["post"][i], "tie": grid["tie"][j]})
+                                                           {"post": grid["post"][i], "tie": grid["tie"][j]},
+                                                           topics)
             if tick:
                 tick()
 
@@ -114,7 +169,7 @@ def _learned_tie_post_click(world, comps: dict, media, position, labels: np.ndar
 
 
 def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, seed: int | None = None,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, topic_samples: int = 0) -> dict:
     """Simulate ``n_impressions`` and summarise them.
 
     Returns a dict with ``base_rate`` and ``oracle_ne`` (per task; the oracle predicts true.<task>),
@@ -131,6 +186,11 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     learn them from the stream, though one that knows everything else exactly (user and author effects,
     true interests) and has every earlier request's labels at once (the served learner waits out an
     attribution window). ``user_author_pairs`` says how often pairs recur.
+    With ``topic_samples`` > 0 three more oracles see each post's topic only as its features show it
+    (the author's topic mix and the noisy content embedding; :class:`TopicAsSeen`, ``topic_samples``
+    draws per post), everything else as above: knowing the rest exactly, blind to ties too, and
+    learning ties and post quality from history. The last costs ``topic_samples`` times the joint
+    oracle's time (about half an hour at 32 on 1M impressions).
     ``oracle_ne_target_share`` is the share of the full oracle's (1 - NE) each of them keeps, to read
     a "model reaches x% of the oracle" target against. ``latest_slice`` holds the same figures over
     the test slice of `feedrank eval` (the last of its default time slices; NE over the entropy of the
@@ -153,6 +213,8 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
     posts = pd.factorize(df["post_id"])[0]
     progress = progress or Progress()
     points = 2 * MARGINAL_NODES + MARGINAL_NODES ** 2 + 2 * LEARNED_NODES + JOINT_NODES ** 2
+    if topic_samples:
+        points += 1 + MARGINAL_NODES + JOINT_NODES ** 2
     with progress.task("oracles (grid points)", points) as bar:
         preds = {name: _marginal_click(world, comps, media, position, held, tick=bar.update)
                  for name, held in (("tie", ("tie",)), ("post", ("post",)), ("tie+post", ("tie", "post")))}
@@ -161,6 +223,14 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
                                                                    requests, name, tick=bar.update)
         preds["tie+post learned from history"] = _learned_tie_post_click(
             world, comps, media, position, labels, pairs, posts, requests, tick=bar.update)
+        if topic_samples:
+            topics = TopicAsSeen(world, df, topic_samples)
+            preds[TOPIC_AS_SEEN] = _grid_loglik(world, comps, media, position, labels, {}, topics)[1]
+            bar.update()
+            preds[f"tie, {TOPIC_AS_SEEN}"] = _marginal_click(world, comps, media, position, ("tie",),
+                                                            tick=bar.update, topics=topics)
+            preds[f"tie+post learned from history, {TOPIC_AS_SEEN}"] = _learned_tie_post_click(
+                world, comps, media, position, labels, pairs, posts, requests, tick=bar.update, topics=topics)
     true_click = df[true_column("click")].to_numpy()
     from stacker.train import TrainConfig, time_slices   # (the training stack, only for its slices)
     *before, latest = time_slices(df["ts"].to_numpy(), TrainConfig().slices)
@@ -194,6 +264,7 @@ def describe(config: WorldConfig = DEFAULT_WORLD, n_impressions: int = 200_000, 
         "oracle_ne_target_share": target,
         "latest_slice": {"rows": int(len(latest)), "oracle_click_ne": latest_oracle,
                          "oracle_click_ne_without": latest_without, "oracle_ne_target_share": latest_target},
+        **({"topic_effective_samples": topics.effective_samples} if topic_samples else {}),
         "user_author_pairs": {"pairs": int(len(per_pair)), "mean_impressions": float(per_pair.mean()),
                               "median_impressions": float(np.median(per_pair)),
                               "impression_weighted_mean": float((per_pair ** 2).sum() / per_pair.sum())},
@@ -221,10 +292,16 @@ def format_description(d: dict) -> str:
     lines.append(f"history), and the share of the full oracle's 1 - NE it keeps; over all rows, and over the "
                  f"latest {latest['rows']:,}")
     lines.append(f"(the test slice of `feedrank eval`, full oracle click NE {latest['oracle_click_ne']:.4f}):")
+    labels = {k: ("with " if "learned" in k or k.startswith(TOPIC_AS_SEEN) else "without ") + k
+              for k in d["oracle_click_ne_without"]}
+    width = max(34, *map(len, labels.values()))
     for k, v in d["oracle_click_ne_without"].items():
-        label = ("with " if "learned" in k else "without ") + k
-        lines.append(f"  {label:<34}{v:>8.4f} {d['oracle_ne_target_share'][k]:>7.1%}    latest "
+        label = labels[k]
+        lines.append(f"  {label:<{width}}{v:>8.4f} {d['oracle_ne_target_share'][k]:>7.1%}    latest "
                      f"{latest['oracle_click_ne_without'][k]:.4f} {latest['oracle_ne_target_share'][k]:>7.1%}")
+    if "topic_effective_samples" in d:
+        lines.append(f"(a post's topic seen via features: its author's topic mix and its noisy content embedding; "
+                     f"median effective draws per post {d['topic_effective_samples']:.1f})")
     pp = d["user_author_pairs"]
     lines.append(f"user x author pairs: {pp['pairs']:,}, impressions per pair mean {pp['mean_impressions']:.1f}, "
                  f"median {pp['median_impressions']:.0f}, {pp['impression_weighted_mean']:.1f} for the pair of an "

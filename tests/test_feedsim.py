@@ -11,6 +11,7 @@ import pytest
 from feedsim.closed_loop import FeedRequest, FeedUsers
 from feedsim.describe import describe, format_description
 from stacker.dataset import read_table, write_table
+from stacker.metrics import normalized_entropy
 from feedsim.simulate import get_world, simulate
 from feedsim.world import DEFAULT_WORLD, USER_FEATURES, World, WorldConfig
 from stacker.schema import (CONTEXT_COLUMNS, KEY_COLUMNS, MEDIA_TYPES, SCHEMA_VERSION, TASKS,
@@ -141,6 +142,36 @@ def test_history_sums_only_the_groups_earlier_requests():
                      for i in range(len(requests))])
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert any((groups == g).sum() > 1 for g in range(12))
+
+
+def test_a_posts_topic_seen_via_features_is_nearer_the_truth_than_its_authors_mix():
+    from feedsim.describe import TopicAsSeen
+    df, comps = simulate(20_000, return_components=True)
+    topics = TopicAsSeen(get_world(DEFAULT_WORLD), df, samples=64)
+    assert topics.weights.shape == (len(df), 64) and np.allclose(topics.weights.sum(axis=1), 1)
+    for name in ("interest", "nonlinear"):
+        drawn = np.stack([c[name] for c in topics.comps], axis=1)
+        posterior = np.mean(((drawn * topics.weights).sum(axis=1) - comps[name]) ** 2)
+        prior = np.mean((drawn.mean(axis=1) - comps[name]) ** 2)        # the author's mix alone
+        assert posterior < 0.85 * prior < 0.25 * comps[name].var(), (name, posterior, prior)
+
+
+def test_describe_scores_the_oracles_that_see_topics_via_features():
+    d = describe(DEFAULT_WORLD, n_impressions=20_000, topic_samples=8)
+    ne = d["oracle_click_ne_without"]
+    oracle = normalized_entropy(*_click_and_truth(20_000))
+    seen = "post topic seen via features"
+    assert oracle < ne[seen] < ne[f"tie, {seen}"]
+    assert ne["tie"] < ne[f"tie, {seen}"]
+    assert f"tie+post learned from history, {seen}" in ne
+    text = format_description(d)
+    assert f"with tie+post learned from history, {seen}" in text and "median effective draws per post" in text
+
+
+def _click_and_truth(n):
+    df = simulate(n)
+    click = df[label_column("click")].to_numpy()
+    return click, df[true_column("click")].to_numpy(), float(click.mean())
 
 
 def test_hide_anticorrelated_with_interest(small):

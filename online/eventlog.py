@@ -482,11 +482,12 @@ class EventLog:
                     if self.readonly:
                         self.end_offset = max(self.end_offset, off + 1)
 
-    def recent_events(self, n: int, max_records: int | None = None) -> list[Engagement]:
-        """The last ``n`` engagement events (oldest first), read newest segment first and
+    def recent_events(self, n: int, max_records: int | None = None, keep=lambda ev: ev) -> list:
+        """``keep(event)`` of the last ``n`` engagement events (oldest first; ``keep`` lets a caller hold only
+        what it needs of each), read newest segment first and
         decoding only event lines, however many served records lie between them, up to ``max_records``
         records read back (default ``8 n``: a log of served records with few events is not read whole)."""
-        found: list[list[Engagement]] = []
+        found: list[list] = []
         count = scanned = 0
         max_records = 8 * n if max_records is None else max_records
         end = None if self.readonly else self.end_offset
@@ -503,7 +504,7 @@ class EventLog:
                     if line[9:14] == b'["E",':
                         rec = decode(line)
                         if type(rec) is Engagement:
-                            ids.append(rec)
+                            ids.append(keep(rec))
             found.append(ids[-(n - count):] if n > count else [])
             count += len(found[-1])
         return [e for ids in reversed(found) for e in ids]

@@ -43,8 +43,8 @@ class EventIngest:
         self.clock = clock
         self._seen: OrderedDict[str, int] = OrderedDict()      # event id -> what it reported (a hash)
         self._lock = threading.Lock()
-        for ev in self.log.log.recent_events(self.window):
-            self._remember(ev)
+        for event_id, what in self.log.log.recent_events(self.window, keep=lambda ev: (ev.event_id, self._what(ev))):
+            self._seen[event_id] = what
 
     @staticmethod
     def _what(ev: Engagement) -> int:

@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .events import EventIngest
 from .handler import RankingHandler
 from .metrics import LearnerStatusCollector, ServingMetrics, SinkCollector
 from .model import NO_MODEL_HINT, BundleWatcher, LiveModel, UpdateFollower
-from .servicer import AdminServicer, QueueLimit, RankerServicer, add_to_server
+from .servicer import AdminServicer, RankerServicer, TimedPool, add_to_server
 from .settings import ServingSettings
 from .sink import BusEventLog, EventLogSink, LogPruner, SharedEventLog, learner_needs
 from .snapshot import write_snapshot
@@ -49,17 +48,25 @@ class RankingServer:
     watcher: BundleWatcher | None = None
     pruner: LogPruner | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
+    draining: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
+        """Health for every service; once draining it stays NOT_SERVING (a swap may still land)."""
+        serving = serving and not self.draining.is_set()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICES):
             self.health.set(name, status)
+
+    def drain(self) -> None:
+        """Health NOT_SERVING for good; calls are still answered until :meth:`stop`."""
+        self.draining.set()
+        self.set_serving(False)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, then drain in-flight RPCs for ``grace`` seconds, then close the logs."""
         if self.stopped.is_set():
             return
-        self.set_serving(False)
+        self.drain()
         if self.watcher:
             self.watcher.stop()
         if self.pruner:
@@ -133,12 +140,12 @@ def build(settings: ServingSettings, worker: int = 0, metrics_http: bool = True,
         ingest = EventIngest(event_log, settings.dedup_window, settings.max_string_len, settings.max_future_ms,
                              returned=handler.returned)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events)
+    ranker_svc = RankerServicer(handler, ingest, metrics, settings.online_metrics_file, settings.max_events,
+                                settings.max_queue_ms / 1000)
     admin_svc = AdminServicer(model, token, metrics, lambda r: write_snapshot(r, settings.snapshot_dir))
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)]
-    interceptors = [QueueLimit(settings.max_queue_ms / 1000, metrics)] if settings.max_queue_ms else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads), options=options,
-                         interceptors=interceptors, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
+    server = grpc.server(TimedPool(max_workers=settings.threads), options=options,
+                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     add_to_server(ranker_svc, "Ranker", server)
     add_to_server(admin_svc, "Admin", server)
     health_svc = health.HealthServicer(experimental_non_blocking=True)
@@ -215,7 +222,7 @@ def serve(settings: ServingSettings, worker: int = 0, learner=None) -> int:
     while not done.wait(0.2):
         pass
     if settings.drain_delay_s:
-        rs.set_serving(False)
+        rs.drain()
         log.info("NOT_SERVING: still answering for %.1fs while balancers take this process out", settings.drain_delay_s)
         time.sleep(settings.drain_delay_s)
     rs.stop()

@@ -5,7 +5,9 @@ import functools
 import hmac
 import json
 import logging
+import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -55,33 +57,25 @@ def add_to_server(servicer, service_name: str, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-class QueueLimit(grpc.ServerInterceptor):
-    """Refuses a call to one of ``methods`` that waited longer than ``max_queue_s`` for a handler thread,
-    before any work: its arrival is stamped on gRPC's polling thread (interceptors run there, before the
-    call is queued for the thread pool) and the wait measured when a thread takes it up. Other calls
-    (LogEvents, health checks, admin) are never refused for it: they queue behind calls that now leave
-    the queue at once."""
+class TimedPool(futures.ThreadPoolExecutor):
+    """The server's handler threads, noting how long each task waited for a thread: gRPC submits a call
+    as its headers arrive, so this is the call's time in the queue, not the time its request took to
+    arrive (the thread reads the request after taking the call up)."""
 
-    def __init__(self, max_queue_s: float, metrics: ServingMetrics, methods=("/feedrank.v1.Ranker/Rank",)):
-        self.max_queue_s, self.metrics, self.methods = max_queue_s, metrics, frozenset(methods)
+    _local = threading.local()
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method not in self.methods or handler.unary_unary is None:
-            return handler
-        arrived, inner = time.monotonic(), handler.unary_unary
-        name = method.rsplit("/", 1)[-1]
+    def submit(self, fn, /, *args, **kwargs):
+        submitted = time.monotonic()
 
-        def behavior(request, context):
-            waited = time.monotonic() - arrived
-            if waited > self.max_queue_s:
-                self.metrics.errors.labels(name, Overloaded.code.name).inc()
-                context.abort(Overloaded.code, f"overloaded: this call waited {waited * 1000:.0f} ms for a handler "
-                                               f"thread, limit {self.max_queue_s * 1000:.0f} ms (max_queue_ms); "
-                                               f"nothing was ranked: retry with backoff or on another replica")
-            return inner(request, context)
-        return handler._replace(unary_unary=behavior)
+        def timed(*a, **k):
+            TimedPool._local.waited = time.monotonic() - submitted
+            return fn(*a, **k)
+        return super().submit(timed, *args, **kwargs)
+
+    @classmethod
+    def waited(cls) -> float:
+        """Seconds the task running on this thread waited for it (0 outside a pool task)."""
+        return getattr(cls._local, "waited", 0.0)
 
 
 def mapped(method: str):
@@ -110,8 +104,9 @@ def mapped(method: str):
 
 class RankerServicer(pb_grpc.RankerServicer):
     def __init__(self, handler: RankingHandler, ingest: EventIngest | None, metrics: ServingMetrics,
-                 online_metrics_file: Path | None = None, max_events: int = 10_000):
+                 online_metrics_file: Path | None = None, max_events: int = 10_000, max_queue_s: float = 0.0):
         self.handler, self.ingest, self.metrics = handler, ingest, metrics
+        self.max_queue_s = max_queue_s     # a Rank that waited longer for a thread is refused (0: never)
         self.max_events = max_events
         self.online_metrics_file = online_metrics_file
 
@@ -127,6 +122,11 @@ class RankerServicer(pb_grpc.RankerServicer):
 
     @mapped("Rank")
     def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
+        waited = TimedPool.waited()
+        if self.max_queue_s and waited > self.max_queue_s:
+            raise Overloaded(f"overloaded: this call waited {waited * 1000:.0f} ms for a handler thread, limit "
+                             f"{self.max_queue_s * 1000:.0f} ms (max_queue_ms); nothing was ranked: retry with "
+                             f"backoff or on another replica")
         t0 = time.perf_counter()
         self.metrics.candidates.observe(len(request.candidates.post_ids))
         plain = convert.rank_input(request)

@@ -5,6 +5,7 @@ variables, the settings file, the defaults below. Nothing else in the server rea
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -118,7 +119,7 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Serving
     from pydantic_settings import JsonConfigSettingsSource, TomlConfigSettingsSource, YamlConfigSettingsSource
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    _check_environment()
+    _check_environment(overrides)
     _FILE_SOURCES.clear()
     if config_file is not None:
         path = Path(config_file)
@@ -135,11 +136,12 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Serving
         _FILE_SOURCES.clear()
 
 
-# FEEDRANK_* variables that are not settings: the CLI's traceback switch and the tests' own.
-_OTHER_VARIABLES = ("FEEDRANK_DEBUG", "FEEDRANK_TEST_")
+# FEEDRANK_* variables that are not settings: the CLI's traceback switch, the tests' own, and the service
+# links Kubernetes puts in every pod of a namespace with a Service named feedrank.
+_OTHER_VARIABLES = re.compile(r"FEEDRANK_(DEBUG|TEST_.*|SERVICE_HOST|SERVICE_PORT(_.*)?|PORT_\d+_(TCP|UDP|SCTP)(_.*)?)")
 
 
-def _check_environment() -> None:
+def _check_environment(overrides: dict) -> None:
     """A misspelt ``FEEDRANK_*`` variable is refused, as a misspelt key in the settings file is, rather
     than silently leaving the default in force."""
     import difflib
@@ -147,9 +149,15 @@ def _check_environment() -> None:
 
     known = {f"FEEDRANK_{name.upper()}" for name in ServingSettings.model_fields}
     for var in sorted(os.environ):
-        if var.upper().startswith("FEEDRANK_") and var.upper() not in known \
-                and not var.upper().startswith(_OTHER_VARIABLES):
-            close = difflib.get_close_matches(var.upper(), sorted(known), n=1)
+        name = var.upper()
+        if not name.startswith("FEEDRANK_") or _OTHER_VARIABLES.fullmatch(name):
+            continue
+        if name == "FEEDRANK_PORT" and "://" in os.environ[var] and "port" not in overrides:
+            raise ValueError(f"environment variable {var}={os.environ[var]} is not a port: it is the service link "
+                             f"Kubernetes sets for a Service named feedrank. Give the port with --port, or set "
+                             f"enableServiceLinks: false in the pod spec")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
             raise ValueError(f"environment variable {var} is not a setting"
                              + (f" (did you mean {close[0]}?)" if close else "")
                              + "; the settings are the fields of serving.settings.ServingSettings, as FEEDRANK_<FIELD>")

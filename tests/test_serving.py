@@ -696,6 +696,21 @@ def test_ranks_that_queue_too_long_are_shed_while_events_and_health_checks_get_t
         assert len(stub.Rank(rank_request(big, request_id="")).posts) > 0
 
 
+def test_a_request_slow_to_arrive_on_an_idle_server_is_not_taken_for_a_queued_one(serving_server, tiny_bundle,
+                                                                                   feeds):
+    rs = serving_server(bundle=tiny_bundle, max_queue_ms=100)
+    with grpc.insecure_channel(f"127.0.0.1:{rs.port}") as channel:
+        # a unary call on the wire: headers first, then its one message, here 300 ms later
+        rank = channel.stream_unary("/feedrank.v1.Ranker/Rank", request_serializer=pb.RankRequest.SerializeToString,
+                                    response_deserializer=pb.RankResponse.FromString)
+
+        def slow():
+            time.sleep(0.3)
+            yield rank_request(feeds[0], request_id="")
+        assert len(rank(slow(), timeout=5).posts) == 50
+    assert rs.metrics.errors.labels("Rank", "RESOURCE_EXHAUSTED")._value.get() == 0
+
+
 def test_calls_past_the_concurrency_cap_are_refused_at_once_and_the_server_goes_on(serving_server, tiny_bundle):
     rs = serving_server(bundle=tiny_bundle, threads=1, max_concurrent_rpcs=2, max_queue_ms=0)
     big = feed_requests(1, min_candidates=1000, max_candidates=1000, seed=5)[0]
@@ -726,6 +741,16 @@ def test_a_misspelt_settings_variable_is_refused_naming_the_setting_meant(monkey
     monkeypatch.setenv("FEEDRANK_DEFAULT_LIMIT", "3")
     monkeypatch.setenv("FEEDRANK_DEBUG", "1")
     assert load_settings().default_limit == 3
+    # a Kubernetes Service named feedrank puts its service links in every pod of the namespace
+    links = {"FEEDRANK_SERVICE_HOST": "10.96.0.12", "FEEDRANK_SERVICE_PORT": "50051",
+             "FEEDRANK_PORT_50051_TCP": "tcp://10.96.0.12:50051", "FEEDRANK_PORT_50051_TCP_ADDR": "10.96.0.12"}
+    for k, v in links.items():
+        monkeypatch.setenv(k, v)
+    assert load_settings().default_limit == 3
+    monkeypatch.setenv("FEEDRANK_PORT", "tcp://10.96.0.12:50051")
+    with pytest.raises(ValueError, match="service link Kubernetes sets for a Service named feedrank"):
+        load_settings()
+    assert load_settings(port=50051).port == 50051
 
 
 def test_settings_from_file_env_and_flags(tmp_path, monkeypatch):
@@ -835,7 +860,8 @@ def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
     proc = subprocess.Popen([sys.executable, "-m", "feedrank.cli", "serve", "--bundle", str(tiny_bundle),
                              "--port", str(port), "--eventlog-dir", str(tmp_path / "log"),
                              "--learner-state-dir", str(tmp_path / "learner")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "FEEDRANK_DRAIN_DELAY_S": "1.5"})
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FEEDRANK_DRAIN_DELAY_S": "1.5", "FEEDRANK_ADMIN_TOKEN": TOKEN})
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -847,8 +873,11 @@ def test_feedrank_serve_drains_on_sigterm(tiny_bundle, tmp_path, feeds):
         deadline = time.time() + 10
         while _health(channel) != health_pb2.HealthCheckResponse.NOT_SERVING and time.time() < deadline:
             time.sleep(0.02)
-        # the drain delay: balancers see NOT_SERVING while calls already on their way are still answered
+        # the drain delay: balancers see NOT_SERVING while calls already on their way are still answered,
+        # and a bundle swapped in meanwhile does not make the process SERVING again
         assert len(pb_grpc.RankerStub(channel).Rank(rank_request(feeds[1])).posts) == 50
+        pb_grpc.AdminStub(channel).Reload(pb.ReloadRequest(bundle_path=str(tiny_bundle)), metadata=AUTH)
+        assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert proc.wait(timeout=20) == 0
         err = proc.stderr.read()
         assert "still answering for 1.5s" in err and "draining" in err

@@ -50,7 +50,7 @@ class ServerProcess:
     """``feedrank serve`` in a child process; ``setup`` selects what runs beside it."""
 
     def __init__(self, bundle: Path, workers: int = 1, threads: int = 4, setup: str = "alone",
-                 xgb_threads: int = 1, extra: tuple[str, ...] = ()):
+                 xgb_threads: int = 1, extra: tuple[str, ...] = (), max_queue_ms: float = 0.0):
         if setup not in SETUPS:
             raise ValueError(f"setup {setup!r}: one of {SETUPS}")
         self.port = free_port()
@@ -60,8 +60,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "feedrank.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
                "--workers", str(workers), "--threads", str(threads), "--eventlog-dir", f"{self.tmp}/eventlog",
                "--admin-token", TOKEN, *learner, *extra]
-        # Shedding off: the benchmark measures what the server can do, every call answered.
-        env = dict(os.environ, FEEDRANK_XGB_THREADS=str(xgb_threads), FEEDRANK_MAX_QUEUE_MS="0")
+        # Shedding off unless asked for: the benchmark measures what the server can do, every call answered.
+        env = dict(os.environ, FEEDRANK_XGB_THREADS=str(xgb_threads), FEEDRANK_MAX_QUEUE_MS=str(max_queue_ms))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{self.tmp}/server.log", "wb"))
         options = [("grpc.max_receive_message_length", 64 << 20)]
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=options)
@@ -278,7 +278,8 @@ def bench_serve(args) -> int:
 def _bench_setup(args, bundle: Path, setup: str, levels, runs: list, samples: dict) -> None:
     learning = setup == "with_learner"
     payloads = _payloads(64, args.candidates, server_time=learning)
-    server = ServerProcess(bundle, args.workers, args.threads, setup, args.xgb_threads)
+    server = ServerProcess(bundle, args.workers, args.threads, setup, args.xgb_threads,
+                           max_queue_ms=args.max_queue_ms)
     feeder = None
     try:
         run_load(server.load_channels, payloads, 2, 40)  # warm-up
@@ -303,13 +304,18 @@ def _bench_setup(args, bundle: Path, setup: str, levels, runs: list, samples: di
                    "server_p99_ms": float(np.percentile(r["server"], 99)),
                    "client_p50_ms": float(np.percentile(r["client"], 50)),
                    "client_p99_ms": float(np.percentile(r["client"], 99)),
-                   "rps": len(r["client"]) / r["wall"], "errors": len(r["errors"]),
+                   "rps": len(r["client"]) / r["wall"],
+                   "shed": sum(e.startswith("RESOURCE_EXHAUSTED: overloaded") for e in r["errors"]),
                    "server_cpu_ms_per_request": cpu_ms, "events_per_s": events_per_s}
+            row["errors"] = len(r["errors"]) - row["shed"]
             runs.append(row)
             samples[f"{setup} c={c}"] = r
             print(f"{setup} c={c:<3} server p50 {row['server_p50_ms']:6.2f} p99 {row['server_p99_ms']:6.2f} ms | "
                   f"client p50 {row['client_p50_ms']:6.2f} p99 {row['client_p99_ms']:6.2f} ms | "
-                  f"{row['rps']:6.1f} req/s | errors {row['errors']} | server CPU {cpu_ms:.1f} ms/request"
+                  f"{row['rps']:6.1f} req/s | errors {row['errors']}"
+                  + (f" | shed {row['shed']} ({row['shed'] / (row['shed'] + len(r['client'])):.0%})"
+                     if args.max_queue_ms else "")
+                  + f" | server CPU {cpu_ms:.1f} ms/request"
                   + (f" | events {events_per_s:,.0f}/s" if feeder else ""))
             print("   stages (mean ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
         if feeder:

@@ -153,6 +153,9 @@ def register(sub) -> None:
                                 "--events-per-s events; both (default)")
             p.add_argument("--events-per-s", type=float, default=5000.0,
                            help="with_learner: LogEvents rate for served posts")
+            p.add_argument("--max-queue-ms", type=float, default=0.0,
+                           help="the server's max_queue_ms: Rank calls queued longer are shed and counted apart "
+                                "from errors (default 0: none shed, every call measured)")
             p.add_argument("--json", help="write results as JSON and a latency histogram PNG beside it")
         if name == "swap":
             p.add_argument("--swaps", type=T.positive_int, default=10, help="hot swaps")

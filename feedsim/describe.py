@@ -30,11 +30,9 @@ def _marginal_click(world, comps: dict, media, position, held, nodes: int = MARG
         c = dict(comps)
         for name, i in zip(held, idx):
             c[name] = np.full(len(media), comps[name].mean() + comps[name].std() * x[i])
-        if topics is None:
-            out += np.prod([w[i] for i in idx]) * world.probabilities(c, media, position, tasks=[k])[:, 0]
-        for s, drawn in enumerate(topics.comps if topics is not None else ()):
-            out += np.prod([w[i] for i in idx]) * topics.weights[:, s] \
-                * world.probabilities({**c, **drawn}, media, position, tasks=[k])[:, 0]
+        for drawn, weight in _topic_draws(topics):
+            out += np.prod([w[i] for i in idx]) * weight * world.probabilities({**c, **drawn}, media, position,
+                                                                              tasks=[k])[:, 0]
         if tick:
             tick()
     return out
@@ -109,15 +107,24 @@ def _grid_loglik(world, comps: dict, media, position, labels: np.ndarray, values
     for name, v in values.items():
         c[name] = np.full(len(media), v)
     k = TASKS.index("click")
+    # log sum_s w_s exp(loglik_s), accumulated as (running max, sum scaled by it): exact for one draw
+    top, scaled, click = np.full(len(media), -np.inf), np.zeros(len(media)), np.zeros(len(media))
+    for drawn, weight in _topic_draws(topics):
+        p = np.clip(world.probabilities({**c, **drawn}, media, position), 1e-12, 1 - 1e-12)   # [N, T]
+        loglik = np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1)
+        new_top = np.maximum(top, loglik)
+        scaled = scaled * np.exp(top - new_top) + weight * np.exp(loglik - new_top)
+        top = new_top
+        click += weight * p[:, k]
+    return top + np.log(scaled), click
+
+
+def _topic_draws(topics: TopicAsSeen | None):
+    """``(components, weight per row)`` of each draw of the posts' topics: one draw of nothing, weight 1,
+    when the topics are known (the world's own components stand)."""
     if topics is None:
-        p = np.clip(world.probabilities(c, media, position), 1e-12, 1 - 1e-12)          # [N, T]
-        return np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1), p[:, k]
-    lik, click = np.zeros(len(media)), np.zeros(len(media))
-    for s, drawn in enumerate(topics.comps):
-        p = np.clip(world.probabilities({**c, **drawn}, media, position), 1e-12, 1 - 1e-12)
-        lik += topics.weights[:, s] * np.exp(np.where(labels == 1, np.log(p), np.log1p(-p)).sum(axis=1))
-        click += topics.weights[:, s] * p[:, k]
-    return np.log(np.maximum(lik, 1e-300)), click
+        return [({}, 1.0)]
+    return [(drawn, topics.weights[:, s]) for s, drawn in enumerate(topics.comps)]
 
 
 def _learned_click(world, comps: dict, media, position, labels: np.ndarray, groups: np.ndarray,

@@ -141,6 +141,11 @@ def segment_bases(path) -> list[int]:
     return sorted(int(p.name[4:-4]) for p in Path(path).glob("seg-*.log"))
 
 
+def segment_path(path, base: int) -> Path:
+    """The file of the segment whose first offset is ``base`` in the log directory ``path``."""
+    return Path(path) / f"seg-{base:020d}.log"
+
+
 def segment_end(p: Path, base: int) -> int:
     """The offset after the last complete record of the segment file ``p`` whose first record is ``base``."""
     with open(p, "rb") as f:
@@ -152,7 +157,7 @@ def log_end(path) -> int:
     """The offset the log directory ``path`` will give its next record: the last segment's first offset
     plus its complete lines (0 for a directory without segments). Reads only the last segment."""
     bases = segment_bases(path)
-    return segment_end(Path(path) / f"seg-{bases[-1]:020d}.log", bases[-1]) if bases else 0
+    return segment_end(segment_path(path, bases[-1]), bases[-1]) if bases else 0
 
 
 def check_log_path(path, flag: str = "") -> Path:
@@ -288,7 +293,7 @@ class EventLog:
         return segment_bases(self.path)
 
     def _seg_path(self, base: int) -> Path:
-        return self.path / f"seg-{base:020d}.log"
+        return segment_path(self.path, base)
 
     def _new_segment(self, base: int) -> None:
         p = self._seg_path(base)

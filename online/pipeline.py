@@ -41,7 +41,7 @@ _SOCK_BUF = 8 << 20
 _GC_EVERY_S = 60.0
 
 
-LOG_CHANGED = "log_changed"   # _run's result when the followed log was replaced or reopened
+LOG_CHANGED = "log_changed"   # the feeder's message, and _run's result, when the followed log was replaced or reopened
 
 
 class FeederDied(RuntimeError):
@@ -212,7 +212,7 @@ def _feed_follow(front, sender: _Sender, log_dir, poll_s: float = 0.05, idle_clo
         if front.log_changed(log_dir):
             # Another log there, or this one reopened, before or during the read: what was read may be the
             # new writer's, which the checkpoint must not count as learned. Drop it and attach again.
-            sender.send(("log_changed", str(log_dir)))
+            sender.send((LOG_CHANGED, str(log_dir)))
             return
         if recs:
             front.ingest(recs, sender.send)
@@ -392,7 +392,7 @@ class PipelinedLearner:
                 except FeederDied:
                     tr.checkpoint()  # consistent: the state of the last batch learned
                     raise
-                if isinstance(msg, tuple) and msg[0] == "log_changed":
+                if isinstance(msg, tuple) and msg[0] == LOG_CHANGED:
                     log.warning("%s: the event log was replaced or reopened; checkpointing to attach to it again",
                                 msg[1])
                     return LOG_CHANGED

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from online.eventlog import HEADER, CorruptLogError, Record, segment_bases
+from online.eventlog import HEADER, CorruptLogError, Record, segment_bases, segment_path
 from online.records import DAMAGED, Malformed, record_from_row
 
 _CHUNK = 8 << 20
@@ -87,7 +87,7 @@ class LogTailer:
             self._base = start[-1] if start else segs[0]
             self._pos, self._off = len(HEADER), self._base
         while len(out) < max_records:
-            p = self.path / f"seg-{self._base:020d}.log"
+            p = segment_path(self.path, self._base)
             try:
                 with open(p, "rb") as f:
                     f.seek(self._pos)
@@ -145,5 +145,5 @@ class LogTailer:
         tail)."""
         segs = self._segments()
         if self._base is not None and segs and self._base < segs[-1]:
-            raise CorruptLogError(f"{self.path / f'seg-{self._base:020d}.log'}: record at offset {self._off} "
+            raise CorruptLogError(f"{segment_path(self.path, self._base)}: record at offset {self._off} "
                                   "fails its checksum")

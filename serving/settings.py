@@ -24,7 +24,7 @@ class ServingSettings(BaseSettings):
     # More handler threads only add GIL contention: on 2 cores, 4 served ~190 Rank/s at concurrency 16,
     # 8 served ~146.
     threads: int = Field(4, ge=1, description="gRPC handler threads per process")
-    # A Rank that waited longer than this for a handler thread is refused (RESOURCE_EXHAUSTED) before any work,
+    # A Rank that waited longer than this for a handler thread is refused (RESOURCE_EXHAUSTED) before it is ranked,
     # so an overloaded process sheds Rank calls in well under a feed's deadline while LogEvents, health checks
     # and admin calls still get through (they are never shed).
     max_queue_ms: float = Field(100.0, ge=0, description="longest a Rank call may wait for a handler thread before it is refused with RESOURCE_EXHAUSTED (0 = no limit)")
